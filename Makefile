@@ -1,0 +1,32 @@
+# Quick start:  make demo   (set up .venv, run an MoE training job on 8 simulated CPU ranks)
+#               make test   (set up .venv, run the test suite)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.moetrain-installed
+# torch 2.13.0 is installed first (a local CPU wheel here); --no-build-isolation keeps packages that
+# build against torch (deepspeed) from pulling a second, CUDA torch into an isolated build env.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q setuptools wheel
+	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/moetrain train cluster_configs/sim_cpu_8rank.yaml --summary runs/sim_cpu_8rank/summary.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,1 @@
+"""The distributed runtime: rank environment, topology, process groups, communication, checkpoints."""

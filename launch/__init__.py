@@ -1,0 +1,1 @@
+"""The moetrain CLI, job configs and launchers (local simulated ranks, Ray, MPI, torchrun/Slurm env)."""

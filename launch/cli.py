@@ -1,0 +1,172 @@
+"""``moetrain`` command line: validate, topology, train.
+
+Exit codes: 0 success; 1 the job failed while running; 2 bad input (config, flags, launcher
+environment), reported as one line without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from launch.config import ConfigError, JobConfig, load_config
+
+__all__ = ["main"]
+
+
+def _param_count(cfg: JobConfig) -> tuple[int, int]:
+    """(total, active-per-token) parameter counts of the model described by ``cfg``."""
+    m, moe = cfg.model, cfg.moe
+    d, hd = m.d_model, m.d_model // m.heads
+    attn = d * (m.heads * hd) + 2 * d * (cfg.kv_heads * hd) + (m.heads * hd) * d
+    dense_mlp = 3 * d * cfg.d_ffn
+    d_exp = moe.d_expert or cfg.d_ffn
+    total = active = 0
+    for layer in range(m.layers):
+        is_moe = moe.num_experts > 0 and (layer + 1) % moe.every == 0
+        mlp_total = moe.num_experts * 3 * d * d_exp + d * moe.num_experts if is_moe else dense_mlp
+        mlp_active = moe.topk * 3 * d * d_exp + d * moe.num_experts if is_moe else dense_mlp
+        total += attn + mlp_total + 2 * d
+        active += attn + mlp_active + 2 * d
+    emb = m.vocab_size * d * (1 if m.tie_embeddings else 2)
+    return total + emb + d, active + emb + d
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "B", "T"):
+        if abs(n) < 1000:
+            return f"{n:.1f}{unit}" if unit else str(int(n))
+        n /= 1000
+    return f"{n:.1f}P"
+
+
+def describe(cfg: JobConfig) -> str:
+    c, p, m, moe, t = cfg.cluster, cfg.parallel, cfg.model, cfg.moe, cfg.train
+    total, active = _param_count(cfg)
+    edp = (p.tp * cfg.dp) // (p.ep * p.etp)
+    lines = [
+        f"world    {cfg.world_size} ranks = {c.nodes} node(s) x {c.ranks_per_node} (launcher={c.launcher}, "
+        f"device={c.device})",
+        f"layout   tp={p.tp} pp={p.pp} dp={cfg.dp} ep={p.ep} etp={p.etp} edp={edp} sp={str(p.sp).lower()} "
+        f"vpp={p.vpp} schedule={p.schedule}",
+        f"model    {m.layers} layers, d_model={m.d_model}, heads={m.heads}/{cfg.kv_heads} kv, d_ffn={cfg.d_ffn}, "
+        f"vocab={m.vocab_size}, seq={m.seq_len}, attention={m.attention}; params {_human(total)} "
+        f"({_human(active)} active)",
+    ]
+    if moe.num_experts:
+        cap = "dropless" if moe.capacity_factor is None else f"capacity {moe.capacity_factor} ({moe.drop_policy})"
+        lines.append(
+            f"moe      {moe.num_experts} experts top-{moe.topk} router={moe.router} {cap} dispatch={moe.dispatch} "
+            f"every={moe.every} degrees={moe.pipeline_degree}/{moe.bwd_pipeline_degree}"
+        )
+    else:
+        lines.append("moe      off (dense model)")
+    lines.append(
+        f"train    {t.steps} steps, micro={t.micro_batch_size} global={cfg.global_batch_size} "
+        f"(accum {cfg.grad_accum_steps}), dtype={t.dtype}, lr={t.lr}, zero={t.optimizer.zero_stage}, "
+        f"data={cfg.data.source}"
+    )
+    if cfg.wtacrs.enabled:
+        lines.append(f"wtacrs   keep_ratio={cfg.wtacrs.keep_ratio} layers={','.join(cfg.wtacrs.layers)}")
+    return "\n".join(lines)
+
+
+def _grid(cfg: JobConfig):
+    from dist.topology import Layout, build_rank_grid
+
+    layout = Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.dp, ep=cfg.parallel.ep, etp=cfg.parallel.etp)
+    return build_rank_grid(layout, ranks_per_node=cfg.cluster.ranks_per_node)
+
+
+def _cmd_validate(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(f"ok: {args.config}")
+    print(describe(cfg))
+    return 0
+
+
+def _cmd_topology(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    grid = _grid(cfg)
+    if args.json:
+        print(json.dumps(grid.to_json()))
+        return 0
+    print(f"world_size {grid.world_size}")
+    for i, ranks in enumerate(grid.nodes):
+        print(f"node {i:<3} ranks {list(ranks)}")
+    for family, groups in grid.groups.items():
+        print(f"{family:<9} {' '.join(str(list(g)) for g in groups)}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from launch.job import run_job
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_job(cfg, args.summary)
+    if summary.get("final_loss") is not None:
+        print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+              f"{summary['tokens_per_s']:.0f} tokens/s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moetrain",
+        description="Distributed training for Mixture-of-Experts and large transformers.",
+        epilog="Overrides are dotted config paths with YAML values, e.g. parallel.tp=2 moe.capacity_factor=null",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help_: str):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("config", metavar="CONFIG", help="job config YAML file")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted-path overrides")
+        return p
+
+    add("validate", "check a job config and print the resolved summary")
+    p = add("topology", "print the rank grid: tp/pp/dp/ep/edp groups and nodes")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("train", "run the job with the launcher named by cluster.launcher")
+    p.add_argument("--summary", metavar="PATH", help="write a JSON summary of the run here")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    # Overrides may stand before or after options: argparse leaves the later ones unparsed.
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    stray = [x for x in rest if x.startswith("-") or "=" not in x]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = list(args.overrides) + rest
+    handler = {"validate": _cmd_validate, "topology": _cmd_topology, "train": _cmd_train}[args.command]
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"config error: {exc.path}: {exc.reason}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from dist.env import LaunchEnvError
+        from launch.job import JobError
+        from launch.local import RankFailure
+
+        if isinstance(exc, (LaunchEnvError, JobError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, RankFailure):
+            print(f"job failed: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

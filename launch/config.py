@@ -1,0 +1,509 @@
+"""Typed job configuration: one YAML file per job, dotted ``KEY=VALUE`` overrides, strict validation.
+
+Every section is a pydantic model that forbids unknown keys and does strict typing (``"3"`` is not an
+int, ``true`` is not a number). Cross-field rules live in :func:`check_consistency` and each names the
+field it rejects. Every user mistake surfaces as :class:`ConfigError` with a dotted path, which the CLI
+prints as one line ``config error: <path>: <reason>``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "ConfigError",
+    "JobConfig",
+    "load_config",
+    "parse_overrides",
+    "apply_overrides",
+    "config_from_dict",
+    "check_consistency",
+    "write_resolved",
+]
+
+
+class ConfigError(ValueError):
+    """A user mistake in a job config, located by a dotted path (``parallel.tp``) or a file name."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
+
+
+# --------------------------------------------------------------------------------------------- sections
+class ClusterConfig(_Section):
+    launcher: Literal["local", "ray", "mpi", "env"] = "local"
+    """local: simulated ranks spawned on this machine; ray/mpi/env: real ranks started by that launcher."""
+    nodes: int = Field(1, ge=1)
+    ranks_per_node: int = Field(1, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+    ray_address: Optional[str] = None
+    collective_timeout_s: float = Field(300.0, gt=0)
+    """A collective that waits longer than this fails with an error instead of hanging."""
+
+
+class LinkConfig(_Section):
+    latency_us: float = Field(0.0, ge=0)
+    bandwidth_gbps: float = Field(100.0, gt=0)
+    """Gigabytes per second."""
+
+
+class NetworkConfig(_Section):
+    simulate: bool = False
+    """Delay collectives on simulated ranks by latency + bytes/bandwidth of their link class."""
+    intra: LinkConfig = LinkConfig(latency_us=5.0, bandwidth_gbps=100.0)
+    inter: LinkConfig = LinkConfig(latency_us=20.0, bandwidth_gbps=12.5)
+
+
+class ParallelConfig(_Section):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    ep: int = Field(1, ge=1)
+    etp: int = Field(1, ge=1)
+    """Expert tensor parallelism: expert weights sharded over this many ranks."""
+    dp: Optional[int] = Field(None, ge=1)
+    """Derived as world / (tp * pp) when omitted."""
+    sp: bool = False
+    vpp: int = Field(1, ge=1)
+    schedule: Literal["gpipe", "1f1b", "interleaved", "zero_bubble"] = "1f1b"
+
+
+class ModelConfig(_Section):
+    layers: int = Field(2, ge=1)
+    d_model: int = Field(64, ge=1)
+    heads: int = Field(4, ge=1)
+    kv_heads: Optional[int] = Field(None, ge=1)
+    """Grouped-query attention; defaults to ``heads`` (multi-head attention)."""
+    d_ffn: Optional[int] = Field(None, ge=1)
+    """Feed-forward hidden size; defaults to 4 * d_model."""
+    vocab_size: int = Field(256, ge=2)
+    seq_len: int = Field(64, ge=2)
+    attention: Literal["sdpa", "fused", "eager"] = "sdpa"
+    tie_embeddings: bool = False
+    dropout: float = Field(0.0, ge=0, lt=1)
+    norm_eps: float = Field(1e-5, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+
+
+class MoEConfig(_Section):
+    num_experts: int = Field(0, ge=0)
+    """0 means a dense model."""
+    topk: int = Field(2, ge=1)
+    router: Literal["gshard", "switch", "topk", "sigmoid", "xmoe", "softmoe", "expert_choice"] = "topk"
+    capacity_factor: Optional[float] = Field(None, gt=0)
+    """None means dropless."""
+    drop_policy: Literal["position", "probs"] = "probs"
+    every: int = Field(1, ge=1)
+    """Every n-th block is an MoE block (the others dense)."""
+    dispatch: Literal["flat", "hier2d", "hier1d"] = "flat"
+    pipeline_degree: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = 1
+    """Forward chunks of the dispatch/experts/combine pipeline: an integer or ``auto`` (chosen by the model)."""
+    bwd_pipeline_degree: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = 1
+    d_expert: Optional[int] = Field(None, ge=1)
+    """Expert hidden size; defaults to model.d_ffn."""
+    aux_loss_coef: float = Field(0.01, ge=0)
+    z_loss_coef: float = Field(0.0, ge=0)
+
+
+class OptimizerConfig(_Section):
+    zero_stage: Literal[0, 1, 2] = 0
+    offload: Literal["none", "cpu"] = "none"
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(10, ge=1)
+    micro_batch_size: int = Field(2, ge=1)
+    global_batch_size: Optional[int] = Field(None, ge=1)
+    """Defaults to micro_batch_size * dp (no gradient accumulation)."""
+    seed: int = Field(1234, ge=0)
+    dtype: Literal["float32", "float64", "bfloat16"] = "float32"
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+
+class WTACRSConfig(_Section):
+    enabled: bool = False
+    keep_ratio: float = Field(0.3, gt=0, le=1)
+    layers: list[Literal["qkv", "attn_out", "mlp_up", "mlp_down"]] = ["attn_out", "mlp_up", "mlp_down"]
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic", "text", "tokens"] = "synthetic"
+    path: Optional[str] = None
+    """text: a file or folder of .txt files (default: the corpus shipped with moetrain); tokens: a .bin file."""
+
+
+class CheckpointConfig(_Section):
+    dir: Optional[str] = None
+    every: int = Field(0, ge=0)
+    """0 disables periodic checkpoints."""
+    resume: str = "auto"
+    """auto | never | a checkpoint path."""
+    keep: int = Field(3, ge=1)
+
+
+class LoggingConfig(_Section):
+    run_dir: str = "runs/latest"
+    """Where the resolved config, console log and summary go."""
+    tensorboard_dir: Optional[str] = None
+    every: int = Field(1, ge=1)
+
+
+class FaultInjectConfig(_Section):
+    rank: Optional[int] = Field(None, ge=0)
+    step: Optional[int] = Field(None, ge=0)
+    kind: Optional[Literal["exit", "hang", "exception"]] = None
+
+
+class FaultConfig(_Section):
+    inject: FaultInjectConfig = FaultInjectConfig()
+    max_restarts: int = Field(0, ge=0)
+
+
+class JobConfig(_Section):
+    cluster: ClusterConfig = ClusterConfig()
+    network: NetworkConfig = NetworkConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    model: ModelConfig = ModelConfig()
+    moe: MoEConfig = MoEConfig()
+    train: TrainConfig = TrainConfig()
+    wtacrs: WTACRSConfig = WTACRSConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    fault: FaultConfig = FaultConfig()
+
+    # ----------------------------------------------------------------------- derived values
+    @property
+    def world_size(self) -> int:
+        return self.cluster.nodes * self.cluster.ranks_per_node
+
+    @property
+    def dp(self) -> int:
+        if self.parallel.dp is not None:
+            return self.parallel.dp
+        return max(self.world_size // (self.parallel.tp * self.parallel.pp), 1)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.model.kv_heads if self.model.kv_heads is not None else self.model.heads
+
+    @property
+    def d_ffn(self) -> int:
+        return self.model.d_ffn if self.model.d_ffn is not None else 4 * self.model.d_model
+
+    @property
+    def global_batch_size(self) -> int:
+        if self.train.global_batch_size is not None:
+            return self.train.global_batch_size
+        return self.train.micro_batch_size * self.dp
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.global_batch_size // (self.train.micro_batch_size * self.dp)
+
+    def resolved(self) -> dict[str, Any]:
+        """The config with every derived default filled in, as plain data."""
+        data = self.model_dump(mode="json")
+        data["parallel"]["dp"] = self.dp
+        data["model"]["kv_heads"] = self.kv_heads
+        data["model"]["d_ffn"] = self.d_ffn
+        data["train"]["global_batch_size"] = self.global_batch_size
+        if data["moe"]["d_expert"] is None:
+            data["moe"]["d_expert"] = self.d_ffn
+        return data
+
+
+# ------------------------------------------------------------------------------- loading
+def _model_at(model_cls: type[BaseModel], path: tuple) -> Optional[type[BaseModel]]:
+    cls: Any = model_cls
+    for part in path:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        cls = ann
+    return cls
+
+
+def _dotted_field_path(loc: tuple) -> tuple[str, ...]:
+    """Keep the part of a pydantic error location that names real fields (drop union-member tags)."""
+    cls: Any = JobConfig
+    out: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            out[-1] = f"{out[-1]}[{part}]" if out else f"[{part}]"
+            continue
+        fields = getattr(cls, "model_fields", None)
+        if fields is None or part not in fields:
+            if fields is not None:  # an unknown key inside a section
+                out.append(str(part))
+            break
+        out.append(part)
+        ann = fields[part].annotation
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return tuple(out)
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _translate(err: ValidationError) -> ConfigError:
+    errors = err.errors()
+    first = errors[0]
+    path = _dotted_field_path(first["loc"])
+    dotted = ".".join(path) or "<root>"
+    if first["type"] == "extra_forbidden":
+        parent = _model_at(JobConfig, path[:-1]) or JobConfig
+        known = sorted(parent.model_fields)
+        close = difflib.get_close_matches(path[-1], known, n=1, cutoff=0.6)
+        hint = f" (did you mean '{'.'.join(path[:-1] + (close[0],))}'?)" if close else ""
+        return ConfigError(dotted, f"unknown key{hint}; known keys here: {', '.join(known)}")
+    # Union fields produce one error per member: merge them into one readable reason.
+    same_field = [e for e in errors if _dotted_field_path(e["loc"]) == path]
+    if len(same_field) > 1:
+        reasons = "; or ".join(e["msg"].replace("Input should be ", "") for e in same_field)
+        reason = f"expected {reasons}, got {_describe(first.get('input'))}"
+    else:
+        msg = first["msg"].replace("Input should be", "expected")
+        reason = f"{msg}, got {_describe(first.get('input'))}" if "input" in first else msg
+    return ConfigError(dotted, reason)
+
+
+def config_from_dict(data: Any, *, check: bool = True) -> JobConfig:
+    """Validate plain data (as loaded from YAML) into a JobConfig; raise ConfigError on any mistake."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", f"a job config must be a mapping of sections, got {type(data).__name__}")
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(str(key), "section names must be strings")
+    try:
+        cfg = JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise _translate(err) from None
+    if check:
+        check_consistency(cfg)
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``a.b=VALUE`` strings; values are YAML scalars or flow collections."""
+    out = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(item, "an override must look like section.key=VALUE")
+        if any(not part.isidentifier() for part in key.split(".")):
+            raise ConfigError(key, "not a dotted config path")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(key, f"value {raw!r} is not valid YAML ({exc.__class__.__name__})") from None
+        out.append((key, value))
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[tuple[str, Any]]) -> dict:
+    """Return a copy of ``data`` with each dotted key set (intermediate mappings are created)."""
+    import copy
+
+    data = copy.deepcopy(data) if data else {}
+    for key, value in overrides:
+        parts = key.split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(parts[: i + 1]), "is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: Union[str, os.PathLike, None], overrides: Optional[list[str]] = None,
+                *, check: bool = True) -> JobConfig:
+    """Load and validate a job config file with optional ``KEY=VALUE`` overrides."""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(str(p), "file not found")
+        if not p.is_file():
+            raise ConfigError(str(p), "not a file")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(str(p), "not a UTF-8 text file") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or exc.__class__.__name__
+            raise ConfigError(str(p), f"invalid YAML{where}: {problem}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(str(p), f"a job config must be a mapping of sections, got {type(data).__name__}")
+    if overrides:
+        data = apply_overrides(data, parse_overrides(overrides))
+    return config_from_dict(data, check=check)
+
+
+# ------------------------------------------------------------------------ cross-field rules
+def check_consistency(cfg: JobConfig) -> None:
+    """Rules that involve several fields; each failure names the field to change."""
+    c, p, m, moe, t = cfg.cluster, cfg.parallel, cfg.model, cfg.moe, cfg.train
+    world = cfg.world_size
+
+    if world % (p.tp * p.pp) != 0:
+        raise ConfigError(
+            "parallel.tp",
+            f"tp*pp = {p.tp}*{p.pp} = {p.tp * p.pp} does not divide the world size "
+            f"{world} (cluster.nodes*cluster.ranks_per_node = {c.nodes}*{c.ranks_per_node})",
+        )
+    if p.dp is not None and p.tp * p.pp * p.dp != world:
+        raise ConfigError(
+            "parallel.dp",
+            f"tp*pp*dp = {p.tp}*{p.pp}*{p.dp} = {p.tp * p.pp * p.dp} but the world size is {world} "
+            f"(cluster.nodes*cluster.ranks_per_node = {c.nodes}*{c.ranks_per_node})",
+        )
+    dp = cfg.dp
+
+    if m.heads % p.tp:
+        raise ConfigError("model.heads", f"{m.heads} heads are not divisible by parallel.tp={p.tp}")
+    kv = cfg.kv_heads
+    if kv > m.heads or m.heads % kv:
+        raise ConfigError("model.kv_heads", f"{kv} kv heads must divide model.heads={m.heads}")
+    if kv % p.tp:
+        raise ConfigError("model.kv_heads", f"{kv} kv heads are not divisible by parallel.tp={p.tp}")
+    if m.d_model % m.heads:
+        raise ConfigError("model.d_model", f"{m.d_model} is not divisible by model.heads={m.heads}")
+    if (m.d_model // m.heads) % 2:
+        raise ConfigError("model.d_model", f"head dim {m.d_model // m.heads} must be even for rotary embedding")
+    if cfg.d_ffn % p.tp:
+        raise ConfigError("model.d_ffn", f"{cfg.d_ffn} is not divisible by parallel.tp={p.tp}")
+    if p.sp and m.seq_len % p.tp:
+        raise ConfigError("model.seq_len", f"{m.seq_len} is not divisible by parallel.tp={p.tp} (parallel.sp=true)")
+
+    if p.pp > m.layers:
+        raise ConfigError("parallel.pp", f"{p.pp} pipeline stages but only model.layers={m.layers} layers")
+    if p.vpp > 1:
+        if p.pp == 1:
+            raise ConfigError("parallel.vpp", "virtual pipeline stages need parallel.pp > 1")
+        if m.layers % (p.pp * p.vpp):
+            raise ConfigError(
+                "model.layers", f"{m.layers} layers do not split into pp*vpp = {p.pp}*{p.vpp} equal chunks"
+            )
+        if p.schedule != "interleaved":
+            raise ConfigError("parallel.schedule", f"parallel.vpp={p.vpp} needs schedule 'interleaved'")
+    if p.schedule == "interleaved" and p.vpp == 1 and p.pp > 1:
+        raise ConfigError("parallel.vpp", "schedule 'interleaved' needs parallel.vpp > 1")
+
+    # MoE: experts are folded out of the tp*dp ranks of each pipeline stage (etp*ep*edp).
+    if moe.num_experts == 0:
+        if p.ep > 1:
+            raise ConfigError("parallel.ep", f"ep={p.ep} needs experts (moe.num_experts > 0)")
+        if p.etp > 1:
+            raise ConfigError("parallel.etp", f"etp={p.etp} needs experts (moe.num_experts > 0)")
+    else:
+        if moe.num_experts % p.ep:
+            raise ConfigError(
+                "moe.num_experts", f"{moe.num_experts} experts are not divisible by parallel.ep={p.ep}"
+            )
+        if moe.router not in ("softmoe", "expert_choice") and moe.topk > moe.num_experts:
+            raise ConfigError("moe.topk", f"top-{moe.topk} of only {moe.num_experts} experts")
+        stage_ranks = p.tp * dp
+        if stage_ranks % (p.ep * p.etp):
+            raise ConfigError(
+                "parallel.ep",
+                f"ep*etp = {p.ep}*{p.etp} must divide the tp*dp = {p.tp}*{dp} = {stage_ranks} ranks "
+                "of a pipeline stage",
+            )
+        d_expert = moe.d_expert or cfg.d_ffn
+        if d_expert % p.etp:
+            raise ConfigError("moe.d_expert", f"{d_expert} is not divisible by parallel.etp={p.etp}")
+        if moe.every > m.layers:
+            raise ConfigError("moe.every", f"{moe.every} exceeds model.layers={m.layers}: no MoE block")
+
+    gbs = cfg.global_batch_size
+    if gbs % (t.micro_batch_size * dp):
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{gbs} is not divisible by micro_batch_size*dp = {t.micro_batch_size}*{dp}",
+        )
+    if t.min_lr > t.lr:
+        raise ConfigError("train.min_lr", f"{t.min_lr} exceeds train.lr={t.lr}")
+    if t.optimizer.offload != "none" and t.optimizer.zero_stage == 0:
+        raise ConfigError("train.optimizer.offload", "CPU offload needs train.optimizer.zero_stage >= 1")
+
+    if c.device == "cuda" and c.launcher == "local":
+        # Local ranks run on this machine, so its GPUs are what the job gets. Other launchers start
+        # ranks elsewhere; each rank checks its own device at start-up.
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have == 0:
+            raise ConfigError("cluster.device", "cuda requested but this machine has no CUDA device")
+        if c.ranks_per_node > have:
+            raise ConfigError(
+                "cluster.ranks_per_node", f"{c.ranks_per_node} ranks per node but only {have} CUDA devices"
+            )
+    if c.launcher == "local" and c.ray_address:
+        raise ConfigError("cluster.ray_address", "only used with cluster.launcher=ray")
+
+    if cfg.data.source == "tokens" and not cfg.data.path:
+        raise ConfigError("data.path", "data.source=tokens needs a token file path")
+    if cfg.data.path and cfg.data.source == "synthetic":
+        raise ConfigError("data.path", "data.source=synthetic takes no path")
+
+    ck = cfg.checkpoint
+    if ck.every > 0 and not ck.dir:
+        raise ConfigError("checkpoint.dir", "checkpoint.every > 0 needs a checkpoint directory")
+    if ck.resume not in ("auto", "never") and not ck.resume.strip():
+        raise ConfigError("checkpoint.resume", "must be auto, never or a checkpoint path")
+
+    inj = cfg.fault.inject
+    set_fields = [v is not None for v in (inj.rank, inj.step, inj.kind)]
+    if any(set_fields) and not all(set_fields):
+        raise ConfigError("fault.inject", "rank, step and kind must be given together")
+    if inj.rank is not None and inj.rank >= world:
+        raise ConfigError("fault.inject.rank", f"rank {inj.rank} does not exist in a world of {world}")
+    if inj.step is not None and inj.step >= t.steps:
+        raise ConfigError("fault.inject.step", f"step {inj.step} is never reached (train.steps={t.steps})")
+
+
+def write_resolved(cfg: JobConfig, directory: Union[str, os.PathLike]) -> Path:
+    """Write the resolved config (derived defaults filled in) as ``config.resolved.yaml`` in ``directory``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    out = d / "config.resolved.yaml"
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,1 @@
+"""The MoE layer: routers, ordering, dispatch/combine, experts and the overlap schedule."""

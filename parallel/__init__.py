@@ -1,0 +1,1 @@
+"""Model parallelism: tensor-parallel layers, pipeline stages, data-parallel reduction, WTA-CRS."""

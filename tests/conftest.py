@@ -1,0 +1,37 @@
+"""Shared fixtures: reusable pools of simulated gloo ranks, GPU skipping."""
+
+from __future__ import annotations
+
+import pytest
+
+from launch.local import LocalRanks
+
+_POOLS: dict[tuple[int, int], LocalRanks] = {}
+
+
+@pytest.fixture(scope="session")
+def ranks():
+    """``ranks(world, ranks_per_node=None)`` returns a started pool of gloo ranks, reused across tests."""
+
+    def get(world: int, ranks_per_node: int | None = None) -> LocalRanks:
+        key = (world, ranks_per_node or world)
+        pool = _POOLS.get(key)
+        if pool is None:
+            pool = _POOLS[key] = LocalRanks(world, ranks_per_node=key[1], timeout=180)
+        return pool
+
+    yield get
+    for pool in _POOLS.values():
+        pool.close()
+    _POOLS.clear()
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

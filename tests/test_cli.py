@@ -1,0 +1,73 @@
+"""The moetrain CLI contracts: validate, topology --json, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist.topology import Layout, build_rank_grid
+from launch.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "cluster_configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_validate_and_topology_on_shipped_configs(path, capsys):
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"ok: {path}") and "layout" in out
+    assert main(["topology", str(path), "--json"]) == 0
+    grid = json.loads(capsys.readouterr().out)
+    assert set(grid["groups"]) >= {"tp", "pp", "dp", "ep", "edp"}
+    flat = sorted(r for node in grid["nodes"] for r in node)
+    assert flat == list(range(grid["world_size"]))
+
+
+def test_topology_json_for_sim_config_matches_grid(capsys):
+    assert main(["topology", str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = build_rank_grid(Layout(tp=2, dp=4, ep=4), ranks_per_node=4).to_json()
+    assert got == want
+    assert got["nodes"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_overrides_before_and_after_options(capsys):
+    cfg = str(ROOT / "cluster_configs/sim_cpu_8rank.yaml")
+    args = ["topology", cfg, "parallel.tp=4", "--json", "moe.num_experts=4", "parallel.ep=2", "model.kv_heads=4"]
+    assert main(args) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["groups"]["tp"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("args,line", [
+    (["validate", "missing.yaml"], "config error: missing.yaml: file not found"),
+    (["validate", "{cfg}", "parallel.tpp=2"],
+     "config error: parallel.tpp: unknown key (did you mean 'parallel.tp'?)"),
+    (["topology", "{cfg}", "parallel.tp=3", "--json"], "config error: parallel.tp: tp*pp = 3*1 = 3 does not divide"),
+    (["validate", "{cfg}", "model.seq_len=x"], "config error: model.seq_len: expected a valid integer"),
+])
+def test_bad_input_is_one_line_exit_2(args, line, capsys):
+    cfg = str(ROOT / "cluster_configs/sim_cpu_8rank.yaml")
+    assert main([a.replace("{cfg}", cfg) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith(line), err
+
+
+def test_console_script_exit_codes():
+    exe = Path(sys.executable).with_name("moetrain")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "launch.cli"]
+    ok = subprocess.run(cmd + ["validate", str(ROOT / "cluster_configs/sim_cpu_8rank.yaml")],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run(cmd + ["validate", str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"), "train.steps=-1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == ("config error: train.steps: expected greater than or equal to 1, got -1")
+    usage = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 0 and "validate" in usage.stdout and "topology" in usage.stdout
