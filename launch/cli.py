@@ -155,14 +155,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from dist.env import LaunchEnvError
-        from launch.job import JobError
+        from launch.job import USER_ERRORS
         from launch.local import RankFailure
 
-        if isinstance(exc, (LaunchEnvError, JobError)):
+        if isinstance(exc, USER_ERRORS):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if isinstance(exc, RankFailure):
+            names = {f"{e.__module__}.{e.__qualname__}" for e in USER_ERRORS}
+            user = exc.errors_of_type(names)
+            if user:  # the same mistake seen by the ranks: say it once
+                print(f"error: {user[0].message}", file=sys.stderr)
+                return 2
             print(f"job failed: {exc}", file=sys.stderr)
             return 1
         raise

@@ -148,7 +148,9 @@ class WTACRSConfig(_Section):
 class DataConfig(_Section):
     source: Literal["synthetic", "text", "tokens"] = "synthetic"
     path: Optional[str] = None
-    """text: a file or folder of .txt files (default: the corpus shipped with moetrain); tokens: a .bin file."""
+    """text: a file or folder of .txt files (default: Python's own stdlib sources); tokens: a .bin file."""
+    token_dtype: Literal["uint16", "uint32"] = "uint16"
+    """Element type of a ``tokens`` file."""
 
 
 class CheckpointConfig(_Section):
@@ -479,6 +481,8 @@ def check_consistency(cfg: JobConfig) -> None:
 
     if cfg.data.source == "tokens" and not cfg.data.path:
         raise ConfigError("data.path", "data.source=tokens needs a token file path")
+    if cfg.data.source == "text" and m.vocab_size < 256:
+        raise ConfigError("model.vocab_size", f"{m.vocab_size} is too small for byte-level text (needs >= 256)")
     if cfg.data.path and cfg.data.source == "synthetic":
         raise ConfigError("data.path", "data.source=synthetic takes no path")
 

@@ -14,11 +14,20 @@ from typing import Any, Optional
 
 from launch.config import JobConfig, config_from_dict, write_resolved
 
-__all__ = ["run_job", "rank_main", "JobError"]
+__all__ = ["run_job", "rank_main", "JobError", "USER_ERRORS"]
 
 
 class JobError(RuntimeError):
     """The job could not start or run for a reason the user can act on."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from dist.checkpoint import CheckpointError
+    from dist.env import LaunchEnvError
+    from launch.data import DataError
+    from launch.trainer import TrainError
+
+    return (JobError, LaunchEnvError, CheckpointError, DataError, TrainError)
 
 
 def _init_distributed(cfg: JobConfig, env) -> None:
@@ -33,13 +42,19 @@ def _init_distributed(cfg: JobConfig, env) -> None:
 
 def rank_main(cfg_data: dict[str, Any]) -> dict[str, Any]:
     """Everything one rank does, launcher-agnostic. Returns this rank's summary."""
+    from launch.trainer import train
+
+    cfg = config_from_dict(cfg_data, check=False)
+    return train(cfg, setup_groups(cfg))
+
+
+def setup_groups(cfg: JobConfig):
+    """Rank grid and process groups for ``cfg`` on the running world (collective)."""
     import torch.distributed as dist
 
     from dist.groups import create_groups
     from dist.topology import Layout, build_rank_grid
-    from launch.trainer import train
 
-    cfg = config_from_dict(cfg_data, check=False)
     if dist.get_world_size() != cfg.world_size:
         raise JobError(
             f"the launcher started {dist.get_world_size()} ranks but the config needs {cfg.world_size} "
@@ -47,9 +62,7 @@ def rank_main(cfg_data: dict[str, Any]) -> dict[str, Any]:
         )
     layout = Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.dp, ep=cfg.parallel.ep, etp=cfg.parallel.etp)
     node_of = _gather_node_map()
-    grid = build_rank_grid(layout, node_of=node_of)
-    groups = create_groups(grid)
-    return train(cfg, groups)
+    return create_groups(build_rank_grid(layout, node_of=node_of))
 
 
 def _gather_node_map() -> list[int]:
@@ -101,3 +114,6 @@ def run_job(cfg: JobConfig, summary_path: Optional[str] = None) -> dict[str, Any
         raise JobError("cluster.launcher=ray is not available yet in this build (see the Ray launcher issue)")
     _write_summary(summary, summary_path)
     return summary
+
+
+USER_ERRORS = _user_errors()

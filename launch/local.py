@@ -40,8 +40,10 @@ _GRACE_AFTER_ERROR_S = 3.0
 @dataclass
 class RankReport:
     rank: int
-    state: str  # ok | error | hung | died | idle
+    state: str  # ok | error | hung | died
     detail: str = ""
+    exc_type: str = ""  # module.qualname of the exception, for state == "error"
+    message: str = ""
 
 
 class RankFailure(RuntimeError):
@@ -60,6 +62,18 @@ class RankFailure(RuntimeError):
     @property
     def failed_ranks(self) -> list[int]:
         return [r.rank for r in self.reports if r.state in ("error", "died")]
+
+    def errors_of_type(self, qualified_names: set[str]) -> list[RankReport]:
+        """The error reports, if every failed rank raised one of ``qualified_names``; else []."""
+        failed = [r for r in self.reports if r.state in ("error", "died")]
+        if failed and all(r.exc_type in qualified_names for r in failed):
+            return failed
+        return []
+
+
+def _describe_exc(exc: BaseException) -> tuple[str, str, str]:
+    kind = type(exc)
+    return traceback.format_exc(), f"{kind.__module__}.{kind.__qualname__}", str(exc)
 
 
 def _rank_main(rank: int, world: int, ranks_per_node: int, port: int, workdir: str, env: dict,
@@ -89,8 +103,8 @@ def _rank_main(rank: int, world: int, ranks_per_node: int, port: int, workdir: s
                               timeout=timedelta(seconds=pg_timeout_s))
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=pg_timeout_s))
-    except BaseException:
-        results.put((0, rank, "error", traceback.format_exc()))
+    except BaseException as exc:
+        results.put((0, rank, "error", _describe_exc(exc)))
         return
     results.put((0, rank, "ready", b""))
     while True:
@@ -109,7 +123,7 @@ def _rank_main(rank: int, world: int, ranks_per_node: int, port: int, workdir: s
                 # An injected or real exit: leave like a crashed process would.
                 sys.stderr.flush()
                 os._exit(int(exc.code) if isinstance(exc.code, int) else 1)
-            results.put((task_id, rank, "error", traceback.format_exc()))
+            results.put((task_id, rank, "error", _describe_exc(exc)))
     with contextlib.suppress(Exception):
         dist.destroy_process_group()
 
@@ -245,7 +259,7 @@ class LocalRanks:
                         if not p.is_alive() and r not in done and r not in errors}
                 if dead:
                     for r, code in dead.items():
-                        errors[r] = f"process exited with code {code}"
+                        errors[r] = (f"process exited with code {code}", "", "")
                     self._fail(f"{what}: rank(s) {sorted(dead)} died", done, errors, died=set(dead))
                 continue
             if tid != task_id:
@@ -271,7 +285,8 @@ class LocalRanks:
             if r in done:
                 reports.append(RankReport(r, "ok"))
             elif r in errors:
-                reports.append(RankReport(r, "died" if r in died else "error", errors[r]))
+                tb, kind, message = errors[r]
+                reports.append(RankReport(r, "died" if r in died else "error", tb, kind, message))
             else:
                 stack = ""
                 if self._workdir:

@@ -1,29 +1,304 @@
-"""The per-rank job body. Until the training loop lands this runs a collective smoke job."""
+"""The per-rank training loop: build the sharded model, then step through micro-batches.
+
+One optimizer step:
+    for each micro-batch (all but the last under ``reducer.no_sync()``):
+        forward (TP collectives inside the layers) -> loss / accum -> backward
+        (on the last micro-batch, DP buckets all-reduce while backward runs)
+    reducer.finish()                      wait for DP buckets, average
+    finalize_sequence_parallel_grads      TP-sum of SP norm-weight grads
+    clip_grad_norm                        one global norm across all groups
+    AdamW step, LR schedule (linear warm-up, cosine decay to min_lr)
+    log (console, TensorBoard), checkpoint every ``checkpoint.every`` steps
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import sys
 import time
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
+from dist.checkpoint import Checkpointer, CheckpointError
 from dist.groups import ParallelGroups
-from dist.smoke import check_group_collectives
 from launch.config import JobConfig
+from launch.data import TokenBatches
+from launch.metrics import (
+    device_peak_flops,
+    flops_per_token,
+    matmul_param_count,
+    measure_matmul_flops,
+    peak_memory_bytes,
+)
+from parallel.data_parallel import GradReducer, clip_grad_norm, finalize_sequence_parallel_grads
+from parallel.model import Transformer, TransformerArgs
+
+__all__ = ["Trainer", "train", "TrainError"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+class TrainError(RuntimeError):
+    """The job cannot train as configured (reported to the user without a traceback)."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised by ``fault.inject.kind=exception`` (a testing aid)."""
+
+
+def _unsupported(cfg: JobConfig) -> str | None:
+    if cfg.moe.num_experts > 0:
+        return "moe.num_experts > 0: the MoE layer is not in this build yet; set moe.num_experts=0"
+    if cfg.parallel.pp > 1:
+        return "parallel.pp > 1: pipeline parallelism is not in this build yet"
+    if cfg.wtacrs.enabled:
+        return "wtacrs.enabled: WTA-CRS sampling is not in this build yet"
+    if cfg.train.optimizer.zero_stage > 0:
+        return "train.optimizer.zero_stage > 0: ZeRO sharding is not in this build yet"
+    if cfg.network.simulate:
+        return "network.simulate: simulated links are not in this build yet"
+    return None
+
+
+def lr_at(step: int, cfg: JobConfig) -> float:
+    """Linear warm-up to train.lr, then cosine decay to train.min_lr at train.steps."""
+    t = cfg.train
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(t.steps - t.warmup_steps, 1)
+    progress = min(max(step - t.warmup_steps, 0) / span, 1.0)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, groups: ParallelGroups):
+        why = _unsupported(cfg)
+        if why:
+            raise TrainError(why)
+        self.cfg, self.groups = cfg, groups
+        self.rank = dist.get_rank()
+        self.is_logger = self.rank == 0
+        if cfg.cluster.device == "cuda":
+            if not torch.cuda.is_available():
+                raise TrainError(f"cluster.device=cuda but rank {self.rank} sees no CUDA device")
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        dtype = _DTYPES[cfg.train.dtype]
+        self.param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.autocast = dtype == torch.bfloat16
+        torch.manual_seed(cfg.train.seed)
+
+        tp_size = groups.size("tp")
+        m = cfg.model
+        self.args = TransformerArgs(
+            layers=m.layers, d_model=m.d_model, heads=m.heads, kv_heads=cfg.kv_heads, d_ffn=cfg.d_ffn,
+            vocab_size=m.vocab_size, seq_len=m.seq_len, attention=m.attention, tie_embeddings=m.tie_embeddings,
+            dropout=m.dropout, norm_eps=m.norm_eps, rope_theta=m.rope_theta, seed=cfg.train.seed)
+        self.model = Transformer(self.args, tp_group=groups.tp if tp_size > 1 else None, sp=cfg.parallel.sp,
+                                 dtype=self.param_dtype).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        dp = groups.size("dp")
+        self.replicas = {id(p): dp * (1 if getattr(p, "tp_sharded", False) else tp_size) for p in self.params}
+        self.reducer = GradReducer([(groups.dp, self.params)])
+        opt_kwargs: dict[str, Any] = dict(lr=cfg.train.lr, betas=(cfg.train.optimizer.beta1, cfg.train.optimizer.beta2),
+                                          eps=cfg.train.optimizer.eps, weight_decay=cfg.train.optimizer.weight_decay)
+        self.optimizer = self._make_optimizer(opt_kwargs)
+        self.data = TokenBatches(cfg.data.source, seq_len=m.seq_len, vocab_size=m.vocab_size, seed=cfg.train.seed,
+                                 global_batch=cfg.global_batch_size, micro_batch=cfg.train.micro_batch_size,
+                                 dp_rank=groups.index("dp"), dp_size=dp, path=cfg.data.path,
+                                 token_dtype=cfg.data.token_dtype)
+        self.step = 0
+        self.losses: list[float] = []
+        self.checkpointer = (Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, log=self._say)
+                             if cfg.checkpoint.dir else None)
+        self.resumed_from: str | None = None
+        n_matmul = matmul_param_count(m.layers, m.d_model, m.heads, cfg.kv_heads, cfg.d_ffn, m.vocab_size)
+        self.flops_per_token = flops_per_token(n_matmul, m.layers, m.seq_len, m.d_model)
+        self.peak_flops = self._peak_flops(dtype)
+        self.writer = None
+        if self.is_logger and cfg.logging.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(cfg.logging.tensorboard_dir)
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _make_optimizer(self, kwargs: dict) -> torch.optim.Optimizer:
+        import importlib.util
+
+        if self.device.type == "cuda" and importlib.util.find_spec("apex") and \
+                importlib.util.find_spec("apex.optimizers"):  # pragma: no cover - needs NVIDIA apex
+            from apex.optimizers import FusedAdam
+
+            return FusedAdam(self.params, adam_w_mode=True, **kwargs)
+        if self.device.type == "cuda":
+            return torch.optim.AdamW(self.params, fused=True, **kwargs)
+        return torch.optim.AdamW(self.params, foreach=True, **kwargs)
+
+    def _peak_flops(self, dtype: torch.dtype) -> float:
+        known = device_peak_flops(self.device, dtype)
+        if known:
+            return known
+        rate = torch.tensor([measure_matmul_flops(self.param_dtype, device=str(self.device))], dtype=torch.float64)
+        dist.all_reduce(rate, op=dist.ReduceOp.MIN)
+        return float(rate.item())
+
+    def _say(self, msg: str) -> None:
+        if self.is_logger:
+            print(msg, flush=True)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "losses": self.losses,
+            "data": {"samples_consumed": self.step * self.cfg.global_batch_size},
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.losses = list(state["losses"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"].get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    def _meta(self) -> dict[str, Any]:
+        r = self.cfg.resolved()
+        return {"config": r, "model": r["model"], "layout": {k: r["parallel"][k] for k in ("tp", "pp", "dp", "ep")}}
+
+    def _check_compatible(self, manifest: dict[str, Any], path) -> None:
+        mine = self._meta()
+        saved = manifest.get("model", {})
+        diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in mine["model"].items()
+                 if saved.get(k) != v]
+        if diffs:
+            raise CheckpointError(f"checkpoint {path} was saved for a different model ({'; '.join(diffs)})")
+        if manifest.get("layout") != mine["layout"]:
+            raise CheckpointError(f"checkpoint {path} was saved at layout {manifest.get('layout')} but this job "
+                                  f"runs {mine['layout']}; resharding across layouts is not supported yet")
+
+    def maybe_resume(self) -> None:
+        if self.checkpointer is None:
+            return
+        loaded = self.checkpointer.load(self.cfg.checkpoint.resume)
+        if loaded is None:
+            return
+        self._check_compatible(loaded.manifest, loaded.path)
+        self.load_state_dict(loaded.state)
+        self.resumed_from = str(loaded.path)
+        self._say(f"[moetrain] resumed from {loaded.path} at step {self.step}")
+
+    # ------------------------------------------------------------------ the loop
+    def _inject_fault(self, step: int) -> None:
+        inj = self.cfg.fault.inject
+        if inj.kind is None or inj.step != step or inj.rank != self.rank:
+            return
+        print(f"[moetrain] rank {self.rank}: injected fault '{inj.kind}' at step {step}", file=sys.stderr, flush=True)
+        if inj.kind == "exit":
+            os._exit(17)
+        if inj.kind == "exception":
+            raise InjectedFault(f"injected exception on rank {self.rank} at step {step}")
+        while True:  # hang
+            time.sleep(1)
+
+    def train_step(self) -> dict[str, float]:
+        cfg, step = self.cfg, self.step
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        accum = self.data.micro_batches
+        total = torch.zeros((), dtype=torch.float64)
+        for micro in range(accum):
+            tokens, targets, ids = self.data.micro_batch_tensors(step, micro)
+            tokens, targets = tokens.to(self.device), targets.to(self.device)
+            self.model.dropout.set(step, ids)
+            sync = contextlib.nullcontext() if micro == accum - 1 else self.reducer.no_sync()
+            amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+            with sync:
+                with amp:
+                    loss = self.model(tokens, targets) / accum
+                loss.backward()
+            total += loss.detach().to(torch.float64).cpu()
+        self.reducer.finish()
+        tp = self.groups.tp if self.groups.size("tp") > 1 else None
+        finalize_sequence_parallel_grads(self.params, tp)
+        gnorm = clip_grad_norm(self.params, cfg.train.grad_clip, self.replicas)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(total, group=self.groups.dp)
+        loss_value = float(total.item()) / self.groups.size("dp")
+        self.step += 1
+        return {"loss": loss_value, "grad_norm": gnorm, "lr": lr_at(step, cfg)}
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.maybe_resume()
+        tokens_per_step = cfg.global_batch_size * cfg.model.seq_len
+        start_step = self.step
+        t_start = time.perf_counter()
+        step_times: list[float] = []
+        while self.step < cfg.train.steps:
+            self._inject_fault(self.step)
+            t0 = time.perf_counter()
+            out = self.train_step()
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            self.losses.append(out["loss"])
+            if not math.isfinite(out["loss"]):
+                raise TrainError(f"loss became {out['loss']} at step {self.step - 1}")
+            self._log(out, dt, tokens_per_step)
+            if self.checkpointer and cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                self.checkpointer.save(self.step, self.state_dict(), self._meta())
+        elapsed = time.perf_counter() - t_start
+        timed = step_times[1:] or step_times  # the first step pays warm-up
+        tps = tokens_per_step * len(timed) / max(sum(timed), 1e-9) if timed else 0.0
+        achieved = tps * self.flops_per_token / dist.get_world_size()
+        if self.writer:
+            self.writer.close()
+        return {
+            "steps": self.step,
+            "losses": self.losses,
+            "final_loss": self.losses[-1] if self.losses else None,
+            "tokens_per_s": tps,
+            "world_size": dist.get_world_size(),
+            "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep, "dp": cfg.dp},
+            "restarts": 0,
+            "resumed_from": self.resumed_from,
+            "steps_run": self.step - start_step,
+            "elapsed_s": elapsed,
+            "model_flops_per_token": self.flops_per_token,
+            "mfu": achieved / self.peak_flops if self.peak_flops else None,
+            "peak_flops_per_rank": self.peak_flops,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+        }
+
+    def _log(self, out: dict[str, float], dt: float, tokens_per_step: int) -> None:
+        step = self.step
+        tps = tokens_per_step / max(dt, 1e-9)
+        tflops = tps * self.flops_per_token / dist.get_world_size() / 1e12
+        mfu = tflops * 1e12 / self.peak_flops if self.peak_flops else float("nan")
+        mem = peak_memory_bytes(self.device)
+        if self.writer:
+            for k, v in (("loss", out["loss"]), ("lr", out["lr"]), ("grad_norm", out["grad_norm"]),
+                         ("tokens_per_s", tps), ("tflops_per_rank", tflops), ("mfu", mfu),
+                         ("peak_memory_mib", mem / 2**20)):
+                self.writer.add_scalar(f"train/{k}", v, step)
+        if self.is_logger and (step % self.cfg.logging.every == 0 or step == self.cfg.train.steps or step == 1):
+            print(f"step {step:>5}/{self.cfg.train.steps} | loss {out['loss']:.4f} | lr {out['lr']:.2e} | "
+                  f"gnorm {out['grad_norm']:.3f} | {tps:,.0f} tok/s | {tflops * 1e3:.2f} GFLOP/s/rank | "
+                  f"MFU {mfu:.1%} | mem {mem / 2**20:.0f} MiB", flush=True)
 
 
 def train(cfg: JobConfig, groups: ParallelGroups) -> dict[str, Any]:
-    """Check every group's collectives and return a summary in the ``--summary`` format (no steps)."""
-    t0 = time.perf_counter()
-    check_group_collectives(groups)
-    if groups.rank == 0:
-        print(f"[moetrain] collective smoke job: all {len(groups.members)} group families verified on "
-              f"{cfg.world_size} ranks (no training loop in this build)", flush=True)
-    return {
-        "steps": 0,
-        "losses": [],
-        "final_loss": None,
-        "tokens_per_s": 0.0,
-        "world_size": cfg.world_size,
-        "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep, "dp": cfg.dp},
-        "restarts": 0,
-        "elapsed_s": time.perf_counter() - t0,
-    }
+    """Build a Trainer for this rank and run it to ``train.steps``."""
+    return Trainer(cfg, groups).fit()

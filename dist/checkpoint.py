@@ -1,0 +1,190 @@
+"""Sharded checkpoints: one file per rank, a manifest with checksums, atomic publication.
+
+Layout of ``checkpoint.dir``::
+
+    step_00000300/
+        manifest.json      step, world size, layout, resolved config, sha256 + size of every file
+        rank00000.pt       this rank's model shard, optimizer, schedule, RNG states
+        ...
+
+A checkpoint is written into ``step_XXXXXXXX.tmp/`` and renamed into place by rank 0 only after every
+rank's file is complete and the manifest is written, so a crash mid-save never leaves a directory
+that looks complete. On resume, candidates are tried newest first; one whose manifest is missing or
+unreadable, or any of whose files is missing or fails its checksum, is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Checkpointer", "CheckpointError", "sha256_file"]
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (corrupt, incomplete, or saved for another model)."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank{rank:05d}.pt"
+
+
+@dataclass
+class Loaded:
+    path: Path
+    state: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+class Checkpointer:
+    """Saves and finds checkpoints; every method is collective over the world group."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, log=print):
+        self.dir = Path(directory)
+        self.keep = keep
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.log = log
+
+    # ------------------------------------------------------------------ helpers
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _broadcast(self, obj: Any) -> Any:
+        if not dist.is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _any(self, flag: bool) -> bool:
+        if not dist.is_initialized():
+            return flag
+        t = torch.tensor([1 if flag else 0])
+        dist.all_reduce(t)
+        return bool(t.item())
+
+    def candidates(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        found = [p for p in self.dir.iterdir() if p.is_dir() and p.name.startswith("step_")
+                 and not p.name.endswith(".tmp")]
+        return sorted(found, key=lambda p: p.name, reverse=True)
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Write this rank's ``state``; rank 0 adds ``meta`` to the manifest and publishes the directory."""
+        final = self.dir / f"step_{step:08d}"
+        tmp = self.dir / f"step_{step:08d}.tmp"
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        self._barrier()
+        part = tmp / (_rank_file(self.rank) + ".part")
+        torch.save(state, part)
+        with open(part, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(part, tmp / _rank_file(self.rank))
+        self._barrier()
+        if self.rank == 0:
+            files = {}
+            for r in range(self.world):
+                p = tmp / _rank_file(r)
+                files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            manifest = {"format": FORMAT_VERSION, "step": step, "world_size": self.world, "files": files, **meta}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in self.candidates()[self.keep:]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+        return final
+
+    # ------------------------------------------------------------------ load
+    def _check_manifest(self, path: Path) -> tuple[dict | None, str]:
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            return None, "no manifest (incomplete save)"
+        except (OSError, ValueError) as exc:
+            return None, f"unreadable manifest ({exc.__class__.__name__})"
+        files = manifest.get("files")
+        if not isinstance(files, dict) or manifest.get("world_size") != len(files):
+            return None, "manifest lists the wrong number of rank files"
+        for name, info in files.items():
+            f = path / name
+            if not f.is_file():
+                return None, f"{name} is missing"
+            if f.stat().st_size != info.get("bytes"):
+                return None, f"{name} has {f.stat().st_size} bytes, manifest says {info.get('bytes')}"
+        return manifest, ""
+
+    def _verify_and_load(self, path: Path, manifest: dict) -> tuple[dict | None, str]:
+        name = _rank_file(self.rank)
+        f = path / name
+        if sha256_file(f) != manifest["files"][name]["sha256"]:
+            return None, f"{name} fails its checksum"
+        try:
+            return torch.load(f, map_location="cpu", weights_only=False), ""
+        except Exception as exc:  # a corrupt pickle is a corrupt checkpoint
+            return None, f"{name} cannot be read ({exc.__class__.__name__})"
+
+    def load(self, resume: str) -> Loaded | None:
+        """Find and load a checkpoint for ``checkpoint.resume`` (auto | never | PATH); None = fresh start."""
+        if resume == "never":
+            return None
+        explicit = resume != "auto"
+        paths = [Path(resume)] if explicit else self.candidates()
+        if explicit and not paths[0].is_dir():
+            raise CheckpointError(f"checkpoint.resume: {resume} is not a checkpoint directory")
+        for path in paths:
+            manifest, why = self._check_manifest(path) if self.rank == 0 else (None, "")
+            manifest, why = self._broadcast((manifest, why))
+            if manifest is not None and manifest["world_size"] != self.world:
+                raise CheckpointError(
+                    f"checkpoint {path} was saved by {manifest['world_size']} ranks but this job has "
+                    f"{self.world}; resharding across layouts is not supported yet")
+            state = None
+            if manifest is not None:
+                state, why_local = self._verify_and_load(path, manifest)
+                bad = self._any(state is None)
+                if bad:
+                    whys = [None] * self.world
+                    if dist.is_initialized():
+                        dist.all_gather_object(whys, why_local)
+                    else:
+                        whys = [why_local]
+                    why = "; ".join(w for w in whys if w)
+                    state = None
+            if state is not None:
+                return Loaded(path=path, state=state, manifest=manifest)
+            if self.rank == 0:
+                self.log(f"[moetrain] checkpoint {path} is unusable: {why}"
+                         + ("" if explicit else "; trying the previous one"))
+            if explicit:
+                raise CheckpointError(f"checkpoint {path} is unusable: {why}")
+        if paths and self.rank == 0:
+            self.log(f"[moetrain] no usable checkpoint in {self.dir}; starting from scratch")
+        return None

@@ -1,0 +1,165 @@
+"""Data-parallel gradient reduction in buckets that start while backward is still running.
+
+Parameters are registered in groups, each with the process group its gradients average over
+(dense parameters over ``dp``, expert parameters over ``edp``). Buckets are filled in reverse
+registration order (roughly the order backward produces gradients); when the last gradient of a
+bucket is accumulated, the bucket's flat all-reduce is launched asynchronously and backward goes on.
+``finish()`` waits for every bucket and writes the averaged gradients back.
+
+With gradient accumulation, wrap all but the last micro-batch in ``no_sync()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["GradReducer", "finalize_sequence_parallel_grads", "clip_grad_norm", "grad_norm_sq_local"]
+
+
+@dataclass
+class _Bucket:
+    params: list[nn.Parameter]
+    group: object
+    size: int
+    ready: int = 0
+    flat: torch.Tensor | None = None
+    work: object | None = None
+    launched: bool = False
+    pending: set = field(default_factory=set)
+
+
+class GradReducer:
+    """Bucketed, overlapped all-reduce (average) of gradients over per-parameter-group process groups."""
+
+    def __init__(self, param_groups: Iterable[tuple[object, list[nn.Parameter]]], *,
+                 bucket_bytes: int = 8 * 1024 * 1024, overlap: bool = True):
+        self.buckets: list[_Bucket] = []
+        self._bucket_of: dict[int, _Bucket] = {}
+        self._sync = True
+        self.overlap = overlap
+        self._hooks = []
+        for group, params in param_groups:
+            size = 1 if group is None else dist.get_world_size(group)
+            params = [p for p in params if p.requires_grad]
+            if size == 1 or not params:
+                continue
+            current: list[nn.Parameter] = []
+            nbytes = 0
+            for p in reversed(params):
+                current.append(p)
+                nbytes += p.numel() * p.element_size()
+                if nbytes >= bucket_bytes:
+                    self._add_bucket(current, group, size)
+                    current, nbytes = [], 0
+            if current:
+                self._add_bucket(current, group, size)
+        for b in self.buckets:
+            for p in b.params:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    def _add_bucket(self, params: list[nn.Parameter], group, size: int) -> None:
+        b = _Bucket(params=list(params), group=group, size=size)
+        self.buckets.append(b)
+        for p in params:
+            self._bucket_of[id(p)] = b
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally (no communication) inside this context."""
+        old, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = old
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        if not self._sync or not self.overlap:
+            return
+        b = self._bucket_of[id(p)]
+        if id(p) in b.pending:
+            return
+        b.pending.add(id(p))
+        b.ready += 1
+        if b.ready == len(b.params):
+            self._launch(b)
+
+    def _launch(self, b: _Bucket) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
+        b.flat = torch.cat([g.reshape(-1) for g in grads])
+        b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
+        b.launched = True
+
+    def finish(self) -> None:
+        """Launch what backward did not (unused parameters, overlap off), wait, average, write back."""
+        for b in self.buckets:
+            if not b.launched:
+                self._launch(b)
+        for b in self.buckets:
+            b.work.wait()
+            b.flat.div_(b.size)
+            offset = 0
+            for p in b.params:
+                n = p.numel()
+                chunk = b.flat[offset:offset + n].view_as(p)
+                if p.grad is None:
+                    p.grad = chunk.clone()
+                else:
+                    p.grad.copy_(chunk)
+                offset += n
+            b.flat, b.work, b.launched, b.ready = None, None, False, 0
+            b.pending.clear()
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
+def finalize_sequence_parallel_grads(params: Iterable[nn.Parameter], tp_group) -> None:
+    """Sum over TP the gradients of parameters that are replicated but saw different tokens (SP norms)."""
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return
+    grads = [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=tp_group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def grad_norm_sq_local(params: Iterable[nn.Parameter], replicas: dict[int, int]) -> torch.Tensor:
+    """This rank's share of the squared global gradient norm.
+
+    ``replicas[id(p)]`` is how many ranks of the world hold an identical copy of p's gradient; each
+    copy contributes 1/replicas so an all-reduce SUM over the world counts every gradient once.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is None:
+            continue
+        total += p.grad.detach().to(torch.float64).pow(2).sum().cpu() / replicas[id(p)]
+    return total
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None, replicas: dict[int, int],
+                   world_group=None) -> float:
+    """Clip to a global norm computed across every group; returns the norm before clipping."""
+    sq = grad_norm_sq_local(params, replicas)
+    if dist.is_initialized():
+        dist.all_reduce(sq, group=world_group)
+    norm = float(sq.sqrt())
+    if max_norm is not None and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm

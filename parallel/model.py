@@ -1,0 +1,278 @@
+"""Decoder-only transformer (Llama/Mixtral family) built from tensor-parallel layers.
+
+RMSNorm -> grouped-query attention with rotary embedding (heads split over TP) -> residual ->
+RMSNorm -> feed-forward (SwiGLU MLP, or whatever ``ffn_factory`` builds, e.g. an MoE layer) -> residual.
+Activations are ``[s, b, d]``; with sequence parallelism the residual stream is ``[s/tp, b, d]``.
+
+RNG streams (all derived with :func:`parallel.layers.stream_seed` from ``seed``), so that every layout
+computes the same function as one process:
+- weights: ``layers.{i}.attn.qkv.{0,1,2}``, ``layers.{i}.attn.out``, ``layers.{i}.mlp.up.{0,1}``,
+  ``layers.{i}.mlp.down``, ``embed``, ``head``; each drawn in full and sliced per rank;
+- dropout: ``dropout/{step}/{sample}/{site}``, one full ``[s, d]`` mask per global sample index and
+  site (``{layer}.attn``, ``{layer}.mlp``, ``embed``), sliced to the rank's sequence shard.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    gather_dim,
+    stream_seed,
+    tp_rank_size,
+    vocab_parallel_cross_entropy,
+)
+from parallel.mappings import gather_from_sp
+
+__all__ = ["TransformerArgs", "Transformer", "DropoutStream", "RMSNorm", "SwiGLU"]
+
+
+@dataclass(frozen=True)
+class TransformerArgs:
+    layers: int
+    d_model: int
+    heads: int
+    kv_heads: int
+    d_ffn: int
+    vocab_size: int
+    seq_len: int
+    attention: str = "sdpa"
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    seed: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.heads
+
+
+_APEX_RMSNORM = importlib.util.find_spec("apex") is not None and importlib.util.find_spec("apex.normalization")
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; NVIDIA apex's fused kernel on CUDA when the real apex is installed, torch's otherwise."""
+
+    def __init__(self, dim: int, eps: float, *, sequence_parallel: bool, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.weight.tp_sharded = False
+        self.weight.sequence_parallel = sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _APEX_RMSNORM and x.is_cuda:  # pragma: no cover - needs NVIDIA apex
+            from apex.normalization import fused_layer_norm
+
+            return fused_layer_norm.fused_rms_norm_affine(x, self.weight, self.weight.shape, self.eps)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class DropoutStream:
+    """Dropout masks that do not depend on the layout: see the module docstring."""
+
+    def __init__(self, seed: int, p: float, seq_len: int):
+        self.seed, self.p, self.seq_len = seed, p, seq_len
+        self.step = 0
+        self.sample_ids: Sequence[int] = ()
+        self.seq_offset = 0
+
+    def set(self, step: int, sample_ids: Sequence[int]) -> None:
+        self.step, self.sample_ids = step, list(sample_ids)
+
+    def __call__(self, x_SBD: torch.Tensor, site: str) -> torch.Tensor:
+        if self.p == 0.0 or not torch.is_grad_enabled():
+            return x_SBD
+        s, b, d = x_SBD.shape
+        if len(self.sample_ids) != b:
+            raise RuntimeError(f"dropout stream has {len(self.sample_ids)} sample ids for a batch of {b}")
+        masks = []
+        for sid in self.sample_ids:
+            gen = torch.Generator().manual_seed(stream_seed(self.seed, f"dropout/{self.step}/{sid}/{site}"))
+            full = torch.rand(self.seq_len, d, generator=gen)
+            masks.append(full[self.seq_offset:self.seq_offset + s])
+        keep = (torch.stack(masks, dim=1) >= self.p).to(device=x_SBD.device, dtype=x_SBD.dtype)
+        return x_SBD * keep / (1.0 - self.p)
+
+
+def _rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    ang = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv)  # [s, hd/2]
+    ang = torch.cat([ang, ang], dim=-1)  # [s, hd] (rotate-half convention)
+    return ang.cos(), ang.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention; each TP rank owns heads/tp query heads and kv_heads/tp kv heads."""
+
+    def __init__(self, args: TransformerArgs, layer: int, *, tp_group, sp: bool, dtype: torch.dtype):
+        super().__init__()
+        _, tp = tp_rank_size(tp_group)
+        hd, d = args.head_dim, args.d_model
+        self.hd = hd
+        self.heads, self.kv_heads = args.heads // tp, args.kv_heads // tp
+        self.kind = args.attention
+        std = 1.0 / math.sqrt(d)
+        self.qkv = ColumnParallelLinear(d, [args.heads * hd, args.kv_heads * hd, args.kv_heads * hd],
+                                        tp_group=tp_group, sp=sp, seed=args.seed, name=f"layers.{layer}.attn.qkv",
+                                        std=std, dtype=dtype)
+        self.out = RowParallelLinear(args.heads * hd, d, tp_group=tp_group, sp=sp, seed=args.seed,
+                                     name=f"layers.{layer}.attn.out", std=std / math.sqrt(2 * args.layers),
+                                     dtype=dtype)
+        cos, sin = _rope_tables(args.seq_len, hd, args.rope_theta)
+        self.register_buffer("cos", cos.to(dtype), persistent=False)
+        self.register_buffer("sin", sin.to(dtype), persistent=False)
+
+    def forward(self, x_SBD: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x_SBD)  # [s, b, (H + 2 KV) hd / tp]
+        s, b, _ = qkv.shape
+        q, k, v = qkv.split([self.heads * self.hd, self.kv_heads * self.hd, self.kv_heads * self.hd], dim=-1)
+        q = q.reshape(s, b, self.heads, self.hd).permute(1, 2, 0, 3)  # [b, h, s, hd]
+        k = k.reshape(s, b, self.kv_heads, self.hd).permute(1, 2, 0, 3)
+        v = v.reshape(s, b, self.kv_heads, self.hd).permute(1, 2, 0, 3)
+        cos, sin = self.cos[:s], self.sin[:s]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if self.kv_heads != self.heads:
+            rep = self.heads // self.kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if self.kind == "eager":
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.hd)
+            causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+            o = scores.masked_fill(causal, float("-inf")).softmax(dim=-1) @ v
+        else:  # sdpa; "fused" arrives with the CUDA kernel and uses sdpa until then
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o = o.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.hd)
+        return self.out(o)
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` with gate/up column-parallel and down row-parallel."""
+
+    def __init__(self, d_model: int, d_ffn: int, layers: int, layer: int, *, tp_group, sp: bool, seed: int,
+                 dtype: torch.dtype, name: str | None = None):
+        super().__init__()
+        name = name or f"layers.{layer}.mlp"
+        std = 1.0 / math.sqrt(d_model)
+        self.up = ColumnParallelLinear(d_model, [d_ffn, d_ffn], tp_group=tp_group, sp=sp, seed=seed,
+                                       name=f"{name}.up", std=std, dtype=dtype)
+        self.down = RowParallelLinear(d_ffn, d_model, tp_group=tp_group, sp=sp, seed=seed, name=f"{name}.down",
+                                      std=1.0 / math.sqrt(d_ffn) / math.sqrt(2 * layers), dtype=dtype)
+
+    def forward(self, x_SBD: torch.Tensor) -> torch.Tensor:
+        gate, up = self.up(x_SBD).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+FFNFactory = Callable[[int], nn.Module]
+
+
+class Block(nn.Module):
+    def __init__(self, args: TransformerArgs, layer: int, ffn: nn.Module, *, tp_group, sp: bool,
+                 dtype: torch.dtype, dropout: DropoutStream):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(args.d_model, args.norm_eps, sequence_parallel=sp, dtype=dtype)
+        self.attn = Attention(args, layer, tp_group=tp_group, sp=sp, dtype=dtype)
+        self.ffn_norm = RMSNorm(args.d_model, args.norm_eps, sequence_parallel=sp, dtype=dtype)
+        self.ffn = ffn
+        self.dropout = dropout
+
+    def forward(self, x_SBD: torch.Tensor) -> torch.Tensor:
+        h = x_SBD + self.dropout(self.attn(self.attn_norm(x_SBD)), f"{self.layer}.attn")
+        return h + self.dropout(self.ffn(self.ffn_norm(h)), f"{self.layer}.mlp")
+
+
+class Transformer(nn.Module):
+    """The whole model for one pipeline stage spanning all layers (pipeline stages come later).
+
+    ``forward(tokens_BS, targets_BS)`` returns the mean token loss of this micro-batch (identical on
+    every TP rank).
+    """
+
+    def __init__(self, args: TransformerArgs, *, tp_group=None, sp: bool = False, dtype: torch.dtype = torch.float32,
+                 ffn_factory: FFNFactory | None = None):
+        super().__init__()
+        rank, tp = tp_rank_size(tp_group)
+        self.args, self.tp_group, self.sp = args, tp_group, sp and tp > 1
+        self.dropout = DropoutStream(args.seed, args.dropout, args.seq_len)
+        self.dropout.seq_offset = rank * (args.seq_len // tp) if self.sp else 0
+        self.embed = VocabParallelEmbedding(args.vocab_size, args.d_model, tp_group=tp_group, sp=self.sp,
+                                            seed=args.seed, name="embed", std=1.0, dtype=dtype)
+
+        def dense(layer: int) -> nn.Module:
+            return SwiGLU(args.d_model, args.d_ffn, args.layers, layer, tp_group=tp_group, sp=self.sp,
+                          seed=args.seed, dtype=dtype)
+
+        factory = ffn_factory or dense
+        self.layers = nn.ModuleList(
+            Block(args, i, factory(i), tp_group=tp_group, sp=self.sp, dtype=dtype, dropout=self.dropout)
+            for i in range(args.layers)
+        )
+        self.norm = RMSNorm(args.d_model, args.norm_eps, sequence_parallel=self.sp, dtype=dtype)
+        if args.tie_embeddings:
+            self.head = None
+        else:
+            self.head = ColumnParallelLinear(args.d_model, [self.embed.padded], tp_group=tp_group, sp=self.sp,
+                                             seed=args.seed, name="head", std=1.0 / math.sqrt(args.d_model),
+                                             dtype=dtype, weights=self._head_init(dtype))
+
+    def full_tensors(self, grads: bool = False) -> dict[str, torch.Tensor]:
+        """Every parameter (or its gradient) as the logical unsharded tensor, by name (collective over TP)."""
+        out = {}
+        for mod_name, mod in self.named_modules():
+            for p_name, p in mod.named_parameters(recurse=False):
+                t = p.grad if grads else p.data
+                if t is None:
+                    continue
+                key = f"{mod_name}.{p_name}" if mod_name else p_name
+                if key == "head.weight":
+                    out[key] = gather_dim(t, 0, self.tp_group)[: self.args.vocab_size]
+                elif hasattr(mod, "full"):
+                    out[key] = mod.full(t)
+                else:
+                    out[key] = t.detach().clone()
+        return out
+
+    def _head_init(self, dtype: torch.dtype) -> torch.Tensor:
+        from parallel.layers import init_normal
+
+        rank, tp = tp_rank_size(self.tp_group)
+        full = torch.zeros(self.embed.padded, self.args.d_model)
+        full[: self.args.vocab_size] = init_normal((self.args.vocab_size, self.args.d_model),
+                                                   1.0 / math.sqrt(self.args.d_model), self.args.seed, "head")
+        return full.chunk(tp, dim=0)[rank]
+
+    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens_BS.t())  # [s(/tp), b, d]
+        x = self.dropout(x, "embed")
+        for block in self.layers:
+            x = block(x)
+        x = self.norm(x)
+        if self.head is not None:
+            logits = self.head(x)  # [s, b, V_pad/tp]
+        else:
+            from parallel.mappings import copy_to_tp
+
+            x = gather_from_sp(x, self.tp_group) if self.sp else copy_to_tp(x, self.tp_group)
+            logits = F.linear(x, self.embed.weight)
+        loss_SB = vocab_parallel_cross_entropy(logits, targets_BS.t(), self.tp_group, self.args.vocab_size,
+                                               vocab_start=self.embed.start)
+        return loss_SB.mean()
