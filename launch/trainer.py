@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from dist.checkpoint import Checkpointer, CheckpointError
 from dist.groups import ParallelGroups
@@ -115,6 +116,7 @@ class Trainer:
                                  token_dtype=cfg.data.token_dtype)
         self.step = 0
         self.losses: list[float] = []
+        self.grad_norms: list[float] = []
         self.checkpointer = (Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, log=self._say)
                              if cfg.checkpoint.dir else None)
         self.resumed_from: str | None = None
@@ -144,9 +146,12 @@ class Trainer:
         known = device_peak_flops(self.device, dtype)
         if known:
             return known
-        rate = torch.tensor([measure_matmul_flops(self.param_dtype, device=str(self.device))], dtype=torch.float64)
-        dist.all_reduce(rate, op=dist.ReduceOp.MIN)
-        return float(rate.item())
+        # All ranks measure at once, so each sees its share of the cores it competes for.
+        dist.barrier()
+        rate = torch.tensor([measure_matmul_flops(self.param_dtype, n=512, device=str(self.device))],
+                            dtype=torch.float64)
+        dist.all_reduce(rate)
+        return float(rate.item()) / dist.get_world_size()
 
     def _say(self, msg: str) -> None:
         if self.is_logger:
@@ -224,17 +229,19 @@ class Trainer:
             self.model.dropout.set(step, ids)
             sync = contextlib.nullcontext() if micro == accum - 1 else self.reducer.no_sync()
             amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
-            with sync:
+            with sync, record_function("forward_backward"):
                 with amp:
                     loss = self.model(tokens, targets) / accum
                 loss.backward()
             total += loss.detach().to(torch.float64).cpu()
-        self.reducer.finish()
-        tp = self.groups.tp if self.groups.size("tp") > 1 else None
-        finalize_sequence_parallel_grads(self.params, tp)
-        gnorm = clip_grad_norm(self.params, cfg.train.grad_clip, self.replicas)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("dp_grad_reduce"):
+            self.reducer.finish()
+            tp = self.groups.tp if self.groups.size("tp") > 1 else None
+            finalize_sequence_parallel_grads(self.params, tp)
+        with record_function("clip_and_step"):
+            gnorm = clip_grad_norm(self.params, cfg.train.grad_clip, self.replicas)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(total, group=self.groups.dp)
         loss_value = float(total.item()) / self.groups.size("dp")
         self.step += 1
@@ -254,6 +261,7 @@ class Trainer:
             dt = time.perf_counter() - t0
             step_times.append(dt)
             self.losses.append(out["loss"])
+            self.grad_norms.append(out["grad_norm"])
             if not math.isfinite(out["loss"]):
                 raise TrainError(f"loss became {out['loss']} at step {self.step - 1}")
             self._log(out, dt, tokens_per_step)
@@ -273,6 +281,7 @@ class Trainer:
             "world_size": dist.get_world_size(),
             "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep, "dp": cfg.dp},
             "restarts": 0,
+            "grad_norms": self.grad_norms,
             "resumed_from": self.resumed_from,
             "steps_run": self.step - start_step,
             "elapsed_s": elapsed,

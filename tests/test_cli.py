@@ -71,3 +71,40 @@ def test_console_script_exit_codes():
     assert bad.stderr.strip() == ("config error: train.steps: expected greater than or equal to 1, got -1")
     usage = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=120)
     assert usage.returncode == 0 and "validate" in usage.stdout and "topology" in usage.stdout
+
+
+TRAIN_SMALL = ["cluster.nodes=1", "cluster.ranks_per_node=2", "parallel.tp=2", "moe.num_experts=0", "parallel.ep=1",
+               "model.layers=2", "model.d_model=32", "model.d_ffn=64", "model.seq_len=32", "train.steps=4",
+               "train.micro_batch_size=2", "train.global_batch_size=2", "logging.every=1"]
+
+
+def _cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("moetrain")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "launch.cli"]
+    return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_train_writes_summary_resolved_config_and_tensorboard(tmp_path):
+    cfg = str(ROOT / "cluster_configs/sim_cpu_8rank.yaml")
+    summary = tmp_path / "summary.json"
+    out = _cli(["train", cfg, *TRAIN_SMALL, f"logging.run_dir={tmp_path}", f"logging.tensorboard_dir={tmp_path}/tb",
+                "--summary", str(summary)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads(summary.read_text())
+    assert {"steps", "losses", "final_loss", "tokens_per_s", "world_size", "layout", "restarts"} <= set(data)
+    assert data["steps"] == 4 and len(data["losses"]) == 4 and data["final_loss"] == data["losses"][-1]
+    assert data["world_size"] == 2 and data["layout"] == {"tp": 2, "pp": 1, "ep": 1, "dp": 1}
+    assert data["tokens_per_s"] > 0 and 0 < data["mfu"] < 1
+    assert "step     4/4 | loss" in out.stdout
+    assert (tmp_path / "config.resolved.yaml").is_file()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_train_user_errors_are_one_line(tmp_path):
+    cfg = str(ROOT / "cluster_configs/sim_cpu_8rank.yaml")
+    out = _cli(["train", cfg, *TRAIN_SMALL, f"logging.run_dir={tmp_path}", f"data.path={tmp_path}/missing"])
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"error: data.path: {tmp_path}/missing does not exist"]
+    out = _cli(["train", cfg, *TRAIN_SMALL, f"logging.run_dir={tmp_path}",
+                "fault.inject={rank: 1, step: 1, kind: exception}"])
+    assert out.returncode == 1 and "rank 1: error" in out.stderr and "injected exception" in out.stderr

@@ -42,7 +42,7 @@ def _train(overrides: list[str]) -> dict | None:
     if dist.get_rank() != 0:
         return None
     return {"losses": summary["losses"], "grads": first_grads, "params": params,
-            "accum": trainer.data.micro_batches}
+            "accum": trainer.data.micro_batches, "grad_norms": summary["grad_norms"]}
 
 
 def _layout(tp: int, dp: int, sp: bool) -> list[str]:
@@ -62,6 +62,7 @@ def _reference(extra: tuple[str, ...]) -> dict:
 
 def _compare(got: dict, ref: dict) -> None:
     assert got["losses"] == pytest.approx(ref["losses"], rel=1e-9, abs=1e-12)
+    assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-9)
     assert got["grads"].keys() == ref["grads"].keys()
     for name, g in ref["grads"].items():
         torch.testing.assert_close(got["grads"][name], g, rtol=1e-9, atol=1e-12, msg=f"grad {name}")
@@ -78,6 +79,10 @@ def test_layout_equals_single_process(ranks, tp, dp, sp):
     ref = _reference(())
     assert ref["accum"] == 4 and len(ref["losses"]) == 3
     assert ref["losses"][0] != ref["losses"][2]  # the run actually trains
+    # clipping used the true global norm: the clipped first-step gradient has norm max_norm
+    assert ref["grad_norms"][0] > 0.5
+    clipped = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in ref["grads"].values()]))
+    assert float(clipped) == pytest.approx(0.5, rel=1e-5)
     got = ranks(*POOL[tp * dp]).run(_train, _layout(tp, dp, sp))[0]
     assert got["accum"] == 4 // dp
     _compare(got, ref)
