@@ -29,7 +29,9 @@ def test_validate_and_topology_on_shipped_configs(path, capsys):
 
 
 def test_topology_json_for_sim_config_matches_grid(capsys):
-    assert main(["topology", str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"), "--json"]) == 0
+    cfg = str(ROOT / "cluster_configs/sim_cpu_8rank.yaml")
+    args = ["topology", cfg, "moe.num_experts=8", "parallel.ep=4", "--json"]
+    assert main(args) == 0
     got = json.loads(capsys.readouterr().out)
     want = build_rank_grid(Layout(tp=2, dp=4, ep=4), ranks_per_node=4).to_json()
     assert got == want

@@ -57,7 +57,7 @@ def _mpiexec() -> str | None:
 @pytest.mark.launcher
 @pytest.mark.skipif(_mpiexec() is None, reason="mpiexec not installed")
 def test_mpiexec_rank_environment_and_smoke_job(tmp_path):
-    """Four MPI ranks find their environment, rendezvous on 127.0.0.1 and verify every group family."""
+    """Four MPI ranks find their environment, rendezvous on 127.0.0.1 and train (TP=2 x DP=2)."""
     code = ("import json, os; from dist.env import from_mpi; e = from_mpi(); "
             "os.write(1, ('ENV ' + json.dumps(e.__dict__) + '\\n').encode())")
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
@@ -76,9 +76,10 @@ def test_mpiexec_rank_environment_and_smoke_job(tmp_path):
     job = subprocess.run(
         [_mpiexec(), "-n", "4", sys.executable, "-m", "mpi4py", "-m", "launch.cli", "train",
          str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"), "cluster.launcher=mpi", "cluster.nodes=1",
-         "cluster.ranks_per_node=4", "moe.num_experts=4", "train.steps=2", "train.global_batch_size=8",
+         "cluster.ranks_per_node=4", "train.steps=2", "train.global_batch_size=8",
          f"logging.run_dir={tmp_path}", "--summary", str(summary)],
         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert job.returncode == 0, job.stderr[-3000:]
     data = json.loads(summary.read_text())
-    assert data["world_size"] == 4 and data["layout"] == {"tp": 2, "pp": 1, "ep": 4, "dp": 2}
+    assert data["world_size"] == 4 and data["layout"] == {"tp": 2, "pp": 1, "ep": 1, "dp": 2}
+    assert data["steps"] == 2 and len(data["losses"]) == 2
