@@ -112,8 +112,20 @@ class MoEConfig(_Section):
     bwd_pipeline_degree: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = 1
     d_expert: Optional[int] = Field(None, ge=1)
     """Expert hidden size; defaults to model.d_ffn."""
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    shared_experts: int = Field(0, ge=0)
+    """Number of shared experts (always active, run as one dense MLP of shared_experts * d_expert)."""
     aux_loss_coef: float = Field(0.01, ge=0)
+    """Switch/GShard load-balancing loss weight."""
+    seq_aux_loss_coef: float = Field(0.0, ge=0)
     z_loss_coef: float = Field(0.0, ge=0)
+    n_groups: int = Field(1, ge=1)
+    """sigmoid router: experts split into groups for group-limited top-k."""
+    topk_groups: Optional[int] = Field(None, ge=1)
+    bias_update_rate: float = Field(0.0, ge=0)
+    """sigmoid router: aux-loss-free expert-bias update rate (0 = off)."""
+    xmoe_dim: int = Field(16, ge=1)
+    slots_per_expert: int = Field(1, ge=1)
 
 
 class OptimizerConfig(_Section):
@@ -440,6 +452,24 @@ def check_consistency(cfg: JobConfig) -> None:
             )
         if moe.router not in ("softmoe", "expert_choice") and moe.topk > moe.num_experts:
             raise ConfigError("moe.topk", f"top-{moe.topk} of only {moe.num_experts} experts")
+        if moe.router == "switch" and moe.topk != 1:
+            raise ConfigError("moe.topk", f"router 'switch' is top-1, got topk={moe.topk}")
+        if moe.router == "gshard" and (moe.topk != 2 or moe.num_experts < 2):
+            raise ConfigError("moe.topk", f"router 'gshard' is top-2 of >= 2 experts, got topk={moe.topk}")
+        if moe.router == "softmoe" and moe.capacity_factor is not None:
+            raise ConfigError("moe.capacity_factor", "router 'softmoe' has fixed slots and takes no capacity")
+        if moe.num_experts % moe.n_groups:
+            raise ConfigError("moe.n_groups", f"{moe.n_groups} groups do not split {moe.num_experts} experts")
+        if moe.n_groups > 1 and moe.router != "sigmoid":
+            raise ConfigError("moe.n_groups", "group-limited routing needs router 'sigmoid'")
+        if moe.topk_groups is not None:
+            if moe.topk_groups > moe.n_groups:
+                raise ConfigError("moe.topk_groups", f"{moe.topk_groups} exceeds moe.n_groups={moe.n_groups}")
+            if moe.topk > moe.topk_groups * (moe.num_experts // moe.n_groups):
+                raise ConfigError("moe.topk", f"top-{moe.topk} does not fit in {moe.topk_groups} groups of "
+                                              f"{moe.num_experts // moe.n_groups} experts")
+        if moe.bias_update_rate and moe.router != "sigmoid":
+            raise ConfigError("moe.bias_update_rate", "the aux-loss-free expert bias needs router 'sigmoid'")
         stage_ranks = p.tp * dp
         if stage_ranks % (p.ep * p.etp):
             raise ConfigError(
@@ -452,6 +482,14 @@ def check_consistency(cfg: JobConfig) -> None:
             raise ConfigError("moe.d_expert", f"{d_expert} is not divisible by parallel.etp={p.etp}")
         if moe.every > m.layers:
             raise ConfigError("moe.every", f"{moe.every} exceeds model.layers={m.layers}: no MoE block")
+        if moe.dispatch != "flat" and p.ep > 1:
+            from dist.topology import Layout, build_rank_grid
+
+            grid = build_rank_grid(Layout(tp=p.tp, pp=p.pp, dp=dp, ep=p.ep, etp=p.etp),
+                                   ranks_per_node=c.ranks_per_node)
+            if not grid.ep_is_uniform():
+                raise ConfigError("moe.dispatch", f"{moe.dispatch} needs the same number of ranks of every EP group "
+                                                  "on each node; use dispatch 'flat' for this layout")
 
     gbs = cfg.global_batch_size
     if gbs % (t.micro_batch_size * dp):

@@ -5,7 +5,7 @@ One optimizer step:
         forward (TP collectives inside the layers) -> loss / accum -> backward
         (on the last micro-batch, DP buckets all-reduce while backward runs)
     reducer.finish()                      wait for DP buckets, average
-    finalize_sequence_parallel_grads      TP-sum of SP norm-weight grads
+    finalize_tp_partial_grads      TP-sum of SP norm-weight grads
     clip_grad_norm                        one global norm across all groups
     AdamW step, LR schedule (linear warm-up, cosine decay to min_lr)
     log (console, TensorBoard), checkpoint every ``checkpoint.every`` steps
@@ -35,8 +35,9 @@ from launch.metrics import (
     measure_matmul_flops,
     peak_memory_bytes,
 )
-from parallel.data_parallel import GradReducer, clip_grad_norm, finalize_sequence_parallel_grads
-from parallel.model import Transformer, TransformerArgs
+from moe.layer import MoEArgs, MoEGroups, MoELayer
+from parallel.data_parallel import GradReducer, clip_grad_norm, finalize_tp_partial_grads
+from parallel.model import SwiGLU, Transformer, TransformerArgs
 
 __all__ = ["Trainer", "train", "TrainError"]
 
@@ -52,8 +53,6 @@ class InjectedFault(RuntimeError):
 
 
 def _unsupported(cfg: JobConfig) -> str | None:
-    if cfg.moe.num_experts > 0:
-        return "moe.num_experts > 0: the MoE layer is not in this build yet; set moe.num_experts=0"
     if cfg.parallel.pp > 1:
         return "parallel.pp > 1: pipeline parallelism is not in this build yet"
     if cfg.wtacrs.enabled:
@@ -101,12 +100,20 @@ class Trainer:
             layers=m.layers, d_model=m.d_model, heads=m.heads, kv_heads=cfg.kv_heads, d_ffn=cfg.d_ffn,
             vocab_size=m.vocab_size, seq_len=m.seq_len, attention=m.attention, tie_embeddings=m.tie_embeddings,
             dropout=m.dropout, norm_eps=m.norm_eps, rope_theta=m.rope_theta, seed=cfg.train.seed)
-        self.model = Transformer(self.args, tp_group=groups.tp if tp_size > 1 else None, sp=cfg.parallel.sp,
-                                 dtype=self.param_dtype).to(self.device)
+        tp_group = groups.tp if tp_size > 1 else None
+        self.model = Transformer(self.args, tp_group=tp_group, sp=cfg.parallel.sp, dtype=self.param_dtype,
+                                 ffn_factory=self._ffn_factory(tp_group)).to(self.device)
+        self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
+        for layer in self.moe_layers:
+            layer.router.streams = self.model.dropout  # layout-free per-token random numbers
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        dp = groups.size("dp")
-        self.replicas = {id(p): dp * (1 if getattr(p, "tp_sharded", False) else tp_size) for p in self.params}
-        self.reducer = GradReducer([(groups.dp, self.params)])
+        dp, edp = groups.size("dp"), groups.size("edp")
+        dense = [p for p in self.params if not getattr(p, "is_expert", False)]
+        experts = [p for p in self.params if getattr(p, "is_expert", False)]
+        self.replicas = {id(p): dp * (1 if getattr(p, "tp_sharded", False) else tp_size) for p in dense}
+        self.replicas.update({id(p): edp for p in experts})
+        # expert gradients already sum the tokens of the dp replicas in their EP group: sum over edp, / dp
+        self.reducer = GradReducer([(groups.dp, dense), (groups.edp, experts, dp)])
         opt_kwargs: dict[str, Any] = dict(lr=cfg.train.lr, betas=(cfg.train.optimizer.beta1, cfg.train.optimizer.beta2),
                                           eps=cfg.train.optimizer.eps, weight_decay=cfg.train.optimizer.weight_decay)
         self.optimizer = self._make_optimizer(opt_kwargs)
@@ -130,6 +137,36 @@ class Trainer:
             self.writer = SummaryWriter(cfg.logging.tensorboard_dir)
 
     # ------------------------------------------------------------------ set-up helpers
+    def _ffn_factory(self, tp_group):
+        cfg = self.cfg
+        moe = cfg.moe
+        if moe.num_experts == 0:
+            return None
+        m = cfg.model
+        groups = MoEGroups.from_parallel(self.groups)
+        d_expert = moe.d_expert or cfg.d_ffn
+        margs = MoEArgs(num_experts=moe.num_experts, topk=moe.topk, d_model=m.d_model, d_expert=d_expert,
+                        router=moe.router, capacity_factor=moe.capacity_factor, drop_policy=moe.drop_policy,
+                        dispatch=moe.dispatch, activation=moe.activation, shared_experts=moe.shared_experts,
+                        aux_loss_coef=moe.aux_loss_coef, seq_aux_loss_coef=moe.seq_aux_loss_coef,
+                        z_loss_coef=moe.z_loss_coef, n_groups=moe.n_groups, topk_groups=moe.topk_groups,
+                        bias_update_rate=moe.bias_update_rate, xmoe_dim=moe.xmoe_dim,
+                        slots_per_expert=moe.slots_per_expert, seed=cfg.train.seed, num_layers=m.layers)
+
+        def build(layer: int):
+            if (layer + 1) % moe.every:
+                return SwiGLU(m.d_model, cfg.d_ffn, m.layers, layer, tp_group=tp_group, sp=cfg.parallel.sp,
+                              seed=cfg.train.seed, dtype=self.param_dtype)
+
+            def shared():
+                return SwiGLU(m.d_model, moe.shared_experts * d_expert, m.layers, layer, tp_group=tp_group,
+                              sp=cfg.parallel.sp, seed=cfg.train.seed, dtype=self.param_dtype,
+                              name=f"layers.{layer}.moe.shared")
+
+            return MoELayer(margs, layer, groups, sp=cfg.parallel.sp, dtype=self.param_dtype, shared_factory=shared)
+
+        return build
+
     def _make_optimizer(self, kwargs: dict) -> torch.optim.Optimizer:
         import importlib.util
 
@@ -222,6 +259,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         accum = self.data.micro_batches
+        for layer in self.moe_layers:
+            layer.aux_scale = 1.0 / accum
+        moe_stats: list[dict] = []
         total = torch.zeros((), dtype=torch.float64)
         for micro in range(accum):
             tokens, targets, ids = self.data.micro_batch_tensors(step, micro)
@@ -234,18 +274,40 @@ class Trainer:
                     loss = self.model(tokens, targets) / accum
                 loss.backward()
             total += loss.detach().to(torch.float64).cpu()
+            moe_stats.append({layer.layer: layer.last_stats for layer in self.moe_layers})
         with record_function("dp_grad_reduce"):
             self.reducer.finish()
             tp = self.groups.tp if self.groups.size("tp") > 1 else None
-            finalize_sequence_parallel_grads(self.params, tp)
+            finalize_tp_partial_grads(self.params, tp)
         with record_function("clip_and_step"):
             gnorm = clip_grad_norm(self.params, cfg.train.grad_clip, self.replicas)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            for layer in self.moe_layers:
+                if hasattr(layer.router, "update_bias"):
+                    layer.router.update_bias(self.groups.dp if self.groups.size("dp") > 1 else None)
         dist.all_reduce(total, group=self.groups.dp)
         loss_value = float(total.item()) / self.groups.size("dp")
         self.step += 1
-        return {"loss": loss_value, "grad_norm": gnorm, "lr": lr_at(step, cfg)}
+        return {"loss": loss_value, "grad_norm": gnorm, "lr": lr_at(step, cfg), **self._moe_metrics(moe_stats)}
+
+    def _moe_metrics(self, per_micro: list[dict]) -> dict[str, float]:
+        """Expert load per MoE layer over this rank's micro-batches: dropped fraction, load CV, aux losses."""
+        out: dict[str, float] = {}
+        for layer in self.moe_layers:
+            stats = [m[layer.layer] for m in per_micro if layer.layer in m]
+            if not stats:
+                continue
+            load = torch.stack([s["tokens_per_expert"].to(torch.float64).cpu() for s in stats]).sum(0)
+            assigned = sum(s["assignments"] for s in stats)
+            key = f"moe/layer{layer.layer}"
+            out[f"{key}/dropped_frac"] = sum(s["dropped"] for s in stats) / max(assigned, 1)
+            out[f"{key}/load_cv"] = float(load.std(unbiased=False) / load.mean().clamp_min(1e-9))
+            out[f"{key}/load_max_over_mean"] = float(load.max() / load.mean().clamp_min(1e-9))
+            for name in ("aux_loss", "seq_aux_loss", "z_loss"):
+                if name in stats[0]:
+                    out[f"{key}/{name}"] = sum(s[name] for s in stats) / len(stats)
+        return out
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -262,6 +324,7 @@ class Trainer:
             step_times.append(dt)
             self.losses.append(out["loss"])
             self.grad_norms.append(out["grad_norm"])
+            self.last_metrics = out
             if not math.isfinite(out["loss"]):
                 raise TrainError(f"loss became {out['loss']} at step {self.step - 1}")
             self._log(out, dt, tokens_per_step)
@@ -282,6 +345,7 @@ class Trainer:
             "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep, "dp": cfg.dp},
             "restarts": 0,
             "grad_norms": self.grad_norms,
+            "moe": {k: v for k, v in getattr(self, "last_metrics", {}).items() if k.startswith("moe/")},
             "resumed_from": self.resumed_from,
             "steps_run": self.step - start_step,
             "elapsed_s": elapsed,
@@ -302,6 +366,9 @@ class Trainer:
                          ("tokens_per_s", tps), ("tflops_per_rank", tflops), ("mfu", mfu),
                          ("peak_memory_mib", mem / 2**20)):
                 self.writer.add_scalar(f"train/{k}", v, step)
+            for k, v in out.items():
+                if k.startswith("moe/"):
+                    self.writer.add_scalar(k, v, step)
         if self.is_logger and (step % self.cfg.logging.every == 0 or step == self.cfg.train.steps or step == 1):
             print(f"step {step:>5}/{self.cfg.train.steps} | loss {out['loss']:.4f} | lr {out['lr']:.2e} | "
                   f"gnorm {out['grad_norm']:.3f} | {tps:,.0f} tok/s | {tflops * 1e3:.2f} GFLOP/s/rank | "

@@ -19,14 +19,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["GradReducer", "finalize_sequence_parallel_grads", "clip_grad_norm", "grad_norm_sq_local"]
+__all__ = ["GradReducer", "finalize_tp_partial_grads", "clip_grad_norm", "grad_norm_sq_local"]
 
 
 @dataclass
 class _Bucket:
     params: list[nn.Parameter]
     group: object
-    size: int
+    size: int  # the divisor applied after the sum
     ready: int = 0
     flat: torch.Tensor | None = None
     work: object | None = None
@@ -37,17 +37,27 @@ class _Bucket:
 class GradReducer:
     """Bucketed, overlapped all-reduce (average) of gradients over per-parameter-group process groups."""
 
-    def __init__(self, param_groups: Iterable[tuple[object, list[nn.Parameter]]], *,
-                 bucket_bytes: int = 8 * 1024 * 1024, overlap: bool = True):
+    def __init__(self, param_groups: Iterable[tuple], *, bucket_bytes: int = 8 * 1024 * 1024,
+                 overlap: bool = True):
+        """``param_groups``: ``(group, params)`` or ``(group, params, divisor)``; the reduced sum is divided
+        by ``divisor`` (default: the group size). Expert parameters use their expert-data-parallel group
+        with divisor dp, since their gradients already sum the tokens of several data-parallel replicas."""
         self.buckets: list[_Bucket] = []
         self._bucket_of: dict[int, _Bucket] = {}
         self._sync = True
         self.overlap = overlap
         self._hooks = []
-        for group, params in param_groups:
+        self._scale_only: list[tuple[list[nn.Parameter], int]] = []
+        for entry in param_groups:
+            group, params = entry[0], entry[1]
             size = 1 if group is None else dist.get_world_size(group)
+            divisor = entry[2] if len(entry) > 2 else size
             params = [p for p in params if p.requires_grad]
-            if size == 1 or not params:
+            if not params:
+                continue
+            if size == 1:
+                if divisor != 1:
+                    self._scale_only.append((params, divisor))
                 continue
             current: list[nn.Parameter] = []
             nbytes = 0
@@ -55,16 +65,16 @@ class GradReducer:
                 current.append(p)
                 nbytes += p.numel() * p.element_size()
                 if nbytes >= bucket_bytes:
-                    self._add_bucket(current, group, size)
+                    self._add_bucket(current, group, divisor)
                     current, nbytes = [], 0
             if current:
-                self._add_bucket(current, group, size)
+                self._add_bucket(current, group, divisor)
         for b in self.buckets:
             for p in b.params:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
 
-    def _add_bucket(self, params: list[nn.Parameter], group, size: int) -> None:
-        b = _Bucket(params=list(params), group=group, size=size)
+    def _add_bucket(self, params: list[nn.Parameter], group, divisor: int) -> None:
+        b = _Bucket(params=list(params), group=group, size=divisor)
         self.buckets.append(b)
         for p in params:
             self._bucket_of[id(p)] = b
@@ -97,6 +107,10 @@ class GradReducer:
 
     def finish(self) -> None:
         """Launch what backward did not (unused parameters, overlap off), wait, average, write back."""
+        for params, divisor in self._scale_only:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(divisor)
         for b in self.buckets:
             if not b.launched:
                 self._launch(b)
@@ -121,11 +135,11 @@ class GradReducer:
         self._hooks.clear()
 
 
-def finalize_sequence_parallel_grads(params: Iterable[nn.Parameter], tp_group) -> None:
-    """Sum over TP the gradients of parameters that are replicated but saw different tokens (SP norms)."""
+def finalize_tp_partial_grads(params: Iterable[nn.Parameter], tp_group) -> None:
+    """Sum over TP the gradients of replicated parameters whose per-rank gradient is partial (SP norms, routers)."""
     if tp_group is None or dist.get_world_size(tp_group) == 1:
         return
-    grads = [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    grads = [p.grad for p in params if getattr(p, "tp_partial_grad", False) and p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])

@@ -70,11 +70,11 @@ def gather_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def _mark(p: nn.Parameter, *, tp_sharded: bool, sequence_parallel: bool = False) -> nn.Parameter:
+def _mark(p: nn.Parameter, *, tp_sharded: bool) -> nn.Parameter:
     # tp_sharded: each TP rank holds a different slice (no TP reduction, counted once in norms).
-    # sequence_parallel: replicated over TP but fed different tokens per rank: grads need a TP all-reduce.
+    # (tp_partial_grad, set elsewhere: replicated over TP but each rank's gradient is a partial sum,
+    # e.g. SP norm weights and MoE routers; finalize_tp_partial_grads sums it over TP.)
     p.tp_sharded = tp_sharded
-    p.sequence_parallel = sequence_parallel
     return p
 
 

@@ -69,7 +69,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
         self.weight.tp_sharded = False
-        self.weight.sequence_parallel = sequence_parallel
+        self.weight.tp_partial_grad = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _APEX_RMSNORM and x.is_cuda:  # pragma: no cover - needs NVIDIA apex
@@ -90,6 +90,14 @@ class DropoutStream:
 
     def set(self, step: int, sample_ids: Sequence[int]) -> None:
         self.step, self.sample_ids = step, list(sample_ids)
+
+    def uniform_per_token(self, site: str, seq_len: int, batch: int) -> torch.Tensor:
+        """One uniform per token of the full micro-batch, ``[s * b]`` in ``[s, b]`` order (stochastic routers)."""
+        from moe.routers import token_uniforms
+
+        if len(self.sample_ids) != batch:
+            raise RuntimeError(f"step streams have {len(self.sample_ids)} sample ids for a batch of {batch}")
+        return token_uniforms(self.seed, site, self.step, self.sample_ids, seq_len)
 
     def __call__(self, x_SBD: torch.Tensor, site: str) -> torch.Tensor:
         if self.p == 0.0 or not torch.is_grad_enabled():
@@ -245,6 +253,8 @@ class Transformer(nn.Module):
                 key = f"{mod_name}.{p_name}" if mod_name else p_name
                 if key == "head.weight":
                     out[key] = gather_dim(t, 0, self.tp_group)[: self.args.vocab_size]
+                elif hasattr(mod, "ep_group"):  # grouped experts: [E, ...] over ep (and etp)
+                    out[key] = mod.full(t, p_name, mod.ep_group)
                 elif hasattr(mod, "full"):
                     out[key] = mod.full(t)
                 else:

@@ -1,0 +1,172 @@
+"""Dispatch and combine: move expert-sorted rows to the ranks that own the experts, and back.
+
+Every algorithm compiles to a :class:`Plan`, a list of steps (uneven all-to-all in a group, or a local
+row permutation) computed from the count matrix ``C[src, e]`` (rows that EP member ``src`` sends to
+global expert ``e``), which one all-gather of per-expert counts gives every member. ``dispatch`` runs
+the steps forward; ``combine`` runs them backward with splits swapped and permutations inverted.
+All three algorithms deliver byte-identical receive buffers: rows ordered by (source member, local
+expert), each segment in the sender's order.
+
+- ``flat``: one all-to-all in the EP group.
+- ``hier2d`` (Tutel's 2D): regroup rows by destination local index, all-to-all inside the node
+  (``ep_intra``), regroup by destination node, all-to-all among same-local-index peers (``ep_inter``).
+  Needs the same number of EP members on every node.
+- ``hier1d``: gather everything to the node leader (``ep_intra``), exchange among leaders
+  (``ep_inter`` of local index 0), scatter from the leader.
+
+Members of an EP group are its ranks in ascending order, which is node-major (ranks of a node are
+contiguous), so member m lives on node m // L at local index m % L.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["all_to_all", "Plan", "build_plan", "exchange_counts", "segments_perm", "DISPATCHERS"]
+
+DISPATCHERS = ("flat", "hier2d", "hier1d")
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, send: list[int], recv: list[int], group):
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        out = g.new_empty((sum(ctx.send), *g.shape[1:]))
+        dist.all_to_all_single(out, g.contiguous(), output_split_sizes=ctx.send, input_split_sizes=ctx.recv,
+                               group=ctx.group)
+        return out, None, None, None
+
+
+def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    """Uneven all-to-all with autograd (backward is the same exchange reversed)."""
+    if len(send) != dist.get_world_size(group) or len(recv) != len(send):
+        raise ValueError(f"split lists of length {len(send)}/{len(recv)} for a group of {dist.get_world_size(group)}")
+    if sum(send) != x.shape[0]:
+        raise ValueError(f"send splits sum to {sum(send)} but the buffer has {x.shape[0]} rows")
+    return _AllToAll.apply(x, list(send), list(recv), group)
+
+
+def exchange_counts(counts_E: torch.Tensor, group) -> torch.Tensor:
+    """``C[src, e]`` over the EP group from each member's per-expert send counts (one all-gather)."""
+    n = dist.get_world_size(group)
+    if n == 1:
+        return counts_E.view(1, -1).cpu()
+    out = [torch.empty_like(counts_E) for _ in range(n)]
+    dist.all_gather(out, counts_E.contiguous(), group=group)
+    return torch.stack(out).cpu()
+
+
+@dataclass
+class _Step:
+    kind: str  # "a2a" | "perm"
+    group: object = None
+    send: list[int] | None = None
+    recv: list[int] | None = None
+    index: torch.Tensor | None = None  # perm: out = x[index]
+
+
+def segments_perm(sizes: list[list[int]], order: list[tuple[int, int]]) -> torch.Tensor:
+    """Index that re-concatenates a buffer made of segments ``sizes[a][b]`` (a-major) in ``order``."""
+    starts, off = {}, 0
+    for a, row in enumerate(sizes):
+        for b, n in enumerate(row):
+            starts[(a, b)] = (off, n)
+            off += n
+    parts = [torch.arange(starts[k][0], starts[k][0] + starts[k][1]) for k in order]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+class Plan:
+    """Steps that carry expert-sorted rows to their experts (``dispatch``) and back (``combine``)."""
+
+    def __init__(self, steps: list[_Step], recv_counts: torch.Tensor):
+        self.steps = steps
+        self.recv_counts = recv_counts  # [members, local experts]: rows received, by source and expert
+
+    def dispatch(self, x: torch.Tensor) -> torch.Tensor:
+        for st in self.steps:
+            if st.kind == "a2a":
+                x = all_to_all(x, st.send, st.recv, st.group)
+            else:
+                x = x.index_select(0, st.index.to(x.device))
+        return x
+
+    def combine(self, y: torch.Tensor) -> torch.Tensor:
+        for st in reversed(self.steps):
+            if st.kind == "a2a":
+                y = all_to_all(y, st.recv, st.send, st.group)
+            else:
+                inverse = torch.empty_like(st.index)
+                inverse[st.index] = torch.arange(st.index.numel())
+                y = y.index_select(0, inverse.to(y.device))
+        return y
+
+
+def build_plan(algo: str, counts: torch.Tensor, me: int, *, local_experts: int, ep_group, intra_group=None,
+               inter_group=None, ranks_per_node: int = 0) -> Plan:
+    """The plan for member ``me`` given ``counts[src, e]`` (all members' per-expert send counts)."""
+    n = counts.shape[0]
+    c = counts.view(n, n, local_experts).sum(-1).tolist()  # c[src][dst] rows
+    recv_counts = counts[:, me * local_experts:(me + 1) * local_experts]
+    if n == 1:
+        return Plan([], recv_counts)
+    if algo == "flat":
+        return Plan([_Step("a2a", ep_group, [c[me][d] for d in range(n)], [c[s][me] for s in range(n)])], recv_counts)
+    L = ranks_per_node
+    if L < 1 or n % L:
+        raise ValueError(f"{algo} needs the same number of EP members on every node ({n} members, {L} per node)")
+    N = n // L
+    a, i = divmod(me, L)
+
+    def m(node: int, local: int) -> int:
+        return node * L + local
+
+    if algo == "hier2d":
+        steps = [
+            # my rows are [dst node][dst local]; regroup to [dst local][dst node]
+            _Step("perm", index=segments_perm([[c[me][m(nn, j)] for j in range(L)] for nn in range(N)],
+                                               [(nn, j) for j in range(L) for nn in range(N)])),
+            _Step("a2a", intra_group, [sum(c[me][m(nn, j)] for nn in range(N)) for j in range(L)],
+                  [sum(c[m(a, s)][m(nn, i)] for nn in range(N)) for s in range(L)]),
+            # received [src local][dst node]; regroup to [dst node][src local]
+            _Step("perm", index=segments_perm([[c[m(a, s)][m(nn, i)] for nn in range(N)] for s in range(L)],
+                                               [(s, nn) for nn in range(N) for s in range(L)])),
+            _Step("a2a", inter_group, [sum(c[m(a, s)][m(nn, i)] for s in range(L)) for nn in range(N)],
+                  [sum(c[m(src_node, s)][me] for s in range(L)) for src_node in range(N)]),
+        ]
+        return Plan(steps, recv_counts)
+    if algo == "hier1d":
+        total_sent = [sum(c[m(a, s)]) for s in range(L)]  # what each local member sends to the leader
+        gather = _Step("a2a", intra_group, [sum(c[me]) if j == 0 else 0 for j in range(L)],
+                       total_sent if i == 0 else [0] * L)
+        scatter_recv = [sum(c[m(src_node, s)][me] for src_node in range(N) for s in range(L)) if j == 0 else 0
+                        for j in range(L)]
+        if i != 0:
+            scatter = _Step("a2a", intra_group, [0] * L, scatter_recv)
+            return Plan([gather, scatter], recv_counts)
+        # leader: buffer is [src local][dst member]; regroup to [dst node][src local][dst local]
+        to_nodes = _Step("perm", index=segments_perm([[c[m(a, s)][d] for d in range(n)] for s in range(L)],
+                                                      [(s, m(nn, j)) for nn in range(N) for s in range(L)
+                                                       for j in range(L)]))
+        exchange = _Step("a2a", inter_group,
+                         [sum(c[m(a, s)][m(nn, j)] for s in range(L) for j in range(L)) for nn in range(N)],
+                         [sum(c[m(src_node, s)][m(a, j)] for s in range(L) for j in range(L))
+                          for src_node in range(N)])
+        # received [src node][src local][dst local]; regroup to [dst local][src node][src local]
+        sizes = [[c[m(src_node, s)][m(a, j)] for s in range(L) for j in range(L)] for src_node in range(N)]
+        to_locals = _Step("perm", index=segments_perm(sizes, [(src_node, s * L + j) for j in range(L)
+                                                               for src_node in range(N) for s in range(L)]))
+        scatter = _Step("a2a", intra_group,
+                        [sum(c[m(src_node, s)][m(a, j)] for src_node in range(N) for s in range(L)) for j in range(L)],
+                        scatter_recv)
+        return Plan([gather, to_nodes, exchange, to_locals, scatter], recv_counts)
+    raise ValueError(f"unknown dispatch algorithm {algo!r}; known: {', '.join(DISPATCHERS)}")

@@ -1,0 +1,221 @@
+"""The MoE layer: gate -> order -> dispatch -> experts -> combine -> inverse order (FSMoE's stages).
+
+Each stage is a small ``nn.Module``, so ``register_forward_pre_hook`` / ``register_forward_hook`` on
+``layer.gate``, ``layer.order``, ``layer.dispatch``, ``layer.experts``, ``layer.combine`` and
+``layer.unorder`` time or wrap it, and a user can swap one for their own.
+
+Tensor parallelism. The layer routes the whole micro-batch on every TP rank (all-gathered from the
+sequence shards with SP, as a column-parallel layer does) so routing, capacity and the aux losses are
+exactly those of one process. Each TP rank then computes only the assignments of its own token chunk
+(its slot chunk for Soft MoE), so no expert work is duplicated; the partial outputs are summed over
+TP (reduce-scatter to the sequence shards with SP, all-reduce without). Router weights therefore get
+partial gradients on each TP rank (``tp_partial_grad``), and the aux loss, computed identically on all
+TP ranks, enters the backward with weight 1/tp.
+
+Expert parallelism. Experts ``[ep_rank * E/ep, (ep_rank + 1) * E/ep)`` live on this rank; rows travel
+with the dispatch plan of ``moe.dispatch`` (flat, hier2d or hier1d), exactly the counts each rank
+needs (dropless sends no padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe.dispatch import build_plan, exchange_counts, segments_perm
+from moe.experts import GroupedExperts
+from moe.routers import RouterConfig, Routing, build_router
+from parallel.layers import tp_rank_size
+from parallel.mappings import copy_to_tp, gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
+
+__all__ = ["MoEArgs", "MoEGroups", "MoELayer"]
+
+
+@dataclass(frozen=True)
+class MoEArgs:
+    num_experts: int
+    topk: int
+    d_model: int
+    d_expert: int
+    router: str = "topk"
+    capacity_factor: float | None = None
+    drop_policy: str = "probs"
+    dispatch: str = "flat"
+    activation: str = "swiglu"
+    shared_experts: int = 0
+    aux_loss_coef: float = 0.0
+    seq_aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    n_groups: int = 1
+    topk_groups: int | None = None
+    bias_update_rate: float = 0.0
+    xmoe_dim: int = 16
+    slots_per_expert: int = 1
+    seed: int = 0
+    num_layers: int = 1
+
+
+@dataclass
+class MoEGroups:
+    """The process groups the layer needs; None means a single rank."""
+
+    tp: object = None
+    ep: object = None
+    ep_intra: object = None
+    ep_inter: object = None
+    etp: object = None
+
+    @staticmethod
+    def from_parallel(groups) -> MoEGroups:
+        def g(name):
+            return groups.groups[name] if groups.size(name) > 1 else None
+
+        return MoEGroups(tp=g("tp"), ep=g("ep"), ep_intra=g("ep_intra"), ep_inter=g("ep_inter"), etp=g("etp"))
+
+
+class _AuxLoss(torch.autograd.Function):
+    """Identity on ``out`` whose backward also gives ``aux`` the gradient ``scale``."""
+
+    @staticmethod
+    def forward(ctx, out, aux, scale: float):
+        ctx.scale = scale
+        ctx.aux_shape = aux.shape
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, g.new_full(ctx.aux_shape, ctx.scale), None
+
+
+class Gate(nn.Module):
+    def __init__(self, router: nn.Module):
+        super().__init__()
+        self.router = router
+
+    def forward(self, x_TD: torch.Tensor, batch: int) -> Routing:
+        return self.router(x_TD, batch)
+
+
+class Order(nn.Module):
+    """Sort assignment rows by global expert (= by destination rank, then local expert)."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+
+    def forward(self, rows_AD: torch.Tensor, expert_A: torch.Tensor):
+        perm = torch.argsort(expert_A, stable=True)
+        counts_E = torch.bincount(expert_A, minlength=self.num_experts)
+        return rows_AD.index_select(0, perm), counts_E, perm
+
+
+class Dispatch(nn.Module):
+    """Exchange counts, build the plan, send rows to their experts' ranks."""
+
+    def __init__(self, algo: str, groups: MoEGroups, local_experts: int):
+        super().__init__()
+        self.algo, self.groups, self.local_experts = algo, groups, local_experts
+        self.me = 0 if groups.ep is None else dist.get_rank(groups.ep)
+        self.per_node = 1 if groups.ep_intra is None else dist.get_world_size(groups.ep_intra)
+
+    def forward(self, rows_sorted: torch.Tensor, counts_E: torch.Tensor):
+        counts = exchange_counts(counts_E, self.groups.ep) if self.groups.ep is not None else counts_E.view(1, -1).cpu()
+        plan = build_plan(self.algo, counts, self.me, local_experts=self.local_experts, ep_group=self.groups.ep,
+                          intra_group=self.groups.ep_intra, inter_group=self.groups.ep_inter,
+                          ranks_per_node=self.per_node)
+        return plan.dispatch(rows_sorted), plan
+
+
+class ExpertStage(nn.Module):
+    """Regroup received rows from (source, expert) to (expert, source) order, run the experts, regroup back."""
+
+    def __init__(self, experts: GroupedExperts):
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, recv: torch.Tensor, plan) -> torch.Tensor:
+        rc = plan.recv_counts.tolist()  # [source][local expert]
+        n_src, n_loc = len(rc), self.experts.num_local
+        by_expert = segments_perm(rc, [(s, e) for e in range(n_loc) for s in range(n_src)])
+        y = self.experts(recv.index_select(0, by_expert), [sum(rc[s][e] for s in range(n_src)) for e in range(n_loc)])
+        back = torch.empty_like(by_expert)
+        back[by_expert] = torch.arange(by_expert.numel())
+        return y.index_select(0, back)
+
+
+class Combine(nn.Module):
+    def forward(self, y_recv: torch.Tensor, plan) -> torch.Tensor:
+        return plan.combine(y_recv)
+
+
+class InverseOrder(nn.Module):
+    """Undo the expert sort and sum each token's expert outputs with their gate weights."""
+
+    def forward(self, y_sorted: torch.Tensor, perm: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return routing.combine(y_sorted.index_select(0, inverse), num_tokens)
+
+
+class MoELayer(nn.Module):
+    """Drop-in feed-forward: ``[s(/tp), b, d] -> [s(/tp), b, d]``."""
+
+    def __init__(self, args: MoEArgs, layer: int, groups: MoEGroups, *, sp: bool, dtype: torch.dtype,
+                 shared_factory=None):
+        super().__init__()
+        self.args, self.layer, self.groups = args, layer, groups
+        self.tp_rank, self.tp_size = tp_rank_size(groups.tp)
+        self.sp = sp and self.tp_size > 1
+        ep_size = 1 if groups.ep is None else dist.get_world_size(groups.ep)
+        ep_rank = 0 if groups.ep is None else dist.get_rank(groups.ep)
+        name = f"layers.{layer}.moe"
+        rcfg = RouterConfig(kind=args.router, num_experts=args.num_experts, topk=args.topk, d_model=args.d_model,
+                            capacity_factor=args.capacity_factor, drop_policy=args.drop_policy,
+                            aux_loss_coef=args.aux_loss_coef, seq_aux_loss_coef=args.seq_aux_loss_coef,
+                            z_loss_coef=args.z_loss_coef, n_groups=args.n_groups, topk_groups=args.topk_groups,
+                            bias_update_rate=args.bias_update_rate, xmoe_dim=args.xmoe_dim,
+                            slots_per_expert=args.slots_per_expert, seed=args.seed, name=f"{name}.router")
+        router = build_router(rcfg, dtype)
+        for p in router.parameters():
+            p.tp_partial_grad = self.tp_size > 1
+        self.gate = Gate(router)
+        self.order = Order(args.num_experts)
+        experts = GroupedExperts(args.num_experts, args.d_model, args.d_expert, ep_rank=ep_rank, ep_size=ep_size,
+                                 seed=args.seed, name=f"{name}.experts", activation=args.activation,
+                                 etp_group=groups.etp, dtype=dtype, num_layers=args.num_layers)
+        experts.ep_group = groups.ep
+        self.dispatch = Dispatch(args.dispatch, groups, experts.num_local)
+        self.experts = ExpertStage(experts)
+        self.combine = Combine()
+        self.unorder = InverseOrder()
+        self.shared = shared_factory() if (shared_factory and args.shared_experts) else None
+        self.aux_scale = 1.0  # the trainer sets 1/accum so aux losses weigh like the main loss
+        self.last_stats: dict = {}
+
+    @property
+    def router(self) -> nn.Module:
+        return self.gate.router
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tp = self.groups.tp
+        x_full = gather_from_sp(x, tp) if self.sp else copy_to_tp(x, tp)
+        s, b, d = x_full.shape
+        T = s * b
+        x_TD = x_full.reshape(T, d)
+        routing = self.gate(x_TD, b)
+        mine = routing.subset(self.tp_rank, self.tp_size)
+        rows_sorted, counts_E, perm = self.order(mine.rows(x_TD), mine.expert_A)
+        recv, plan = self.dispatch(rows_sorted, counts_E)
+        y_recv = self.experts(recv, plan)
+        y_sorted = self.combine(y_recv, plan)
+        out = self.unorder(y_sorted, perm, mine, T).view(s, b, d)
+        out = reduce_scatter_to_sp(out, tp) if self.sp else reduce_from_tp(out, tp)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        if routing.aux_loss.requires_grad and torch.is_grad_enabled():
+            out = _AuxLoss.apply(out, routing.aux_loss, self.aux_scale / self.tp_size)
+        self.last_stats = routing.stats
+        return out

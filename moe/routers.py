@@ -1,0 +1,444 @@
+"""Routers (the gate stage): which expert gets which token, with what weight.
+
+A router sees the whole routing group (all ``T`` tokens of one micro-batch, in ``[s, b]`` seq-major
+order) and returns a :class:`Routing`: a list of ``A`` assignments (row of the input, global expert
+id, combine weight) plus its auxiliary losses. Definitions (``probs`` are float32, or float64 for
+float64 models):
+
+- ``topk`` (Mixtral): probs = softmax(logits); the k largest; gates = those probs renormalised to sum 1.
+- ``switch``: top-1 of softmax; gate = its prob (not renormalised).
+- ``gshard``: top-2 of softmax, gates renormalised over the two; GShard's second-expert policy keeps
+  the second choice only when ``2 * g2 > u`` with u ~ U(0,1) from the layout-free RNG stream
+  ``gshard/{step}/{sample}/{layer}`` (one value per token).
+- ``sigmoid`` (DeepSeek-V3): scores = sigmoid(logits); selection on ``scores + expert_bias`` (optionally
+  group-limited: the best ``topk_groups`` of ``n_groups`` groups by the sum of their top-2 scores);
+  gates = the un-biased scores of the chosen experts, normalised to sum 1 when k > 1. The bias is a
+  buffer updated after each step by ``rate * sign(mean_load - load)`` (aux-loss-free balancing); it
+  changes selection, never gate values.
+- ``xmoe`` (X-MoE): logits = cos(W_proj x, e_i) / tau in a ``xmoe_dim``-dimensional space with a
+  learnable temperature; then as ``topk``.
+- ``softmoe`` (Soft MoE): ``slots_per_expert`` slots per expert and sequence; slot inputs are softmax
+  over the sequence's tokens (per slot) of ``x Phi``; token outputs are softmax over slots (per token)
+  of the same logits times the slot outputs. Fully differentiable; no drops, no aux loss.
+- ``expert_choice``: probs = softmax over experts; each expert takes the C tokens with the highest
+  prob, C = ceil(T * k * cf / E) (cf = 1 when dropless is asked for); gate = prob.
+
+Capacity (token-choice routers, ``capacity_factor`` not None): C = ceil(T * k * cf / E) per expert per
+routing group. ``position`` keeps assignments in the order (choice rank, token index): all first
+choices before second choices (GShard/Tutel convention); ``probs`` keeps each expert's C assignments
+with the highest probability. Dropped assignments contribute nothing (no renormalisation).
+
+Losses (computed on pre-drop routing): load balancing ``E * sum_i f_i P_i`` with f_i the fraction of
+the T*k assignments that chose expert i and P_i the mean prob of i (1 under perfectly uniform
+routing); sequence-level, the same per sequence then averaged; z-loss ``mean(logsumexp(logits)^2)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.layers import init_normal, stream_seed
+
+__all__ = ["Routing", "SparseRouting", "SoftRouting", "RouterConfig", "build_router", "capacity_keep",
+           "capacity", "load_balancing_loss", "token_uniforms", "StaticStreams", "ROUTERS"]
+
+ROUTERS = ("gshard", "switch", "topk", "sigmoid", "xmoe", "softmoe", "expert_choice")
+
+
+def token_uniforms(seed: int, site: str, step: int, sample_ids, seq_len: int) -> torch.Tensor:
+    """``[seq_len * b]`` uniforms in ``[s, b]`` order, one stream per (site, step, sample): layout-free."""
+    cols = []
+    for sid in sample_ids:
+        gen = torch.Generator().manual_seed(stream_seed(seed, f"{site}/{step}/{sid}"))
+        cols.append(torch.rand(seq_len, generator=gen, dtype=torch.float64))
+    return torch.stack(cols, dim=1).reshape(-1)
+
+
+class TokenStreams(Protocol):
+    def uniform_per_token(self, site: str, seq_len: int, batch: int) -> torch.Tensor: ...
+
+
+class StaticStreams:
+    """Streams for a layer used outside a training loop: step 0, samples 0..b-1."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def uniform_per_token(self, site: str, seq_len: int, batch: int) -> torch.Tensor:
+        return token_uniforms(self.seed, site, 0, range(batch), seq_len)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    kind: str
+    num_experts: int
+    topk: int
+    d_model: int
+    capacity_factor: float | None = None
+    drop_policy: str = "probs"
+    aux_loss_coef: float = 0.0
+    seq_aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    n_groups: int = 1
+    topk_groups: int | None = None
+    bias_update_rate: float = 0.0
+    xmoe_dim: int = 16
+    slots_per_expert: int = 1
+    seed: int = 0
+    name: str = "router"
+
+
+class Routing:
+    """Assignments of one routing group; ``subset`` picks the part one TP rank computes."""
+
+    expert_A: torch.Tensor
+    aux_loss: torch.Tensor
+    stats: dict
+
+    def rows(self, x_TD: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def combine(self, y_AD: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def subset(self, part: int, parts: int) -> Routing:
+        raise NotImplementedError
+
+
+@dataclass
+class SparseRouting(Routing):
+    token_A: torch.Tensor
+    expert_A: torch.Tensor
+    gate_A: torch.Tensor
+    aux_loss: torch.Tensor
+    stats: dict = field(default_factory=dict)
+
+    def rows(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return x_TD.index_select(0, self.token_A)
+
+    def combine(self, y_AD: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        out = y_AD.new_zeros(num_tokens, y_AD.shape[-1])
+        return out.index_add(0, self.token_A, y_AD * self.gate_A.to(y_AD.dtype).unsqueeze(-1))
+
+    def subset(self, part: int, parts: int) -> SparseRouting:
+        """Assignments of the tokens in contiguous token chunk ``part`` of ``parts``."""
+        if parts == 1:
+            return self
+        num_tokens = self.stats["num_tokens"]
+        lo, hi = num_tokens * part // parts, num_tokens * (part + 1) // parts
+        keep = (self.token_A >= lo) & (self.token_A < hi)
+        idx = keep.nonzero().squeeze(-1)
+        return SparseRouting(self.token_A[idx], self.expert_A[idx], self.gate_A[idx], self.aux_loss, self.stats)
+
+
+@dataclass
+class SoftRouting(Routing):
+    rows_AD: torch.Tensor  # slot inputs, already mixed from the tokens
+    expert_A: torch.Tensor
+    combine_TA: torch.Tensor  # per token, softmax over the slots of its sequence (zeros elsewhere)
+    aux_loss: torch.Tensor
+    stats: dict = field(default_factory=dict)
+
+    def rows(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.rows_AD
+
+    def combine(self, y_AD: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        return self.combine_TA.to(y_AD.dtype) @ y_AD
+
+    def subset(self, part: int, parts: int) -> SoftRouting:
+        if parts == 1:
+            return self
+        n = self.rows_AD.shape[0]
+        lo, hi = n * part // parts, n * (part + 1) // parts
+        return SoftRouting(self.rows_AD[lo:hi], self.expert_A[lo:hi], self.combine_TA[:, lo:hi], self.aux_loss,
+                           self.stats)
+
+
+# ------------------------------------------------------------------------------ capacity
+def capacity(num_tokens: int, k: int, num_experts: int, factor: float) -> int:
+    return max(1, math.ceil(num_tokens * k * factor / num_experts))
+
+
+def capacity_keep(expert_TK: torch.Tensor, prob_TK: torch.Tensor, cap: int, policy: str) -> torch.Tensor:
+    """Boolean ``[T, k]``: which assignments fit into their expert's capacity ``cap``."""
+    T, K = expert_TK.shape
+    # candidate order: choice-major ([k, T] flattened) for "position"; by descending prob for "probs"
+    e_flat = expert_TK.t().reshape(-1)
+    order = torch.arange(T * K, device=expert_TK.device)
+    if policy == "probs":
+        p_flat = prob_TK.t().reshape(-1)
+        order = torch.argsort(-p_flat, stable=True)
+    elif policy != "position":
+        raise ValueError(f"unknown drop policy {policy!r}")
+    e_sorted = e_flat[order]
+    by_expert = torch.argsort(e_sorted, stable=True)  # groups by expert, keeps the priority order inside
+    grouped = e_sorted[by_expert]
+    starts = torch.searchsorted(grouped, grouped, right=False)
+    rank_in_expert = torch.arange(T * K, device=expert_TK.device) - starts
+    keep_flat = torch.zeros(T * K, dtype=torch.bool, device=expert_TK.device)
+    keep_flat[order[by_expert]] = rank_in_expert < cap
+    return keep_flat.view(K, T).t()
+
+
+# ------------------------------------------------------------------------------ losses
+def load_balancing_loss(prob_TE: torch.Tensor, expert_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch/GShard: E * sum_i f_i * P_i (f from the pre-drop choices, P the mean probability)."""
+    counts = torch.bincount(expert_TK.reshape(-1), minlength=num_experts).to(prob_TE.dtype)
+    f = counts / expert_TK.numel()
+    return num_experts * (f * prob_TE.mean(dim=0)).sum()
+
+
+def seq_load_balancing_loss(prob_TE: torch.Tensor, expert_TK: torch.Tensor, num_experts: int,
+                            batch: int) -> torch.Tensor:
+    """The load-balancing loss per sequence (tokens t with t % batch == j), averaged over sequences."""
+    T = prob_TE.shape[0]
+    seq = torch.arange(T, device=prob_TE.device) % batch
+    losses = [load_balancing_loss(prob_TE[seq == j], expert_TK[seq == j], num_experts) for j in range(batch)]
+    return torch.stack(losses).mean()
+
+
+def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+
+
+# ------------------------------------------------------------------------------ routers
+class Router(nn.Module):
+    """Base: a linear gate ``[E, D]`` in the router dtype; subclasses choose and weigh experts."""
+
+    def __init__(self, cfg: RouterConfig, dtype: torch.dtype):
+        super().__init__()
+        self.cfg = cfg
+        self.dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.weight = nn.Parameter(init_normal((cfg.num_experts, cfg.d_model), 1.0 / math.sqrt(cfg.d_model),
+                                               cfg.seed, f"{cfg.name}.weight").to(self.dtype))
+        self.weight.tp_sharded = False
+        # per-token random numbers for stochastic routers; the model replaces this with its step streams
+        self.streams: TokenStreams = StaticStreams(cfg.seed)
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return x_TD.to(self.dtype) @ self.weight.t()
+
+    def _stats(self, T: int, expert_TK: torch.Tensor, kept: torch.Tensor | None, valid=None) -> dict:
+        E = self.cfg.num_experts
+        chosen = expert_TK.reshape(-1) if valid is None else expert_TK[valid]
+        counts = torch.bincount(chosen, minlength=E)
+        dropped = 0 if kept is None else int(chosen.numel() - int(kept.sum()))
+        return {"num_tokens": T, "tokens_per_expert": counts.detach(), "dropped": dropped,
+                "assignments": int(expert_TK.numel())}
+
+    def _losses(self, logits, prob_TE, expert_TK, batch) -> tuple[torch.Tensor, dict]:
+        c, E = self.cfg, self.cfg.num_experts
+        total = logits.new_zeros(())
+        values = {}
+        if c.aux_loss_coef:
+            aux = load_balancing_loss(prob_TE, expert_TK, E)
+            total = total + c.aux_loss_coef * aux
+            values["aux_loss"] = float(aux.detach())
+        if c.seq_aux_loss_coef:
+            seq = seq_load_balancing_loss(prob_TE, expert_TK, E, batch)
+            total = total + c.seq_aux_loss_coef * seq
+            values["seq_aux_loss"] = float(seq.detach())
+        if c.z_loss_coef:
+            z = z_loss(logits)
+            total = total + c.z_loss_coef * z
+            values["z_loss"] = float(z.detach())
+        return total, values
+
+    def _finish(self, T, expert_TK, gate_TK, prob_TE, logits, batch, valid_TK=None) -> SparseRouting:
+        """Apply capacity, flatten to assignments, attach losses and statistics.
+
+        ``valid_TK`` marks choices that exist at all (GShard's second-expert draw); invalid ones take no
+        capacity. Losses see the full pre-drop choices.
+        """
+        c, E = self.cfg, self.cfg.num_experts
+        keep = valid_TK
+        if c.capacity_factor is not None:
+            cap = capacity(T, expert_TK.shape[1], E, c.capacity_factor)
+            bucketed = expert_TK if valid_TK is None else expert_TK.masked_fill(~valid_TK, E)  # spare bucket
+            fits = capacity_keep(bucketed, prob_TE.gather(1, expert_TK), cap, c.drop_policy)
+            keep = fits if valid_TK is None else fits & valid_TK
+        aux, values = self._losses(logits, prob_TE, expert_TK, batch)
+        token_TK = torch.arange(T, device=expert_TK.device).unsqueeze(1).expand_as(expert_TK)
+        if keep is None:
+            token_A, expert_A, gate_A = token_TK.reshape(-1), expert_TK.reshape(-1), gate_TK.reshape(-1)
+        else:
+            token_A, expert_A, gate_A = token_TK[keep], expert_TK[keep], gate_TK[keep]
+        stats = self._stats(T, expert_TK, keep, valid_TK)
+        stats.update(values)
+        return SparseRouting(token_A, expert_A, gate_A, aux, stats)
+
+    def forward(self, x_TD: torch.Tensor, batch: int) -> Routing:
+        raise NotImplementedError
+
+
+class TopKRouter(Router):
+    """``topk`` (renormalised), ``switch`` (k=1, raw prob), ``xmoe`` (cosine logits) share this."""
+
+    def __init__(self, cfg: RouterConfig, dtype: torch.dtype, *, renormalize: bool = True, cosine: bool = False):
+        super().__init__(cfg, dtype)
+        self.renormalize = renormalize
+        self.cosine = cosine
+        if cosine:
+            d = cfg.xmoe_dim
+            self.proj = nn.Parameter(init_normal((d, cfg.d_model), 1.0 / math.sqrt(cfg.d_model), cfg.seed,
+                                                 f"{cfg.name}.proj").to(self.dtype))
+            self.weight = nn.Parameter(init_normal((cfg.num_experts, d), 1.0, cfg.seed,
+                                                   f"{cfg.name}.weight").to(self.dtype))
+            self.log_temp = nn.Parameter(torch.tensor(math.log(0.07), dtype=self.dtype))
+            for p in (self.proj, self.weight, self.log_temp):
+                p.tp_sharded = False
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if not self.cosine:
+            return super().logits(x_TD)
+        h = F.normalize(x_TD.to(self.dtype) @ self.proj.t(), dim=-1)
+        e = F.normalize(self.weight, dim=-1)
+        return (h @ e.t()) / self.log_temp.exp()
+
+    def forward(self, x_TD: torch.Tensor, batch: int) -> Routing:
+        logits = self.logits(x_TD)
+        prob = logits.softmax(dim=-1)
+        top_p, top_e = prob.topk(self.cfg.topk, dim=-1)
+        gates = top_p / top_p.sum(dim=-1, keepdim=True) if self.renormalize else top_p
+        return self._finish(x_TD.shape[0], top_e, gates, prob, logits, batch)
+
+
+class GShardRouter(Router):
+    def forward(self, x_TD: torch.Tensor, batch: int) -> Routing:
+        logits = self.logits(x_TD)
+        prob = logits.softmax(dim=-1)
+        top_p, top_e = prob.topk(2, dim=-1)
+        gates = top_p / top_p.sum(dim=-1, keepdim=True)
+        T = x_TD.shape[0]
+        u = self.streams.uniform_per_token(f"gshard/{self.cfg.name}", T // batch, batch).to(x_TD.device)
+        valid = torch.ones_like(top_e, dtype=torch.bool)
+        valid[:, 1] = 2 * gates[:, 1].detach() > u.to(gates.dtype)
+        return self._finish(T, top_e, gates, prob, logits, batch, valid_TK=valid)
+
+
+class SigmoidRouter(Router):
+    def __init__(self, cfg: RouterConfig, dtype: torch.dtype):
+        super().__init__(cfg, dtype)
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+        self.register_buffer("load", torch.zeros(cfg.num_experts, dtype=torch.float64), persistent=False)
+
+    def forward(self, x_TD: torch.Tensor, batch: int) -> Routing:
+        c = self.cfg
+        logits = self.logits(x_TD)
+        scores = logits.sigmoid()
+        biased = scores.detach() + self.expert_bias.to(scores.dtype)
+        if c.n_groups > 1:
+            T, E = biased.shape
+            grouped = biased.view(T, c.n_groups, E // c.n_groups)
+            group_score = grouped.topk(min(2, E // c.n_groups), dim=-1).values.sum(-1)
+            top_groups = group_score.topk(c.topk_groups or c.n_groups, dim=-1).indices
+            mask = torch.zeros(T, c.n_groups, dtype=torch.bool, device=x_TD.device)
+            mask.scatter_(1, top_groups, True)
+            biased = biased.masked_fill(~mask.repeat_interleave(E // c.n_groups, dim=1), float("-inf"))
+        top_e = biased.topk(c.topk, dim=-1).indices
+        top_s = scores.gather(1, top_e)
+        gates = top_s / top_s.sum(dim=-1, keepdim=True) if c.topk > 1 else top_s
+        prob = scores / scores.sum(dim=-1, keepdim=True)
+        if torch.is_grad_enabled():
+            self.load += torch.bincount(top_e.reshape(-1), minlength=c.num_experts).to(self.load.dtype)
+        return self._finish(x_TD.shape[0], top_e, gates, prob, logits, batch)
+
+    @torch.no_grad()
+    def update_bias(self, group=None) -> None:
+        """Aux-loss-free balancing: push the bias of under-loaded experts up, over-loaded down."""
+        if self.cfg.bias_update_rate == 0:
+            self.load.zero_()
+            return
+        load = self.load.clone()
+        if group is not None and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load, group=group)
+        self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load).to(self.expert_bias.dtype)
+        self.load.zero_()
+
+
+class ExpertChoiceRouter(Router):
+    def forward(self, x_TD: torch.Tensor, batch: int) -> Routing:
+        c = self.cfg
+        logits = self.logits(x_TD)
+        prob = logits.softmax(dim=-1)  # [T, E]
+        T = x_TD.shape[0]
+        cap = min(T, capacity(T, c.topk, c.num_experts, c.capacity_factor or 1.0))
+        gate_EC, token_EC = prob.t().topk(cap, dim=-1)  # each expert's best tokens
+        expert_EC = torch.arange(c.num_experts, device=x_TD.device).unsqueeze(1).expand_as(token_EC)
+        # token-major order, like the token-choice routers
+        order = torch.argsort(token_EC.reshape(-1) * c.num_experts + expert_EC.reshape(-1))
+        aux = logits.new_zeros(())
+        values = {}
+        if c.z_loss_coef:
+            z = z_loss(logits)
+            aux = c.z_loss_coef * z
+            values["z_loss"] = float(z.detach())
+        stats = {"num_tokens": T, "tokens_per_expert": torch.full((c.num_experts,), cap, device=x_TD.device),
+                 "dropped": 0, "assignments": c.num_experts * cap, **values}
+        return SparseRouting(token_EC.reshape(-1)[order], expert_EC.reshape(-1)[order], gate_EC.reshape(-1)[order],
+                             aux, stats)
+
+
+class SoftMoERouter(Router):
+    def __init__(self, cfg: RouterConfig, dtype: torch.dtype):
+        super().__init__(cfg, dtype)
+        n = cfg.num_experts * cfg.slots_per_expert
+        self.weight = nn.Parameter(init_normal((n, cfg.d_model), 1.0 / math.sqrt(cfg.d_model), cfg.seed,
+                                               f"{cfg.name}.weight").to(self.dtype))
+        self.weight.tp_sharded = False
+
+    def forward(self, x_TD: torch.Tensor, batch: int) -> Routing:
+        c = self.cfg
+        T, D = x_TD.shape
+        s = T // batch
+        logits = self.logits(x_TD)  # [T, n_slots]
+        n = logits.shape[1]
+        x_SBD = x_TD.view(s, batch, D)
+        lg = logits.view(s, batch, n)
+        dispatch = lg.softmax(dim=0)  # over the tokens of each sequence, per slot
+        combine = lg.softmax(dim=-1)  # over slots, per token
+        slots = torch.einsum("sbn,sbd->bnd", dispatch.to(x_TD.dtype), x_SBD)  # [b, n, D]
+        rows = slots.reshape(batch * n, D)
+        expert = (torch.arange(n, device=x_TD.device) // c.slots_per_expert).repeat(batch)
+        # token (s, j) combines only the slots of its own sequence j
+        combine_TA = x_TD.new_zeros(T, batch * n, dtype=combine.dtype)
+        cm = combine.reshape(T, n)
+        seq = torch.arange(T, device=x_TD.device) % batch
+        cols = seq.unsqueeze(1) * n + torch.arange(n, device=x_TD.device)
+        combine_TA = combine_TA.scatter(1, cols, cm)
+        aux = logits.new_zeros(())
+        values = {}
+        if c.z_loss_coef:
+            z = z_loss(logits)
+            aux = c.z_loss_coef * z
+            values["z_loss"] = float(z.detach())
+        stats = {"num_tokens": T, "dropped": 0, "assignments": batch * n,
+                 "tokens_per_expert": torch.bincount(expert, minlength=c.num_experts), **values}
+        return SoftRouting(rows, expert, combine_TA, aux, stats)
+
+
+def build_router(cfg: RouterConfig, dtype: torch.dtype) -> Router:
+    if cfg.kind == "topk":
+        return TopKRouter(cfg, dtype)
+    if cfg.kind == "switch":
+        return TopKRouter(RouterConfig(**{**cfg.__dict__, "topk": 1}), dtype, renormalize=False)
+    if cfg.kind == "xmoe":
+        return TopKRouter(cfg, dtype, cosine=True)
+    if cfg.kind == "gshard":
+        return GShardRouter(RouterConfig(**{**cfg.__dict__, "topk": 2}), dtype)
+    if cfg.kind == "sigmoid":
+        return SigmoidRouter(cfg, dtype)
+    if cfg.kind == "expert_choice":
+        return ExpertChoiceRouter(cfg, dtype)
+    if cfg.kind == "softmoe":
+        return SoftMoERouter(cfg, dtype)
+    raise ValueError(f"unknown router {cfg.kind!r}; known: {', '.join(ROUTERS)}")
+
+
+
