@@ -71,7 +71,9 @@ class GroupedExperts(nn.Module):
     def _grouped(self, x_RD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         outs = [self._ffn(seg, e) for e, seg in enumerate(x_RD.split(counts)) if seg.shape[0] > 0]
         if not outs:
-            return x_RD.new_zeros(0, self.w_down_EFD.shape[-1])
+            # No rows for any local expert. The result must still hang off the input's graph: the
+            # backward all-to-all that follows is collective, and every rank has to take part in it.
+            return x_RD.new_zeros(0, self.w_down_EFD.shape[-1]) + x_RD.sum() * 0
         return torch.cat(outs)
 
     def forward(self, x_RD: torch.Tensor, counts: list[int]) -> torch.Tensor:
