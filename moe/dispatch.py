@@ -89,7 +89,12 @@ class Plan:
     """Steps that carry expert-sorted rows to their experts (``dispatch``) and back (``combine``)."""
 
     def __init__(self, steps: list[_Step], recv_counts: torch.Tensor):
-        self.steps = steps
+        # an exchange within a single-member group (group None: e.g. the inter-node step of an EP group
+        # that lives on one node) moves nothing; None must never reach torch, where it means WORLD
+        for st in steps:
+            if st.kind == "a2a" and st.group is None:
+                assert len(st.send) == 1 and st.send == st.recv, "a2a without a group must be a no-op"
+        self.steps = [st for st in steps if not (st.kind == "a2a" and st.group is None)]
         self.recv_counts = recv_counts  # [members, local experts]: rows received, by source and expert
 
     def dispatch(self, x: torch.Tensor) -> torch.Tensor:

@@ -87,3 +87,28 @@ def test_keep_prunes_old_checkpoints(tmp_path):
     for step in range(1, 5):
         ck.save(step, {"step": step}, {})
     assert [p.name for p in ck.candidates()] == ["step_00000004", "step_00000003"]
+
+
+MOE = ["moe.num_experts=4", "parallel.ep=4", "moe.every=1", "moe.d_expert=16", "model.kv_heads=4"]
+
+
+def _expert_keys(overrides: list[str]) -> list[str]:
+    cfg = load_config(None, BASE + overrides + ["checkpoint.every=0"])
+    trainer = Trainer(cfg, setup_groups(cfg))
+    return sorted(k for k in trainer.model.state_dict() if ".experts." in k)
+
+
+def test_moe_checkpoints_store_experts_by_global_id_and_resume_exactly(ranks, tmp_path):
+    pool = ranks(4, 2)
+    keys = pool.run(_expert_keys, MOE)
+    # rank r of the EP group holds global expert r, in every MoE layer, under its global id
+    for rank, k in enumerate(keys):
+        assert k == sorted(f"layers.{layer}.ffn.experts.experts.{rank}.{p}" for layer in range(2)
+                           for p in ("w_down_EFD", "w_up_EDF"))
+    whole = pool.run(_fit, MOE + [f"checkpoint.dir={tmp_path / 'a'}"])[0]
+    run_b = MOE + [f"checkpoint.dir={tmp_path / 'b'}"]
+    with pytest.raises(RankFailure):
+        pool.run(_fit, run_b + ["fault.inject={rank: 2, step: 3, kind: exception}"])
+    resumed = pool.run(_fit, run_b)[0]
+    assert resumed["resumed_from"].endswith("step_00000002")
+    assert resumed["losses"] == whole["losses"]

@@ -62,6 +62,8 @@ def test_every_router_ep4_equals_single_process(ranks, case):
     (2, 2, 2, True, ("parallel.etp=2", "moe.capacity_factor=1.25")),  # expert TP
     (1, 8, 8, False, ("moe.dispatch=hier2d",)),
     (1, 8, 8, False, ("moe.dispatch=hier1d", "moe.router=gshard")),
+    (2, 4, 4, True, ("moe.dispatch=hier2d",)),             # each EP group inside one node: no inter step
+    (2, 4, 4, True, ("moe.dispatch=hier1d",)),
     (2, 4, 4, True, ("moe.router=softmoe",)),
     (2, 4, 4, True, ("moe.router=expert_choice", "moe.activation=gelu")),
 ])
