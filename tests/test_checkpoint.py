@@ -104,7 +104,7 @@ def test_moe_checkpoints_store_experts_by_global_id_and_resume_exactly(ranks, tm
     # rank r of the EP group holds global expert r, in every MoE layer, under its global id
     for rank, k in enumerate(keys):
         assert k == sorted(f"layers.{layer}.ffn.experts.experts.{rank}.{p}" for layer in range(2)
-                           for p in ("w_down_EFD", "w_up_EDF"))
+                           for p in ("w_down_EDF", "w_up_EFD"))
     whole = pool.run(_fit, MOE + [f"checkpoint.dir={tmp_path / 'a'}"])[0]
     run_b = MOE + [f"checkpoint.dir={tmp_path / 'b'}"]
     with pytest.raises(RankFailure):

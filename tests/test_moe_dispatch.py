@@ -116,7 +116,7 @@ def _layer_case(router: str, forced: str | None, k: int, capacity_factor, dispat
         ok[f"router {name}"] = p_ep.grad is None and p_ref.grad is None or torch.allclose(
             p_ep.grad, p_ref.grad, rtol=1e-11, atol=1e-12)
     local = ep_layer.experts.experts
-    for pname in ("w_up_EDF", "w_down_EFD"):
+    for pname in ("w_up_EFD", "w_down_EDF"):
         ref_grad = getattr(ref_layer.experts.experts, pname).grad
         ref_grad = torch.zeros_like(getattr(ref_layer.experts.experts, pname)) if ref_grad is None else ref_grad.clone()
         dist.all_reduce(ref_grad)  # every rank's tokens reach the experts under EP
@@ -146,3 +146,29 @@ def test_every_router_at_ep_world_equals_all_local(ranks, world):
 def test_degenerate_routings_do_not_crash_and_stay_exact(ranks, forced, k, cf, dispatch):
     for rank, ok in enumerate(ranks(4, 2).run(_layer_case, "topk", forced, k, cf, dispatch)):
         assert all(ok.values()), (rank, {k_: v for k_, v in ok.items() if not v})
+
+
+def test_grouped_mm_paths_agree_with_per_expert_matmuls():
+    from moe.experts import _SegmentedMM, grouped_mm
+
+    gen = torch.Generator().manual_seed(0)
+    counts = [3, 0, 5, 1, 0]
+    for dtype, d, f in ((torch.float64, 6, 4), (torch.float32, 6, 4), (torch.float32, 8, 12)):
+        x = torch.randn(9, d, generator=gen, dtype=dtype, requires_grad=True)
+        w = torch.randn(5, f, d, generator=gen, dtype=dtype, requires_grad=True)  # [E, out, in]
+        g = torch.randn(9, f, generator=gen, dtype=dtype)
+        ref = torch.cat([s @ w[e].t() for e, s in enumerate(x.split(counts))])
+        rgx, rgw = torch.autograd.grad(ref, (x, w), g)
+        for fn in (grouped_mm, lambda a, b, c: _SegmentedMM.apply(a, b, c)):
+            y = fn(x, w, counts)
+            gx, gw = torch.autograd.grad(y, (x, w), g)
+            tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(y, ref, **tol)
+            torch.testing.assert_close(gx, rgx, **tol)
+            torch.testing.assert_close(gw, rgw, **tol)
+    # an expanded incoming gradient (from .sum()) must work on every path
+    x = torch.randn(9, 8, dtype=torch.float32, requires_grad=True)
+    grouped_mm(x, torch.randn(5, 12, 8, requires_grad=True), counts).sum().backward()
+    assert x.grad is not None and x.grad.shape == (9, 8)
+    empty = torch.zeros(0, 8, dtype=torch.float64, requires_grad=True)
+    assert grouped_mm(empty, w.detach().double(), [0] * 5).grad_fn is not None

@@ -1,0 +1,120 @@
+"""MoE layer forward+backward: moetrain vs DeepSpeed-MoE, side by side on the same ranks and shapes.
+
+Both layers: GELU experts without bias (d -> d_ffn -> d), capacity factor 1.0 with positional drops
+(DeepSpeed: top-1 without random token selection, top-2 without second-expert sampling, so both
+route deterministically), fp32 gate, expert parallelism over every rank, gloo on CPU. Each timed
+iteration is forward, a scalar loss and backward; the time is the slowest rank's, median over
+iterations after warm-up. The compute floor is the expert FLOPs (forward + backward = 3 x
+4*T*k*d*d_ffn per rank) over a matmul rate measured on each rank in the same run.
+
+    DS_ACCELERATOR=cpu python benchmarks/moe_layer.py [--ranks 2] [--tokens 256] [--iters 5]
+
+Dropless is not compared: DeepSpeed-MoE with drop_tokens=False aborts on CPU/gloo with EP=2 (its ranks
+disagree on the padded capacity and the all-to-all sizes mismatch), see benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = [  # (d_model, experts, top-k)
+    (512, 8, 1), (512, 8, 2), (1024, 64, 1), (1024, 64, 2), (2048, 16, 1), (2048, 16, 2),
+]
+
+
+def _time(step, args: tuple, iters: int, warmup: int) -> float:
+    import torch
+    import torch.distributed as dist
+
+    times = []
+    for i in range(warmup + iters):
+        dist.barrier()
+        t0 = time.perf_counter()
+        step(*args)
+        t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if i >= warmup:
+            times.append(float(t))
+    return statistics.median(times)
+
+
+def _ds_step(layer, x):
+    xi = x.detach().requires_grad_()
+    out, aux, _ = layer(xi.transpose(0, 1))
+    (out.pow(2).mean() + 0.01 * aux).backward()
+    layer.zero_grad(set_to_none=True)
+
+
+def _our_step(layer, x):
+    xi = x.detach().requires_grad_()
+    layer(xi).pow(2).mean().backward()
+    layer.zero_grad(set_to_none=True)
+
+
+def _bench(shapes, tokens: int, iters: int, warmup: int, device: str) -> list[dict]:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from deepspeed.moe.layer import MoE as DSMoE
+
+    from launch.metrics import measure_matmul_flops
+    from moe.layer import MoEArgs, MoEGroups, MoELayer
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    rate = measure_matmul_flops(torch.float32, n=512, device=device)
+    results = []
+    for d, E, k in shapes:
+        f = d
+        torch.manual_seed(0)
+        expert = torch.nn.Sequential(torch.nn.Linear(d, f, bias=False), torch.nn.GELU(),
+                                     torch.nn.Linear(f, d, bias=False))
+        ds = DSMoE(hidden_size=d, expert=expert, num_experts=E, ep_size=world, k=k, capacity_factor=1.0,
+                   eval_capacity_factor=1.0, min_capacity=1, drop_tokens=True, use_rts=False,
+                   top2_2nd_expert_sampling=False).to(device)
+        ours = MoELayer(MoEArgs(num_experts=E, topk=k, d_model=d, d_expert=f, router="topk" if k > 1 else "switch",
+                                capacity_factor=1.0, drop_policy="position", activation="gelu",
+                                aux_loss_coef=0.01,
+                                seed=0), 0, MoEGroups(ep=dist.group.WORLD if world > 1 else None), sp=False,
+                        dtype=torch.float32).to(device)
+        x = torch.randn(tokens // 8, 8, d, generator=torch.Generator().manual_seed(rank)).to(device)
+        t_ds = _time(_ds_step, (ds, x), iters, warmup)
+        t_ours = _time(_our_step, (ours, x), iters, warmup)
+        flops = 3 * 4 * tokens * k * d * f
+        results.append({"d": d, "E": E, "k": k, "ds_ms": t_ds * 1e3, "ours_ms": t_ours * 1e3,
+                        "floor_ms": flops / rate * 1e3, "rate_gflops": rate / 1e9})
+        del ds, ours
+    return results if rank == 0 else []
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=256, help="tokens per rank")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args()
+    from launch.local import LocalRanks
+
+    with LocalRanks(args.ranks, timeout=3600, env={"DS_ACCELERATOR": "cpu"}) as pool:
+        res = pool.run(_bench, SHAPES, args.tokens, args.iters, args.warmup, "cpu")[0]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.ranks} gloo ranks x 1 thread; "
+          f"{args.tokens} tokens/rank; expert parallel over all ranks; capacity factor 1.0")
+    print(f"{'d_model':>7} {'experts':>7} {'k':>2} {'DeepSpeed ms':>13} {'moetrain ms':>12} {'speedup':>8} "
+          f"{'floor ms':>9} {'moetrain/floor':>15}")
+    for r in res:
+        print(f"{r['d']:>7} {r['E']:>7} {r['k']:>2} {r['ds_ms']:>13.1f} {r['ours_ms']:>12.1f} "
+              f"{r['ds_ms'] / r['ours_ms']:>7.2f}x {r['floor_ms']:>9.1f} {r['ours_ms'] / r['floor_ms']:>14.2f}x")
+    print(f"matmul rate per rank (512^3 fp32, measured): {res[0]['rate_gflops']:.1f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
