@@ -4,8 +4,9 @@ Both layers: GELU experts without bias (d -> d_ffn -> d), capacity factor 1.0 wi
 (DeepSpeed: top-1 without random token selection, top-2 without second-expert sampling, so both
 route deterministically), fp32 gate, expert parallelism over every rank, gloo on CPU. Each timed
 iteration is forward, a scalar loss and backward; the time is the slowest rank's, median over
-iterations after warm-up. The compute floor is the expert FLOPs (forward + backward = 3 x
-4*T*k*d*d_ffn per rank) over a matmul rate measured on each rank in the same run.
+iterations after warm-up, the two layers alternating iteration by iteration. The compute floor is
+the expert FLOPs (forward + backward = 3 x 4*T*k*d*d_ffn per rank) over a matmul rate measured on each
+rank in the same run.
 
     DS_ACCELERATOR=cpu python benchmarks/moe_layer.py [--ranks 2] [--tokens 256] [--iters 5]
 
@@ -30,20 +31,22 @@ SHAPES = [  # (d_model, experts, top-k)
 ]
 
 
-def _time(step, args: tuple, iters: int, warmup: int) -> float:
+def _time_interleaved(steps: list[tuple], iters: int, warmup: int) -> list[float]:
+    """Median time of each ``(fn, args)``, run alternately so machine drift hits all of them alike."""
     import torch
     import torch.distributed as dist
 
-    times = []
+    times: list[list[float]] = [[] for _ in steps]
     for i in range(warmup + iters):
-        dist.barrier()
-        t0 = time.perf_counter()
-        step(*args)
-        t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if i >= warmup:
-            times.append(float(t))
-    return statistics.median(times)
+        for j, (fn, args) in enumerate(steps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn(*args)
+            t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's time
+            if i >= warmup:
+                times[j].append(float(t))
+    return [statistics.median(t) for t in times]
 
 
 def _ds_step(layer, x):
@@ -86,8 +89,7 @@ def _bench(shapes, tokens: int, iters: int, warmup: int, device: str) -> list[di
                                 seed=0), 0, MoEGroups(ep=dist.group.WORLD if world > 1 else None), sp=False,
                         dtype=torch.float32).to(device)
         x = torch.randn(tokens // 8, 8, d, generator=torch.Generator().manual_seed(rank)).to(device)
-        t_ds = _time(_ds_step, (ds, x), iters, warmup)
-        t_ours = _time(_our_step, (ours, x), iters, warmup)
+        t_ds, t_ours = _time_interleaved([(_ds_step, (ds, x)), (_our_step, (ours, x))], iters, warmup)
         flops = 3 * 4 * tokens * k * d * f
         results.append({"d": d, "E": E, "k": k, "ds_ms": t_ds * 1e3, "ours_ms": t_ours * 1e3,
                         "floor_ms": flops / rate * 1e3, "rate_gflops": rate / 1e9})
