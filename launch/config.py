@@ -155,6 +155,9 @@ class WTACRSConfig(_Section):
     enabled: bool = False
     keep_ratio: float = Field(0.3, gt=0, le=1)
     layers: list[Literal["qkv", "attn_out", "mlp_up", "mlp_down"]] = ["attn_out", "mlp_up", "mlp_down"]
+    """mlp_up / mlp_down also cover MoE experts (sampled per expert) and shared experts."""
+    min_rows: int = Field(10, ge=1)
+    """Keep at least this many rows per estimate (k = max(floor(keep_ratio * n), min_rows), at most n)."""
 
 
 class DataConfig(_Section):
@@ -491,6 +494,13 @@ def check_consistency(cfg: JobConfig) -> None:
                 raise ConfigError("moe.dispatch", f"{moe.dispatch} needs the same number of ranks of every EP group "
                                                   "on each node; use dispatch 'flat' for this layout")
 
+    w = cfg.wtacrs
+    if w.enabled and moe.num_experts and ({"mlp_up", "mlp_down"} & set(w.layers)):
+        if p.etp > 1:
+            raise ConfigError("wtacrs.layers", "sampling the experts' projections with parallel.etp > 1 is not "
+                                               "supported; drop mlp_up/mlp_down or set parallel.etp=1")
+        if moe.router == "softmoe":
+            raise ConfigError("wtacrs.layers", "router 'softmoe' mixes tokens into slots: drop mlp_up/mlp_down")
     gbs = cfg.global_batch_size
     if gbs % (t.micro_batch_size * dp):
         raise ConfigError(

@@ -44,6 +44,32 @@ __all__ = ["Trainer", "train", "TrainError"]
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
+class SavedBytes:
+    """Bytes of the tensors autograd saves for backward inside this context (one micro-batch's
+    activations): storages counted once, parameters excluded."""
+
+    def __init__(self, params):
+        self._param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+        self._seen: set[int] = set()
+        self.nbytes = 0
+
+    def _pack(self, t: torch.Tensor):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in self._seen and ptr not in self._param_ptrs:
+            self._seen.add(ptr)
+            self.nbytes += st.nbytes()
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
 class TrainError(RuntimeError):
     """The job cannot train as configured (reported to the user without a traceback)."""
 
@@ -55,8 +81,6 @@ class InjectedFault(RuntimeError):
 def _unsupported(cfg: JobConfig) -> str | None:
     if cfg.parallel.pp > 1:
         return "parallel.pp > 1: pipeline parallelism is not in this build yet"
-    if cfg.wtacrs.enabled:
-        return "wtacrs.enabled: WTA-CRS sampling is not in this build yet"
     if cfg.train.optimizer.zero_stage > 0:
         return "train.optimizer.zero_stage > 0: ZeRO sharding is not in this build yet"
     if cfg.network.simulate:
@@ -99,11 +123,14 @@ class Trainer:
         self.args = TransformerArgs(
             layers=m.layers, d_model=m.d_model, heads=m.heads, kv_heads=cfg.kv_heads, d_ffn=cfg.d_ffn,
             vocab_size=m.vocab_size, seq_len=m.seq_len, attention=m.attention, tie_embeddings=m.tie_embeddings,
-            dropout=m.dropout, norm_eps=m.norm_eps, rope_theta=m.rope_theta, seed=cfg.train.seed)
+            dropout=m.dropout, norm_eps=m.norm_eps, rope_theta=m.rope_theta, seed=cfg.train.seed,
+            wtacrs_keep_ratio=cfg.wtacrs.keep_ratio if cfg.wtacrs.enabled else None,
+            wtacrs_layers=tuple(cfg.wtacrs.layers), wtacrs_min_rows=cfg.wtacrs.min_rows)
         tp_group = groups.tp if tp_size > 1 else None
         self.model = Transformer(self.args, tp_group=tp_group, sp=cfg.parallel.sp, dtype=self.param_dtype,
                                  ffn_factory=self._ffn_factory(tp_group)).to(self.device)
         self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
+        self.norm_caches = [m.norm_cache for m in self.model.modules() if hasattr(m, "norm_cache")]
         for layer in self.moe_layers:
             layer.router.streams = self.model.dropout  # layout-free per-token random numbers
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -269,10 +296,13 @@ class Trainer:
             self.model.dropout.set(step, ids)
             sync = contextlib.nullcontext() if micro == accum - 1 else self.reducer.no_sync()
             amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+            saved = SavedBytes(self.params) if micro == 0 else contextlib.nullcontext()
             with sync, record_function("forward_backward"):
-                with amp:
+                with amp, saved:
                     loss = self.model(tokens, targets) / accum
                 loss.backward()
+            if micro == 0:
+                activation_bytes = saved.nbytes
             total += loss.detach().to(torch.float64).cpu()
             moe_stats.append({layer.layer: layer.last_stats for layer in self.moe_layers})
         with record_function("dp_grad_reduce"):
@@ -283,13 +313,17 @@ class Trainer:
             gnorm = clip_grad_norm(self.params, cfg.train.grad_clip, self.replicas)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            dp_group = self.groups.dp if self.groups.size("dp") > 1 else None
+            for cache in self.norm_caches:  # WTA-CRS gradient norms: mean over the whole global batch
+                cache.finalize(dp_group)
             for layer in self.moe_layers:
                 if hasattr(layer.router, "update_bias"):
                     layer.router.update_bias(self.groups.dp if self.groups.size("dp") > 1 else None)
         dist.all_reduce(total, group=self.groups.dp)
         loss_value = float(total.item()) / self.groups.size("dp")
         self.step += 1
-        return {"loss": loss_value, "grad_norm": gnorm, "lr": lr_at(step, cfg), **self._moe_metrics(moe_stats)}
+        return {"loss": loss_value, "grad_norm": gnorm, "lr": lr_at(step, cfg),
+                "saved_activation_bytes": activation_bytes, **self._moe_metrics(moe_stats)}
 
     def _moe_metrics(self, per_micro: list[dict]) -> dict[str, float]:
         """Expert load per MoE layer over this rank's micro-batches: dropped fraction, load CV, aux losses."""
@@ -345,6 +379,7 @@ class Trainer:
             "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep, "dp": cfg.dp},
             "restarts": 0,
             "grad_norms": self.grad_norms,
+            "saved_activation_bytes": getattr(self, "last_metrics", {}).get("saved_activation_bytes"),
             "moe": {k: v for k, v in getattr(self, "last_metrics", {}).items() if k.startswith("moe/")},
             "resumed_from": self.resumed_from,
             "steps_run": self.step - start_step,
@@ -366,13 +401,15 @@ class Trainer:
                          ("tokens_per_s", tps), ("tflops_per_rank", tflops), ("mfu", mfu),
                          ("peak_memory_mib", mem / 2**20)):
                 self.writer.add_scalar(f"train/{k}", v, step)
+            self.writer.add_scalar("train/saved_activation_mib", out["saved_activation_bytes"] / 2**20, step)
             for k, v in out.items():
                 if k.startswith("moe/"):
                     self.writer.add_scalar(k, v, step)
         if self.is_logger and (step % self.cfg.logging.every == 0 or step == self.cfg.train.steps or step == 1):
             print(f"step {step:>5}/{self.cfg.train.steps} | loss {out['loss']:.4f} | lr {out['lr']:.2e} | "
                   f"gnorm {out['grad_norm']:.3f} | {tps:,.0f} tok/s | {tflops * 1e3:.2f} GFLOP/s/rank | "
-                  f"MFU {mfu:.1%} | mem {mem / 2**20:.0f} MiB", flush=True)
+                  f"MFU {mfu:.1%} | mem {mem / 2**20:.0f} MiB | act {out['saved_activation_bytes'] / 2**20:.1f} MiB",
+                  flush=True)
 
 
 def train(cfg: JobConfig, groups: ParallelGroups) -> dict[str, Any]:

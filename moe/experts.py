@@ -73,17 +73,60 @@ class _ContiguousGrad(torch.autograd.Function):
         return g.contiguous()
 
 
+class _SampledSegmentedMM(torch.autograd.Function):
+    """``_SegmentedMM`` whose weight gradient is a WTA-CRS estimate: only rows with sample weight > 0 are
+    saved (pre-multiplied by it); forward and input gradient stay exact."""
+
+    @staticmethod
+    def forward(ctx, x, w, counts, sample_w_R):
+        out = x.new_empty(x.shape[0], w.shape[1])
+        for e, (xs, os) in enumerate(zip(x.split(counts), out.split(counts))):
+            if xs.shape[0]:
+                torch.mm(xs, w[e].t(), out=os)
+        keep = sample_w_R > 0
+        idx = keep.nonzero().squeeze(-1)
+        rows = x.detach().index_select(0, idx) * sample_w_R[idx].to(x.dtype).unsqueeze(-1)
+        seg = torch.repeat_interleave(torch.arange(len(counts), device=x.device),
+                                      torch.tensor(counts, device=x.device))
+        ctx.kept_counts = torch.bincount(seg[idx], minlength=len(counts)).tolist()
+        ctx.counts = counts
+        ctx.save_for_backward(rows, idx, w)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        rows, idx, w = ctx.saved_tensors
+        g = g.contiguous()
+        gx = torch.empty(g.shape[0], w.shape[2], dtype=g.dtype, device=g.device) if ctx.needs_input_grad[0] else None
+        if gx is not None:
+            for e, (gs, gxs) in enumerate(zip(g.split(ctx.counts), gx.split(ctx.counts))):
+                if gs.shape[0]:
+                    torch.mm(gs, w[e], out=gxs)
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = torch.zeros_like(w)
+            g_kept = g.index_select(0, idx)
+            for e, (gs, rs) in enumerate(zip(g_kept.split(ctx.kept_counts), rows.split(ctx.kept_counts))):
+                if gs.shape[0]:
+                    torch.mm(gs.t(), rs, out=gw[e])
+        return gx, gw, None, None
+
+
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
-def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int],
+               sample_w_R: torch.Tensor | None = None) -> torch.Tensor:
     """One grouped GEMM over expert segments: rows ``counts[e]`` of ``x`` times ``w[e]^T``.
 
     On CUDA torch's fused ``_grouped_mm`` (fp32/bf16/fp16, 16-byte aligned rows); elsewhere a segmented
-    loop with in-place weight gradients (measured faster than ``_grouped_mm`` on CPU).
+    loop with in-place weight gradients (measured faster than ``_grouped_mm`` on CPU). With
+    ``sample_w_R`` (WTA-CRS weights per row, 0 = not kept) the weight gradient is the sampled estimate.
     """
     if x_RI.shape[0] == 0:
         return x_RI.new_zeros(0, w_EOI.shape[1]) + x_RI.sum() * 0  # stay on the graph (collectives follow)
+    if sample_w_R is not None:
+        return _SampledSegmentedMM.apply(x_RI, w_EOI, list(counts), sample_w_R)
     item = x_RI.element_size()
     aligned = (x_RI.shape[-1] * item) % 16 == 0 and (w_EOI.shape[1] * item) % 16 == 0
     if (_HAS_GROUPED_MM and x_RI.is_cuda and aligned
@@ -124,21 +167,23 @@ class GroupedExperts(nn.Module):
         for p in (self.w_up_EFD, self.w_down_EDF):
             p.is_expert = True
             p.tp_sharded = True
+        self.sample_up = self.sample_down = False  # WTA-CRS on the up / down projection (set by the model)
 
-    def _grouped(self, x_RD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        h = grouped_mm(x_RD, self.w_up_EFD, counts)
+    def _grouped(self, x_RD: torch.Tensor, counts: list[int], sample_w_R: torch.Tensor | None = None) -> torch.Tensor:
+        h = grouped_mm(x_RD, self.w_up_EFD, counts, sample_w_R if self.sample_up else None)
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h)
-        return grouped_mm(h, self.w_down_EDF, counts)
+        return grouped_mm(h, self.w_down_EDF, counts, sample_w_R if self.sample_down else None)
 
-    def forward(self, x_RD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(self, x_RD: torch.Tensor, counts: list[int], sample_w_R: torch.Tensor | None = None) -> torch.Tensor:
         """Rows grouped by local expert (``counts[e]`` rows for local expert e) -> expert outputs."""
         assert sum(counts) == x_RD.shape[0] and len(counts) == self.num_local
         if self.etp == 1:
-            return self._grouped(x_RD, counts)
+            return self._grouped(x_RD, counts, sample_w_R)
+        assert sample_w_R is None, "WTA-CRS with expert tensor parallelism is rejected by the config"
         # gather every etp peer's rows (and their per-expert counts), regrouped by expert
         n_me = x_RD.shape[0]
         c = torch.tensor(counts, dtype=torch.long)

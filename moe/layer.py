@@ -136,11 +136,13 @@ class ExpertStage(nn.Module):
         super().__init__()
         self.experts = experts
 
-    def forward(self, recv: torch.Tensor, plan) -> torch.Tensor:
+    def forward(self, recv: torch.Tensor, plan, sample_w: torch.Tensor | None = None) -> torch.Tensor:
         rc = plan.recv_counts.tolist()  # [source][local expert]
         n_src, n_loc = len(rc), self.experts.num_local
         by_expert = segments_perm(rc, [(s, e) for e in range(n_loc) for s in range(n_src)])
-        y = self.experts(recv.index_select(0, by_expert), [sum(rc[s][e] for s in range(n_src)) for e in range(n_loc)])
+        w = None if sample_w is None else sample_w.index_select(0, by_expert)
+        y = self.experts(recv.index_select(0, by_expert), [sum(rc[s][e] for s in range(n_src)) for e in range(n_loc)],
+                         w)
         back = torch.empty_like(by_expert)
         back[by_expert] = torch.arange(by_expert.numel())
         return y.index_select(0, back)
@@ -194,6 +196,41 @@ class MoELayer(nn.Module):
         self.shared = shared_factory() if (shared_factory and args.shared_experts) else None
         self.aux_scale = 1.0  # the trainer sets 1/accum so aux losses weigh like the main loss
         self.last_stats: dict = {}
+        self.wtacrs = None  # WTACRSConfig when the experts' weight gradients are sampled
+
+    def enable_wtacrs(self, cfg, up: bool, down: bool) -> None:
+        """Estimate the experts' up/down weight gradients with WTA-CRS, sampled per expert over the
+        micro-batch's assignments at routing time (so every layout draws the same rows)."""
+        if self.args.router == "softmoe":
+            raise ValueError("WTA-CRS on experts needs token routing; router 'softmoe' mixes tokens into slots")
+        self.wtacrs = cfg
+        self.experts.experts.sample_up, self.experts.experts.sample_down = up, down
+
+    def _sample_assignments(self, routing, x_TD: torch.Tensor) -> torch.Tensor:
+        """WTA-CRS weight of each assignment: per expert, over its assignments, p proportional to ||x||."""
+        from parallel.layers import stream_seed
+        from parallel.wtacrs import budget, draw_sample, sampling_probs
+
+        streams = self.router.streams
+        first = streams.sample_ids[0] if len(getattr(streams, "sample_ids", ())) else 0
+        step = getattr(streams, "step", 0)
+        norms = x_TD.detach().to(torch.float64).norm(dim=-1).cpu()
+        expert_A, token_A = routing.expert_A.cpu(), routing.token_A.cpu()
+        w_A = torch.zeros(expert_A.numel(), dtype=torch.float64)
+        for e in range(self.args.num_experts):
+            cand = (expert_A == e).nonzero().squeeze(-1)
+            if cand.numel() == 0:
+                continue
+            k = budget(cand.numel(), self.wtacrs.keep_ratio, self.wtacrs.k_min)
+            if k >= cand.numel():
+                w_A[cand] = 1.0
+                continue
+            gen = torch.Generator().manual_seed(stream_seed(self.wtacrs.seed, f"wtacrs/{self.layer}.experts/{step}/"
+                                                                             f"{first}/{e}"))
+            sample = draw_sample(sampling_probs(norms[token_A[cand]]), k, gen)
+            w_A[cand[sample.winners]] = 1.0
+            w_A.index_add_(0, cand[sample.drawn], sample.scale)
+        return w_A.to(x_TD.device)
 
     @property
     def router(self) -> nn.Module:
@@ -206,10 +243,15 @@ class MoELayer(nn.Module):
         T = s * b
         x_TD = x_full.reshape(T, d)
         routing = self.gate(x_TD, b)
+        if self.wtacrs is not None and torch.is_grad_enabled():
+            routing.sample_w_A = self._sample_assignments(routing, x_TD)
         mine = routing.subset(self.tp_rank, self.tp_size)
         rows_sorted, counts_E, perm = self.order(mine.rows(x_TD), mine.expert_A)
         recv, plan = self.dispatch(rows_sorted, counts_E)
-        y_recv = self.experts(recv, plan)
+        recv_w = None
+        if getattr(mine, "sample_w_A", None) is not None:  # the weights travel with their rows
+            recv_w = plan.dispatch(mine.sample_w_A.index_select(0, perm).unsqueeze(-1)).squeeze(-1)
+        y_recv = self.experts(recv, plan, recv_w)
         y_sorted = self.combine(y_recv, plan)
         out = self.unorder(y_sorted, perm, mine, T).view(s, b, d)
         out = reduce_scatter_to_sp(out, tp) if self.sp else reduce_from_tp(out, tp)

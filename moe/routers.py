@@ -118,6 +118,7 @@ class SparseRouting(Routing):
     gate_A: torch.Tensor
     aux_loss: torch.Tensor
     stats: dict = field(default_factory=dict)
+    sample_w_A: torch.Tensor | None = None  # WTA-CRS weight per assignment (experts' weight gradients)
 
     def rows(self, x_TD: torch.Tensor) -> torch.Tensor:
         return x_TD.index_select(0, self.token_A)
@@ -134,7 +135,8 @@ class SparseRouting(Routing):
         lo, hi = num_tokens * part // parts, num_tokens * (part + 1) // parts
         keep = (self.token_A >= lo) & (self.token_A < hi)
         idx = keep.nonzero().squeeze(-1)
-        return SparseRouting(self.token_A[idx], self.expert_A[idx], self.gate_A[idx], self.aux_loss, self.stats)
+        w = None if self.sample_w_A is None else self.sample_w_A[idx]
+        return SparseRouting(self.token_A[idx], self.expert_A[idx], self.gate_A[idx], self.aux_loss, self.stats, w)
 
 
 @dataclass

@@ -34,6 +34,7 @@ __all__ = [
     "padded_vocab_size",
     "tp_rank_size",
     "gather_dim",
+    "enable_wtacrs",
 ]
 
 
@@ -78,6 +79,32 @@ def _mark(p: nn.Parameter, *, tp_sharded: bool) -> nn.Parameter:
     return p
 
 
+def enable_wtacrs(layer: nn.Module, cfg, streams, name: str) -> None:
+    """Make ``layer`` (column/row-parallel) estimate its weight gradient with WTA-CRS (parallel/wtacrs.py).
+
+    ``streams`` supplies ``step`` and ``sample_ids`` (the model's per-step stream context), which key the
+    draws so that every TP rank, and the single-process run, draw the same rows for a micro-batch.
+    """
+    from parallel.wtacrs import NormCache
+
+    layer.wtacrs = (cfg, streams, name)
+    layer.norm_cache = NormCache()
+
+
+def _sampled_linear(layer: nn.Module, x: torch.Tensor, *, x_group=None, g_group=None) -> torch.Tensor | None:
+    spec = getattr(layer, "wtacrs", None)
+    if spec is None or not torch.is_grad_enabled() or not layer.weight.requires_grad:
+        return None
+    from parallel.wtacrs import wtacrs_linear
+
+    cfg, streams, name = spec
+    first = streams.sample_ids[0] if len(streams.sample_ids) else 0
+    _, tp = tp_rank_size(layer.tp_group)
+    return wtacrs_linear(x, layer.weight, None, cfg, f"wtacrs/{name}/{streams.step}/{first}", seq_len=x.shape[0],
+                         cache=layer.norm_cache, x_group=x_group if tp > 1 else None,
+                         g_group=g_group if tp > 1 else None)
+
+
 class ColumnParallelLinear(nn.Module):
     """``y = x W^T`` with W split along its output dimension; output stays split over TP.
 
@@ -110,7 +137,8 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = gather_from_sp(x, self.tp_group) if self.sp else copy_to_tp(x, self.tp_group)
-        return F.linear(x, self.weight)
+        sampled = _sampled_linear(self, x, g_group=self.tp_group)
+        return sampled if sampled is not None else F.linear(x, self.weight)
 
     def full(self, local: torch.Tensor) -> torch.Tensor:
         """The logical ``[sum(out_parts), in]`` tensor from this rank's slice of it (collective over TP)."""
@@ -135,7 +163,8 @@ class RowParallelLinear(nn.Module):
         self.weight = _mark(nn.Parameter(full.chunk(tp, dim=1)[rank].to(dtype).contiguous()), tp_sharded=tp > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = _sampled_linear(self, x, x_group=self.tp_group)
+        y = y if y is not None else F.linear(x, self.weight)
         return reduce_scatter_to_sp(y, self.tp_group) if self.sp else reduce_from_tp(y, self.tp_group)
 
     def full(self, local: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,10 @@ class TransformerArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     seed: int = 0
+    wtacrs_keep_ratio: float | None = None
+    """WTA-CRS keep ratio for the linears named in ``wtacrs_layers`` (None: exact everywhere)."""
+    wtacrs_layers: tuple[str, ...] = ()
+    wtacrs_min_rows: int = 10
 
     @property
     def head_dim(self) -> int:
@@ -235,12 +239,35 @@ class Transformer(nn.Module):
             for i in range(args.layers)
         )
         self.norm = RMSNorm(args.d_model, args.norm_eps, sequence_parallel=self.sp, dtype=dtype)
+        if args.wtacrs_keep_ratio is not None:
+            self._enable_wtacrs(args)
         if args.tie_embeddings:
             self.head = None
         else:
             self.head = ColumnParallelLinear(args.d_model, [self.embed.padded], tp_group=tp_group, sp=self.sp,
                                              seed=args.seed, name="head", std=1.0 / math.sqrt(args.d_model),
                                              dtype=dtype, weights=self._head_init(dtype))
+
+    def _enable_wtacrs(self, args: TransformerArgs) -> None:
+        """WTA-CRS on the chosen linears of every block (dense MLPs and shared experts included); never
+        on the embedding or the LM head."""
+        from parallel.layers import enable_wtacrs
+        from parallel.wtacrs import WTACRSConfig
+
+        cfg = WTACRSConfig(keep_ratio=args.wtacrs_keep_ratio, k_min=args.wtacrs_min_rows, seed=args.seed)
+        for i, block in enumerate(self.layers):
+            sites = {"qkv": [block.attn.qkv], "attn_out": [block.attn.out], "mlp_up": [], "mlp_down": []}
+            for mod in block.ffn.modules():
+                if isinstance(mod, SwiGLU):
+                    sites["mlp_up"].append(mod.up)
+                    sites["mlp_down"].append(mod.down)
+            for site in args.wtacrs_layers:
+                for j, layer in enumerate(sites[site]):
+                    enable_wtacrs(layer, cfg, self.dropout, f"layers.{i}.{site}.{j}")
+            if hasattr(block.ffn, "enable_wtacrs"):  # MoE: the experts' up / down projections
+                up, down = "mlp_up" in args.wtacrs_layers, "mlp_down" in args.wtacrs_layers
+                if up or down:
+                    block.ffn.enable_wtacrs(cfg, up, down)
 
     def full_tensors(self, grads: bool = False) -> dict[str, torch.Tensor]:
         """Every parameter (or its gradient) as the logical unsharded tensor, by name (collective over TP)."""

@@ -57,7 +57,7 @@ def _mpiexec() -> str | None:
 @pytest.mark.launcher
 @pytest.mark.skipif(_mpiexec() is None, reason="mpiexec not installed")
 def test_mpiexec_rank_environment_and_smoke_job(tmp_path):
-    """Four MPI ranks find their environment, rendezvous on 127.0.0.1 and train (TP=2 x DP=2)."""
+    """Four MPI ranks find their environment, rendezvous on 127.0.0.1 and train (TP=2 x DP=2, EP=4)."""
     code = ("import json, os; from dist.env import from_mpi; e = from_mpi(); "
             "os.write(1, ('ENV ' + json.dumps(e.__dict__) + '\\n').encode())")
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
@@ -81,5 +81,5 @@ def test_mpiexec_rank_environment_and_smoke_job(tmp_path):
         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert job.returncode == 0, job.stderr[-3000:]
     data = json.loads(summary.read_text())
-    assert data["world_size"] == 4 and data["layout"] == {"tp": 2, "pp": 1, "ep": 1, "dp": 2}
+    assert data["world_size"] == 4 and data["layout"] == {"tp": 2, "pp": 1, "ep": 4, "dp": 2}  # MoE, EP=4
     assert data["steps"] == 2 and len(data["losses"]) == 2

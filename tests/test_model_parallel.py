@@ -99,3 +99,12 @@ def test_dropout_and_tied_embeddings_follow_layout_independent_streams(ranks):
 def test_eager_attention_equals_sdpa(ranks):
     eager = ranks(*POOL[4]).run(_train, _layout(2, 2, False) + ["model.attention=eager"])[0]
     _compare(eager, _reference(()))
+
+
+def test_wtacrs_sampled_model_is_layout_independent(ranks):
+    extra = ("wtacrs.enabled=true", "wtacrs.keep_ratio=0.25", "wtacrs.min_rows=2",
+             "wtacrs.layers=[qkv,attn_out,mlp_up,mlp_down]")
+    ref = _reference(extra)
+    assert ref["losses"] != _reference(())["losses"]  # sampling changes the weight gradients
+    got = ranks(*POOL[8]).run(_train, _layout(4, 2, True) + list(extra))[0]
+    _compare(got, ref)

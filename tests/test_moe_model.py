@@ -66,6 +66,9 @@ def test_every_router_ep4_equals_single_process(ranks, case):
     (2, 4, 4, True, ("moe.dispatch=hier1d",)),
     (2, 4, 4, True, ("moe.router=softmoe",)),
     (2, 4, 4, True, ("moe.router=expert_choice", "moe.activation=gelu")),
+    # WTA-CRS on every linear and on the experts: the same rows are drawn in every layout
+    (2, 4, 4, True, ("wtacrs.enabled=true", "wtacrs.keep_ratio=0.3", "wtacrs.min_rows=2",
+                     "wtacrs.layers=[qkv,attn_out,mlp_up,mlp_down]", "moe.shared_experts=1")),
 ])
 def test_moe_layouts_equal_single_process(ranks, tp, dp, ep, sp, extra):
     if dp == 8:  # one sample per rank; the micro-batch is the routing group, so the reference uses it too
