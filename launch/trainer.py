@@ -350,6 +350,7 @@ class Trainer:
         start_step = self.step
         t_start = time.perf_counter()
         step_times: list[float] = []
+        progress = self._progress_bar()
         while self.step < cfg.train.steps:
             self._inject_fault(self.step)
             t0 = time.perf_counter()
@@ -362,8 +363,12 @@ class Trainer:
             if not math.isfinite(out["loss"]):
                 raise TrainError(f"loss became {out['loss']} at step {self.step - 1}")
             self._log(out, dt, tokens_per_step)
+            if progress is not None:
+                progress.update(progress.task_ids[0], completed=self.step, loss=out["loss"])
             if self.checkpointer and cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.checkpointer.save(self.step, self.state_dict(), self._meta())
+        if progress is not None:
+            progress.stop()
         elapsed = time.perf_counter() - t_start
         timed = step_times[1:] or step_times  # the first step pays warm-up
         tps = tokens_per_step * len(timed) / max(sum(timed), 1e-9) if timed else 0.0
@@ -389,6 +394,18 @@ class Trainer:
             "peak_flops_per_rank": self.peak_flops,
             "peak_memory_bytes": peak_memory_bytes(self.device),
         }
+
+    def _progress_bar(self):
+        """A live bar on rank 0 when writing to a terminal (plain step lines otherwise, e.g. in CI logs)."""
+        if not (self.is_logger and sys.stdout.isatty()):
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), transient=True)
+        bar.add_task("train", total=self.cfg.train.steps, completed=self.step, loss=float("nan"))
+        bar.start()
+        return bar
 
     def _log(self, out: dict[str, float], dt: float, tokens_per_step: int) -> None:
         step = self.step
