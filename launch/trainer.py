@@ -242,14 +242,20 @@ class Trainer:
         if state["rng"].get("cuda") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
 
+    # moe fields that change parameter shapes (the others are runtime choices a resumed job may change)
+    _MOE_SHAPE_KEYS = ("num_experts", "every", "d_expert", "shared_experts", "activation", "router", "xmoe_dim",
+                       "slots_per_expert")
+
     def _meta(self) -> dict[str, Any]:
         r = self.cfg.resolved()
-        return {"config": r, "model": r["model"], "layout": {k: r["parallel"][k] for k in ("tp", "pp", "dp", "ep")}}
+        shape = {f"model.{k}": v for k, v in r["model"].items()}
+        shape.update({f"moe.{k}": r["moe"][k] for k in self._MOE_SHAPE_KEYS})
+        return {"config": r, "shape": shape, "layout": {k: r["parallel"][k] for k in ("tp", "pp", "dp", "ep")}}
 
     def _check_compatible(self, manifest: dict[str, Any], path) -> None:
         mine = self._meta()
-        saved = manifest.get("model", {})
-        diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in mine["model"].items()
+        saved = manifest.get("shape", {})
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in mine["shape"].items()
                  if saved.get(k) != v]
         if diffs:
             raise CheckpointError(f"checkpoint {path} was saved for a different model ({'; '.join(diffs)})")

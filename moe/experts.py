@@ -138,9 +138,10 @@ def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int],
 
 class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, d_model: int, d_expert: int, *, ep_rank: int, ep_size: int, seed: int,
-                 name: str, activation: str = "swiglu", etp_group=None, dtype: torch.dtype = torch.float32,
-                 num_layers: int = 1):
+                 name: str, activation: str = "swiglu", etp_group=None, ep_group=None,
+                 dtype: torch.dtype = torch.float32, num_layers: int = 1):
         super().__init__()
+        self.ep_group = ep_group
         if num_experts % ep_size:
             raise ValueError(f"{num_experts} experts do not split over ep={ep_size}")
         self.etp_group = etp_group
@@ -221,7 +222,7 @@ class GroupedExperts(nn.Module):
                 with torch.no_grad():
                     getattr(self, pname)[local].copy_(state_dict[key])
 
-    def full(self, local: torch.Tensor, pname: str, ep_group) -> torch.Tensor:
+    def full(self, local: torch.Tensor, pname: str) -> torch.Tensor:
         """All experts' ``pname`` tensors ``[E, ...]`` (unsharded over etp), gathered over ep then etp."""
         t = local.detach()
         if self.etp > 1:
@@ -233,8 +234,8 @@ class GroupedExperts(nn.Module):
                 t = torch.cat([gates, ups], dim=1)
             else:
                 t = torch.cat(parts, dim=1 if pname == "w_up_EFD" else 2)
-        if ep_group is not None and dist.get_world_size(ep_group) > 1:
-            parts = [torch.empty_like(t) for _ in range(dist.get_world_size(ep_group))]
-            dist.all_gather(parts, t.contiguous(), group=ep_group)
+        if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
+            parts = [torch.empty_like(t) for _ in range(dist.get_world_size(self.ep_group))]
+            dist.all_gather(parts, t.contiguous(), group=self.ep_group)
             t = torch.cat(parts, dim=0)
         return t

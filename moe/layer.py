@@ -19,6 +19,7 @@ needs (dropless sends no padding).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -174,12 +175,8 @@ class MoELayer(nn.Module):
         ep_size = 1 if groups.ep is None else dist.get_world_size(groups.ep)
         ep_rank = 0 if groups.ep is None else dist.get_rank(groups.ep)
         name = f"layers.{layer}.moe"
-        rcfg = RouterConfig(kind=args.router, num_experts=args.num_experts, topk=args.topk, d_model=args.d_model,
-                            capacity_factor=args.capacity_factor, drop_policy=args.drop_policy,
-                            aux_loss_coef=args.aux_loss_coef, seq_aux_loss_coef=args.seq_aux_loss_coef,
-                            z_loss_coef=args.z_loss_coef, n_groups=args.n_groups, topk_groups=args.topk_groups,
-                            bias_update_rate=args.bias_update_rate, xmoe_dim=args.xmoe_dim,
-                            slots_per_expert=args.slots_per_expert, seed=args.seed, name=f"{name}.router")
+        shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(RouterConfig) if hasattr(args, f.name)}
+        rcfg = RouterConfig(**shared, kind=args.router, name=f"{name}.router")
         router = build_router(rcfg, dtype)
         for p in router.parameters():
             p.tp_partial_grad = self.tp_size > 1
@@ -187,8 +184,7 @@ class MoELayer(nn.Module):
         self.order = Order(args.num_experts)
         experts = GroupedExperts(args.num_experts, args.d_model, args.d_expert, ep_rank=ep_rank, ep_size=ep_size,
                                  seed=args.seed, name=f"{name}.experts", activation=args.activation,
-                                 etp_group=groups.etp, dtype=dtype, num_layers=args.num_layers)
-        experts.ep_group = groups.ep
+                                 etp_group=groups.etp, ep_group=groups.ep, dtype=dtype, num_layers=args.num_layers)
         self.dispatch = Dispatch(args.dispatch, groups, experts.num_local)
         self.experts = ExpertStage(experts)
         self.combine = Combine()

@@ -252,6 +252,13 @@ class Router(nn.Module):
             values["z_loss"] = float(z.detach())
         return total, values
 
+    def _z_loss_only(self, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Routers without token choices (expert choice, Soft MoE) have no balancing loss, only z-loss."""
+        if not self.cfg.z_loss_coef:
+            return logits.new_zeros(()), {}
+        z = z_loss(logits)
+        return self.cfg.z_loss_coef * z, {"z_loss": float(z.detach())}
+
     def _finish(self, T, expert_TK, gate_TK, prob_TE, logits, batch, valid_TK=None) -> SparseRouting:
         """Apply capacity, flatten to assignments, attach losses and statistics.
 
@@ -375,12 +382,7 @@ class ExpertChoiceRouter(Router):
         expert_EC = torch.arange(c.num_experts, device=x_TD.device).unsqueeze(1).expand_as(token_EC)
         # token-major order, like the token-choice routers
         order = torch.argsort(token_EC.reshape(-1) * c.num_experts + expert_EC.reshape(-1))
-        aux = logits.new_zeros(())
-        values = {}
-        if c.z_loss_coef:
-            z = z_loss(logits)
-            aux = c.z_loss_coef * z
-            values["z_loss"] = float(z.detach())
+        aux, values = self._z_loss_only(logits)
         stats = {"num_tokens": T, "tokens_per_expert": torch.full((c.num_experts,), cap, device=x_TD.device),
                  "dropped": 0, "assignments": c.num_experts * cap, **values}
         return SparseRouting(token_EC.reshape(-1)[order], expert_EC.reshape(-1)[order], gate_EC.reshape(-1)[order],
@@ -414,12 +416,7 @@ class SoftMoERouter(Router):
         seq = torch.arange(T, device=x_TD.device) % batch
         cols = seq.unsqueeze(1) * n + torch.arange(n, device=x_TD.device)
         combine_TA = combine_TA.scatter(1, cols, cm)
-        aux = logits.new_zeros(())
-        values = {}
-        if c.z_loss_coef:
-            z = z_loss(logits)
-            aux = c.z_loss_coef * z
-            values["z_loss"] = float(z.detach())
+        aux, values = self._z_loss_only(logits)
         stats = {"num_tokens": T, "dropped": 0, "assignments": batch * n,
                  "tokens_per_expert": torch.bincount(expert, minlength=c.num_experts), **values}
         return SoftRouting(rows, expert, combine_TA, aux, stats)

@@ -281,7 +281,7 @@ class Transformer(nn.Module):
                 if key == "head.weight":
                     out[key] = gather_dim(t, 0, self.tp_group)[: self.args.vocab_size]
                 elif hasattr(mod, "ep_group"):  # grouped experts: [E, ...] over ep (and etp)
-                    out[key] = mod.full(t, p_name, mod.ep_group)
+                    out[key] = mod.full(t, p_name)
                 elif hasattr(mod, "full"):
                     out[key] = mod.full(t)
                 else:

@@ -57,6 +57,10 @@ def test_resume_refuses_other_model_or_layout(ranks, tmp_path):
     errs = info.value.errors_of_type({"dist.checkpoint.CheckpointError"})
     assert errs and "model.d_ffn: checkpoint 64, config 128" in errs[0].message
     with pytest.raises(RankFailure) as info:
+        pool.run(_fit, ck + ["moe.num_experts=4", "parallel.ep=2", "model.kv_heads=4"])
+    errs = info.value.errors_of_type({"dist.checkpoint.CheckpointError"})
+    assert errs and "moe.num_experts: checkpoint 0, config 4" in errs[0].message
+    with pytest.raises(RankFailure) as info:
         pool.run(_fit, ck + ["parallel.tp=1"])
     errs = info.value.errors_of_type({"dist.checkpoint.CheckpointError"})
     assert errs and "saved at layout" in errs[0].message and "'tp': 2" in errs[0].message
