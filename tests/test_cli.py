@@ -104,6 +104,11 @@ def test_train_writes_summary_resolved_config_and_tensorboard(tmp_path):
 
 def test_train_user_errors_are_one_line(tmp_path):
     cfg = str(ROOT / "cluster_configs/sim_cpu_8rank.yaml")
+    out = _cli(["train", cfg, *TRAIN_SMALL, f"logging.run_dir={tmp_path}", "parallel.pp=2", "parallel.tp=1"])
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: parallel.pp > 1: pipeline parallelism is not in this build yet"]
+    out = _cli(["train", cfg, *TRAIN_SMALL, f"logging.run_dir={tmp_path}", "cluster.launcher=ray"])
+    assert out.returncode == 2 and "cluster.launcher=ray is not available yet" in out.stderr
     out = _cli(["train", cfg, *TRAIN_SMALL, f"logging.run_dir={tmp_path}", f"data.path={tmp_path}/missing"])
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [f"error: data.path: {tmp_path}/missing does not exist"]

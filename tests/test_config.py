@@ -79,6 +79,14 @@ def test_dp_is_derived_and_checked():
     (["model.layers=2", "model.layers.x=1"], "model.layers", "a value, not a section"),
     (["novalue"], "novalue", "section.key=VALUE"),
     (["model.layers=[1"], "model.layers", "not valid YAML"),
+    (["cluster.ranks_per_node=4", "moe.num_experts=4", "parallel.ep=2", "parallel.etp=2", "wtacrs.enabled=true"],
+     "wtacrs.layers", "parallel.etp > 1"),
+    (["cluster.nodes=3", "cluster.ranks_per_node=2", "moe.num_experts=6", "parallel.ep=3", "moe.dispatch=hier2d"],
+     "moe.dispatch", "same number of ranks"),
+    (["moe.num_experts=4", "moe.router=switch", "moe.topk=2"], "moe.topk", "top-1"),
+    (["moe.num_experts=4", "moe.router=softmoe", "moe.capacity_factor=1.0"], "moe.capacity_factor", "fixed slots"),
+    (["moe.num_experts=6", "moe.router=sigmoid", "moe.n_groups=4"], "moe.n_groups", "do not split"),
+    (["moe.num_experts=4", "moe.bias_update_rate=0.1"], "moe.bias_update_rate", "router 'sigmoid'"),
 ])
 def test_bad_values_name_the_field(overrides, path, fragment):
     e = err(overrides=overrides)
