@@ -56,7 +56,7 @@ def _mpiexec() -> str | None:
 
 @pytest.mark.launcher
 @pytest.mark.skipif(_mpiexec() is None, reason="mpiexec not installed")
-def test_mpiexec_rank_environment_and_smoke_job(tmp_path):
+def test_mpiexec_rank_environment_and_training_job(tmp_path):
     """Four MPI ranks find their environment, rendezvous on 127.0.0.1 and train (TP=2 x DP=2, EP=4)."""
     code = ("import json, os; from dist.env import from_mpi; e = from_mpi(); "
             "os.write(1, ('ENV ' + json.dumps(e.__dict__) + '\\n').encode())")
