@@ -56,8 +56,10 @@ def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torc
 
 
 def exchange_counts(counts_E: torch.Tensor, group) -> torch.Tensor:
-    """``C[src, e]`` over the EP group from each member's per-expert send counts (one all-gather)."""
-    n = dist.get_world_size(group)
+    """``C[src, e]`` over the EP group from each member's per-expert send counts (one all-gather).
+
+    ``group=None`` means a single-member group (never WORLD, as it would in torch)."""
+    n = 1 if group is None else dist.get_world_size(group)
     if n == 1:
         return counts_E.view(1, -1).cpu()
     out = [torch.empty_like(counts_E) for _ in range(n)]

@@ -123,7 +123,7 @@ class Dispatch(nn.Module):
         self.per_node = 1 if groups.ep_intra is None else dist.get_world_size(groups.ep_intra)
 
     def forward(self, rows_sorted: torch.Tensor, counts_E: torch.Tensor):
-        counts = exchange_counts(counts_E, self.groups.ep) if self.groups.ep is not None else counts_E.view(1, -1).cpu()
+        counts = exchange_counts(counts_E, self.groups.ep)
         plan = build_plan(self.algo, counts, self.me, local_experts=self.local_experts, ep_group=self.groups.ep,
                           intra_group=self.groups.ep_intra, inter_group=self.groups.ep_inter,
                           ranks_per_node=self.per_node)
