@@ -76,7 +76,10 @@ class ParallelConfig(_Section):
     """Derived as world / (tp * pp) when omitted."""
     sp: bool = False
     vpp: int = Field(1, ge=1)
+    """Virtual pipeline chunks per stage (schedule ``interleaved``)."""
     schedule: Literal["gpipe", "1f1b", "interleaved", "zero_bubble"] = "1f1b"
+    pipeline_layers: Optional[list[Annotated[int, Field(ge=1)]]] = None
+    """Layers of each of the pp*vpp virtual stages, in order; default: balanced by parameter count."""
 
 
 class ModelConfig(_Section):
@@ -148,6 +151,8 @@ class TrainConfig(_Section):
     min_lr: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     grad_clip: Optional[float] = Field(1.0, gt=0)
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation: selective = core attention, full = whole transformer blocks."""
     optimizer: OptimizerConfig = OptimizerConfig()
 
 
@@ -433,14 +438,22 @@ def check_consistency(cfg: JobConfig) -> None:
     if p.vpp > 1:
         if p.pp == 1:
             raise ConfigError("parallel.vpp", "virtual pipeline stages need parallel.pp > 1")
-        if m.layers % (p.pp * p.vpp):
+        if m.layers < p.pp * p.vpp:
             raise ConfigError(
-                "model.layers", f"{m.layers} layers do not split into pp*vpp = {p.pp}*{p.vpp} equal chunks"
+                "model.layers", f"{m.layers} layers cannot fill pp*vpp = {p.pp}*{p.vpp} pipeline chunks of at "
+                                "least one layer each"
             )
         if p.schedule != "interleaved":
             raise ConfigError("parallel.schedule", f"parallel.vpp={p.vpp} needs schedule 'interleaved'")
     if p.schedule == "interleaved" and p.vpp == 1 and p.pp > 1:
         raise ConfigError("parallel.vpp", "schedule 'interleaved' needs parallel.vpp > 1")
+    if p.pipeline_layers is not None:
+        if len(p.pipeline_layers) != p.pp * p.vpp:
+            raise ConfigError("parallel.pipeline_layers", f"{len(p.pipeline_layers)} entries for pp*vpp = "
+                                                          f"{p.pp}*{p.vpp} = {p.pp * p.vpp} pipeline chunks")
+        if sum(p.pipeline_layers) != m.layers:
+            raise ConfigError("parallel.pipeline_layers", f"the entries sum to {sum(p.pipeline_layers)} layers "
+                                                          f"but model.layers={m.layers}")
 
     # MoE: experts are folded out of the tp*dp ranks of each pipeline stage (etp*ep*edp).
     if moe.num_experts == 0:
@@ -506,6 +519,12 @@ def check_consistency(cfg: JobConfig) -> None:
         raise ConfigError(
             "train.global_batch_size",
             f"{gbs} is not divisible by micro_batch_size*dp = {t.micro_batch_size}*{dp}",
+        )
+    if p.pp > 1 and p.schedule == "interleaved" and cfg.grad_accum_steps % p.pp:
+        raise ConfigError(
+            "train.global_batch_size",
+            f"schedule 'interleaved' needs the micro-batch count per step (global_batch_size / "
+            f"(micro_batch_size*dp) = {cfg.grad_accum_steps}) to be a multiple of parallel.pp={p.pp}",
         )
     if t.min_lr > t.lr:
         raise ConfigError("train.min_lr", f"{t.min_lr} exceeds train.lr={t.lr}")

@@ -38,6 +38,7 @@ from launch.metrics import (
 from moe.layer import MoEArgs, MoEGroups, MoELayer
 from parallel.data_parallel import GradReducer, clip_grad_norm, finalize_tp_partial_grads
 from parallel.model import SwiGLU, Transformer, TransformerArgs
+from parallel.pipeline import PipelineRunner, partition_layers
 
 __all__ = ["Trainer", "train", "TrainError"]
 
@@ -70,6 +71,20 @@ class SavedBytes:
         self._ctx.__exit__(*exc)
 
 
+class ModelChunks(torch.nn.Module):
+    """This rank's pipeline model chunks (one per virtual stage it holds)."""
+
+    def __init__(self, chunks: list[Transformer]):
+        super().__init__()
+        self.chunks = torch.nn.ModuleList(chunks)
+
+    def full_tensors(self, grads: bool = False) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for chunk in self.chunks:
+            out.update(chunk.full_tensors(grads))
+        return out
+
+
 class TrainError(RuntimeError):
     """The job cannot train as configured (reported to the user without a traceback)."""
 
@@ -79,8 +94,6 @@ class InjectedFault(RuntimeError):
 
 
 def _unsupported(cfg: JobConfig) -> str | None:
-    if cfg.parallel.pp > 1:
-        return "parallel.pp > 1: pipeline parallelism is not in this build yet"
     if cfg.train.optimizer.zero_stage > 0:
         return "train.optimizer.zero_stage > 0: ZeRO sharding is not in this build yet"
     if cfg.network.simulate:
@@ -125,20 +138,36 @@ class Trainer:
             vocab_size=m.vocab_size, seq_len=m.seq_len, attention=m.attention, tie_embeddings=m.tie_embeddings,
             dropout=m.dropout, norm_eps=m.norm_eps, rope_theta=m.rope_theta, seed=cfg.train.seed,
             wtacrs_keep_ratio=cfg.wtacrs.keep_ratio if cfg.wtacrs.enabled else None,
-            wtacrs_layers=tuple(cfg.wtacrs.layers), wtacrs_min_rows=cfg.wtacrs.min_rows)
+            wtacrs_layers=tuple(cfg.wtacrs.layers), wtacrs_min_rows=cfg.wtacrs.min_rows,
+            recompute=cfg.train.recompute)
         tp_group = groups.tp if tp_size > 1 else None
-        self.model = Transformer(self.args, tp_group=tp_group, sp=cfg.parallel.sp, dtype=self.param_dtype,
-                                 ffn_factory=self._ffn_factory(tp_group)).to(self.device)
+        self.stage_layers = self._stage_layers()
+        self.chunks = self._build_chunks(tp_group)
+        self.model = self.chunks[0] if len(self.chunks) == 1 and cfg.parallel.pp == 1 else ModelChunks(self.chunks)
         self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
         self.norm_caches = [m.norm_cache for m in self.model.modules() if hasattr(m, "norm_cache")]
-        for layer in self.moe_layers:
-            layer.router.streams = self.model.dropout  # layout-free per-token random numbers
+        for chunk in self.chunks:
+            for layer in chunk.modules():
+                if isinstance(layer, MoELayer):
+                    layer.router.streams = chunk.dropout  # layout-free per-token random numbers
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         dp, edp = groups.size("dp"), groups.size("edp")
         dense = [p for p in self.params if not getattr(p, "is_expert", False)]
         experts = [p for p in self.params if getattr(p, "is_expert", False)]
         self.replicas = {id(p): dp * (1 if getattr(p, "tp_sharded", False) else tp_size) for p in dense}
         self.replicas.update({id(p): edp for p in experts})
+        # tied embeddings across pipeline stages: the first and the last stage each hold the weight
+        self.tied = ([c.embed.weight for c in self.chunks if c.embed is not None]
+                     if cfg.parallel.pp > 1 and m.tie_embeddings else [])
+        for p in self.tied:
+            self.replicas[id(p)] *= 2
+        self.runner = None
+        if cfg.parallel.pp > 1:
+            s_local = m.seq_len // tp_size if (cfg.parallel.sp and tp_size > 1) else m.seq_len
+            self.runner = PipelineRunner(group=groups.pp, ranks=groups.members["pp"], stage=groups.index("pp"),
+                                         vpp=cfg.parallel.vpp, schedule=cfg.parallel.schedule,
+                                         act_shape=(s_local, cfg.train.micro_batch_size, m.d_model),
+                                         act_dtype=self.param_dtype, device=self.device)
         # expert gradients already sum the tokens of the dp replicas in their EP group: sum over edp, / dp
         self.reducer = GradReducer([(groups.dp, dense), (groups.edp, experts, dp)])
         opt_kwargs: dict[str, Any] = dict(lr=cfg.train.lr, betas=(cfg.train.optimizer.beta1, cfg.train.optimizer.beta2),
@@ -164,6 +193,42 @@ class Trainer:
             self.writer = SummaryWriter(cfg.logging.tensorboard_dir)
 
     # ------------------------------------------------------------------ set-up helpers
+    def _layer_cost(self, layer: int) -> float:
+        """Parameters of block ``layer`` (the pipeline balancing weight)."""
+        cfg, m, moe = self.cfg, self.cfg.model, self.cfg.moe
+        hd = m.d_model // m.heads
+        attn = m.d_model * (m.heads + 2 * cfg.kv_heads) * hd + m.heads * hd * m.d_model + 2 * m.d_model
+        if moe.num_experts == 0 or (layer + 1) % moe.every:
+            return attn + 3 * m.d_model * cfg.d_ffn
+        d_expert = moe.d_expert or cfg.d_ffn
+        per_expert = (3 if moe.activation == "swiglu" else 2) * m.d_model * d_expert
+        return (attn + moe.num_experts * per_expert + m.d_model * moe.num_experts
+                + 3 * m.d_model * moe.shared_experts * d_expert)
+
+    def _stage_layers(self) -> list[int]:
+        """Layers of each virtual pipeline stage: the configured list, or balanced by parameter count."""
+        p = self.cfg.parallel
+        if p.pipeline_layers is not None:
+            return list(p.pipeline_layers)
+        m = self.cfg.model
+        costs = [self._layer_cost(i) for i in range(m.layers)]
+        return partition_layers(costs, p.pp * p.vpp, last_extra=m.vocab_size * m.d_model)
+
+    def _build_chunks(self, tp_group) -> list[Transformer]:
+        """This rank's model chunks: virtual stages ``c * pp + stage`` for ``c < vpp``."""
+        p = self.cfg.parallel
+        stage = self.groups.index("pp")
+        starts = [sum(self.stage_layers[:i]) for i in range(len(self.stage_layers))]
+        last = p.pp * p.vpp - 1
+        chunks = []
+        for c in range(p.vpp):
+            vs = c * p.pp + stage
+            ids = range(starts[vs], starts[vs] + self.stage_layers[vs])
+            chunks.append(Transformer(self.args, tp_group=tp_group, sp=p.sp, dtype=self.param_dtype,
+                                      ffn_factory=self._ffn_factory(tp_group), layer_ids=ids, pre=vs == 0,
+                                      post=vs == last).to(self.device))
+        return chunks
+
     def _ffn_factory(self, tp_group):
         cfg = self.cfg
         moe = cfg.moe
@@ -287,6 +352,55 @@ class Trainer:
         while True:  # hang
             time.sleep(1)
 
+    def _amp(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+
+    def _pipeline_step(self, step: int, accum: int, moe_stats: list[dict]) -> tuple[torch.Tensor, int]:
+        """One step's micro-batches through the pipeline schedule; returns (loss sum on the last stage,
+        activation bytes of this rank's first forward)."""
+        batches = [self.data.micro_batch_tensors(step, i) for i in range(accum)]
+        total = torch.zeros((), dtype=torch.float64)
+        saved_bytes = [0]
+
+        def before(action) -> None:
+            for chunk in self.chunks:
+                chunk.dropout.set(step, batches[action.mb][2])
+
+        def forward(c: int, mb: int, inputs: torch.Tensor | None) -> torch.Tensor:
+            nonlocal total
+            tokens, targets, _ = batches[mb]
+            chunk = self.chunks[c]
+            first = mb == 0 and c == 0
+            saved = SavedBytes(self.params) if first else contextlib.nullcontext()
+            with self._amp(), saved:
+                out = chunk(tokens.to(self.device) if chunk.pre else inputs,
+                            targets.to(self.device) if chunk.post else None)
+            if first:
+                saved_bytes[0] = saved.nbytes
+            moe_stats.append({m.layer: m.last_stats for m in chunk.modules() if isinstance(m, MoELayer)})
+            if chunk.post:
+                out = out / accum
+                total += out.detach().to(torch.float64).cpu()
+            return out
+
+        with self.reducer.no_sync(), record_function("pipeline_schedule"):
+            self.runner.run(accum, forward, before)
+        return total, saved_bytes[0]
+
+    def full_tensors(self, grads: bool = False) -> dict[str, torch.Tensor]:
+        """Every parameter (or gradient) of the whole model as its logical unsharded tensor, by name, on
+        every rank (collective over TP, EP and the pipeline)."""
+        local = self.model.full_tensors(grads)
+        if self.cfg.parallel.pp == 1:
+            return local
+        parts: list = [None] * self.groups.size("pp")
+        dist.all_gather_object(parts, local, group=self.groups.pp)
+        out: dict[str, torch.Tensor] = {}
+        for part in parts:
+            for k, v in part.items():
+                out.setdefault(k, v)  # a tied embedding appears on the first and the last stage
+        return out
+
     def train_step(self) -> dict[str, float]:
         cfg, step = self.cfg, self.step
         for group in self.optimizer.param_groups:
@@ -296,12 +410,14 @@ class Trainer:
             layer.aux_scale = 1.0 / accum
         moe_stats: list[dict] = []
         total = torch.zeros((), dtype=torch.float64)
-        for micro in range(accum):
+        if self.runner is not None:
+            total, activation_bytes = self._pipeline_step(step, accum, moe_stats)
+        for micro in range(accum if self.runner is None else 0):
             tokens, targets, ids = self.data.micro_batch_tensors(step, micro)
             tokens, targets = tokens.to(self.device), targets.to(self.device)
             self.model.dropout.set(step, ids)
             sync = contextlib.nullcontext() if micro == accum - 1 else self.reducer.no_sync()
-            amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+            amp = self._amp()
             saved = SavedBytes(self.params) if micro == 0 else contextlib.nullcontext()
             with sync, record_function("forward_backward"):
                 with amp, saved:
@@ -315,6 +431,8 @@ class Trainer:
             self.reducer.finish()
             tp = self.groups.tp if self.groups.size("tp") > 1 else None
             finalize_tp_partial_grads(self.params, tp)
+            if self.tied and self.tied[0].grad is not None:  # keep the two copies of a tied embedding equal
+                dist.all_reduce(self.tied[0].grad, group=self.groups.embedding)
         with record_function("clip_and_step"):
             gnorm = clip_grad_norm(self.params, cfg.train.grad_clip, self.replicas)
             self.optimizer.step()
@@ -325,6 +443,8 @@ class Trainer:
             for layer in self.moe_layers:
                 if hasattr(layer.router, "update_bias"):
                     layer.router.update_bias(self.groups.dp if self.groups.size("dp") > 1 else None)
+        if self.runner is not None:  # the loss lives on the last stage
+            dist.all_reduce(total, group=self.groups.pp)
         dist.all_reduce(total, group=self.groups.dp)
         loss_value = float(total.item()) / self.groups.size("dp")
         self.step += 1
@@ -388,6 +508,8 @@ class Trainer:
             "tokens_per_s": tps,
             "world_size": dist.get_world_size(),
             "layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ep": cfg.parallel.ep, "dp": cfg.dp},
+            "pipeline": {"schedule": cfg.parallel.schedule, "vpp": cfg.parallel.vpp,
+                         "stage_layers": self.stage_layers} if cfg.parallel.pp > 1 else None,
             "restarts": 0,
             "grad_norms": self.grad_norms,
             "saved_activation_bytes": getattr(self, "last_metrics", {}).get("saved_activation_bytes"),

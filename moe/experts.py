@@ -25,6 +25,7 @@ from torch import nn
 
 from moe.dispatch import all_to_all, segments_perm
 from parallel.layers import init_normal
+from parallel.weight_grad import weight_grad
 
 __all__ = ["GroupedExperts", "grouped_mm"]
 
@@ -36,6 +37,7 @@ class _SegmentedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, counts):
         ctx.save_for_backward(x, w)
+        ctx.param = w
         ctx.counts = counts
         out = x.new_empty(x.shape[0], w.shape[1])
         for e, (xs, os) in enumerate(zip(x.split(counts), out.split(counts))):
@@ -47,16 +49,22 @@ class _SegmentedMM(torch.autograd.Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         g = g.contiguous()
-        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        gw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
-        gx_parts = gx.split(ctx.counts) if gx is not None else [None] * len(ctx.counts)
-        for e, (xs, gs, gxs) in enumerate(zip(x.split(ctx.counts), g.split(ctx.counts), gx_parts)):
-            if xs.shape[0] == 0:
-                continue
-            if gxs is not None:
-                torch.mm(gs, w[e], out=gxs)
-            if gw is not None:
-                torch.mm(gs.t(), xs, out=gw[e])
+        counts = ctx.counts
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.empty_like(x)
+            for e, (gs, gxs) in enumerate(zip(g.split(counts), gx.split(counts))):
+                if gs.shape[0]:
+                    torch.mm(gs, w[e], out=gxs)
+
+        def wgrad():
+            gw = torch.zeros_like(w)
+            for e, (xs, gs) in enumerate(zip(x.split(counts), g.split(counts))):
+                if xs.shape[0]:
+                    torch.mm(gs.t(), xs, out=gw[e])
+            return gw
+
+        gw = weight_grad(ctx.param, wgrad) if ctx.needs_input_grad[1] else None
         return gx, gw, None
 
 
@@ -90,6 +98,7 @@ class _SampledSegmentedMM(torch.autograd.Function):
                                       torch.tensor(counts, device=x.device))
         ctx.kept_counts = torch.bincount(seg[idx], minlength=len(counts)).tolist()
         ctx.counts = counts
+        ctx.param = w
         ctx.save_for_backward(rows, idx, w)
         return out
 
@@ -102,13 +111,17 @@ class _SampledSegmentedMM(torch.autograd.Function):
             for e, (gs, gxs) in enumerate(zip(g.split(ctx.counts), gx.split(ctx.counts))):
                 if gs.shape[0]:
                     torch.mm(gs, w[e], out=gxs)
-        gw = None
-        if ctx.needs_input_grad[1]:
+        kept = ctx.kept_counts
+
+        def wgrad():
             gw = torch.zeros_like(w)
             g_kept = g.index_select(0, idx)
-            for e, (gs, rs) in enumerate(zip(g_kept.split(ctx.kept_counts), rows.split(ctx.kept_counts))):
+            for e, (gs, rs) in enumerate(zip(g_kept.split(kept), rows.split(kept))):
                 if gs.shape[0]:
                     torch.mm(gs.t(), rs, out=gw[e])
+            return gw
+
+        gw = weight_grad(ctx.param, wgrad) if ctx.needs_input_grad[1] else None
         return gx, gw, None, None
 
 

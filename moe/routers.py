@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from parallel.layers import init_normal, stream_seed
+from parallel.recompute import is_recomputing
 
 __all__ = ["Routing", "SparseRouting", "SoftRouting", "RouterConfig", "build_router", "capacity_keep",
            "capacity", "load_balancing_loss", "token_uniforms", "StaticStreams", "ROUTERS"]
@@ -354,7 +355,7 @@ class SigmoidRouter(Router):
         top_s = scores.gather(1, top_e)
         gates = top_s / top_s.sum(dim=-1, keepdim=True) if c.topk > 1 else top_s
         prob = scores / scores.sum(dim=-1, keepdim=True)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not is_recomputing():  # count each micro-batch once
             self.load += torch.bincount(top_e.reshape(-1), minlength=c.num_experts).to(self.load.dtype)
         return self._finish(x_TD.shape[0], top_e, gates, prob, logits, batch)
 

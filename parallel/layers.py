@@ -23,6 +23,7 @@ from parallel.mappings import (
     reduce_from_tp,
     reduce_scatter_to_sp,
 )
+from parallel.weight_grad import linear
 
 __all__ = [
     "stream_seed",
@@ -138,7 +139,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = gather_from_sp(x, self.tp_group) if self.sp else copy_to_tp(x, self.tp_group)
         sampled = _sampled_linear(self, x, g_group=self.tp_group)
-        return sampled if sampled is not None else F.linear(x, self.weight)
+        return sampled if sampled is not None else linear(x, self.weight)
 
     def full(self, local: torch.Tensor) -> torch.Tensor:
         """The logical ``[sum(out_parts), in]`` tensor from this rank's slice of it (collective over TP)."""
@@ -164,7 +165,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _sampled_linear(self, x, x_group=self.tp_group)
-        y = y if y is not None else F.linear(x, self.weight)
+        y = y if y is not None else linear(x, self.weight)
         return reduce_scatter_to_sp(y, self.tp_group) if self.sp else reduce_from_tp(y, self.tp_group)
 
     def full(self, local: torch.Tensor) -> torch.Tensor:

@@ -28,11 +28,14 @@ from parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     gather_dim,
+    padded_vocab_size,
     stream_seed,
     tp_rank_size,
     vocab_parallel_cross_entropy,
 )
 from parallel.mappings import gather_from_sp
+from parallel.recompute import recompute
+from parallel.weight_grad import linear
 
 __all__ = ["TransformerArgs", "Transformer", "DropoutStream", "RMSNorm", "SwiGLU"]
 
@@ -56,6 +59,8 @@ class TransformerArgs:
     """WTA-CRS keep ratio for the linears named in ``wtacrs_layers`` (None: exact everywhere)."""
     wtacrs_layers: tuple[str, ...] = ()
     wtacrs_min_rows: int = 10
+    recompute: str = "none"
+    """Activation recomputation: none | selective (core attention) | full (whole blocks)."""
 
     @property
     def head_dim(self) -> int:
@@ -140,6 +145,7 @@ class Attention(nn.Module):
         self.hd = hd
         self.heads, self.kv_heads = args.heads // tp, args.kv_heads // tp
         self.kind = args.attention
+        self.selective = args.recompute == "selective"
         std = 1.0 / math.sqrt(d)
         self.qkv = ColumnParallelLinear(d, [args.heads * hd, args.kv_heads * hd, args.kv_heads * hd],
                                         tp_group=tp_group, sp=sp, seed=args.seed, name=f"layers.{layer}.attn.qkv",
@@ -158,6 +164,13 @@ class Attention(nn.Module):
         q = q.reshape(s, b, self.heads, self.hd).permute(1, 2, 0, 3)  # [b, h, s, hd]
         k = k.reshape(s, b, self.kv_heads, self.hd).permute(1, 2, 0, 3)
         v = v.reshape(s, b, self.kv_heads, self.hd).permute(1, 2, 0, 3)
+        o = recompute(self._core, q, k, v) if self.selective else self._core(q, k, v)
+        o = o.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.hd)
+        return self.out(o)
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding and causal attention: ``[b, h, s, hd]`` in and out."""
+        s = q.shape[2]
         cos, sin = self.cos[:s], self.sin[:s]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -171,8 +184,7 @@ class Attention(nn.Module):
             o = scores.masked_fill(causal, float("-inf")).softmax(dim=-1) @ v
         else:  # sdpa; "fused" arrives with the CUDA kernel and uses sdpa until then
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        o = o.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.hd)
-        return self.out(o)
+        return o
 
 
 class SwiGLU(nn.Module):
@@ -206,45 +218,61 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.d_model, args.norm_eps, sequence_parallel=sp, dtype=dtype)
         self.ffn = ffn
         self.dropout = dropout
+        self.full_recompute = args.recompute == "full"
 
     def forward(self, x_SBD: torch.Tensor) -> torch.Tensor:
+        return recompute(self._forward, x_SBD) if self.full_recompute else self._forward(x_SBD)
+
+    def _forward(self, x_SBD: torch.Tensor) -> torch.Tensor:
         h = x_SBD + self.dropout(self.attn(self.attn_norm(x_SBD)), f"{self.layer}.attn")
         return h + self.dropout(self.ffn(self.ffn_norm(h)), f"{self.layer}.mlp")
 
 
 class Transformer(nn.Module):
-    """The whole model for one pipeline stage spanning all layers (pipeline stages come later).
+    """The whole model, or one pipeline chunk of it: the blocks ``layer_ids`` (global layer indices,
+    which also name the parameters, so ``layers.5.attn.qkv.weight`` is the same tensor in any layout),
+    with the embedding when ``pre`` and the final norm, LM head and loss when ``post``.
 
-    ``forward(tokens_BS, targets_BS)`` returns the mean token loss of this micro-batch (identical on
-    every TP rank).
+    ``forward(inputs, targets_BS)``: ``inputs`` is the token ids ``[b, s]`` when ``pre``, else the hidden
+    states ``[s(/tp), b, d]`` from the previous chunk; returns the mean token loss of this micro-batch
+    (identical on every TP rank) when ``post``, else the hidden states for the next chunk. With tied
+    embeddings a ``post`` chunk without ``pre`` holds its own copy of the embedding weight, kept equal
+    to the first stage's by summing their gradients over the embedding group.
     """
 
     def __init__(self, args: TransformerArgs, *, tp_group=None, sp: bool = False, dtype: torch.dtype = torch.float32,
-                 ffn_factory: FFNFactory | None = None):
+                 ffn_factory: FFNFactory | None = None, layer_ids: Sequence[int] | None = None,
+                 pre: bool = True, post: bool = True):
         super().__init__()
         rank, tp = tp_rank_size(tp_group)
         self.args, self.tp_group, self.sp = args, tp_group, sp and tp > 1
+        self.pre, self.post = pre, post
+        self.layer_ids = list(range(args.layers) if layer_ids is None else layer_ids)
         self.dropout = DropoutStream(args.seed, args.dropout, args.seq_len)
         self.dropout.seq_offset = rank * (args.seq_len // tp) if self.sp else 0
-        self.embed = VocabParallelEmbedding(args.vocab_size, args.d_model, tp_group=tp_group, sp=self.sp,
-                                            seed=args.seed, name="embed", std=1.0, dtype=dtype)
+        self.vocab_padded = padded_vocab_size(args.vocab_size, tp)
+        self.vocab_start = rank * (self.vocab_padded // tp)  # this rank's slice of the (padded) vocabulary
+        self.embed = None
+        if pre or (post and args.tie_embeddings):
+            self.embed = VocabParallelEmbedding(args.vocab_size, args.d_model, tp_group=tp_group, sp=self.sp,
+                                                seed=args.seed, name="embed", std=1.0, dtype=dtype)
 
         def dense(layer: int) -> nn.Module:
             return SwiGLU(args.d_model, args.d_ffn, args.layers, layer, tp_group=tp_group, sp=self.sp,
                           seed=args.seed, dtype=dtype)
 
         factory = ffn_factory or dense
-        self.layers = nn.ModuleList(
-            Block(args, i, factory(i), tp_group=tp_group, sp=self.sp, dtype=dtype, dropout=self.dropout)
-            for i in range(args.layers)
-        )
-        self.norm = RMSNorm(args.d_model, args.norm_eps, sequence_parallel=self.sp, dtype=dtype)
+        self.layers = nn.ModuleDict({
+            str(i): Block(args, i, factory(i), tp_group=tp_group, sp=self.sp, dtype=dtype, dropout=self.dropout)
+            for i in self.layer_ids
+        })
+        self.norm = RMSNorm(args.d_model, args.norm_eps, sequence_parallel=self.sp, dtype=dtype) if post else None
         if args.wtacrs_keep_ratio is not None:
             self._enable_wtacrs(args)
-        if args.tie_embeddings:
+        if args.tie_embeddings or not post:
             self.head = None
         else:
-            self.head = ColumnParallelLinear(args.d_model, [self.embed.padded], tp_group=tp_group, sp=self.sp,
+            self.head = ColumnParallelLinear(args.d_model, [self.vocab_padded], tp_group=tp_group, sp=self.sp,
                                              seed=args.seed, name="head", std=1.0 / math.sqrt(args.d_model),
                                              dtype=dtype, weights=self._head_init(dtype))
 
@@ -255,7 +283,8 @@ class Transformer(nn.Module):
         from parallel.wtacrs import WTACRSConfig
 
         cfg = WTACRSConfig(keep_ratio=args.wtacrs_keep_ratio, k_min=args.wtacrs_min_rows, seed=args.seed)
-        for i, block in enumerate(self.layers):
+        for block in self.layers.values():
+            i = block.layer
             sites = {"qkv": [block.attn.qkv], "attn_out": [block.attn.out], "mlp_up": [], "mlp_down": []}
             for mod in block.ffn.modules():
                 if isinstance(mod, SwiGLU):
@@ -292,16 +321,21 @@ class Transformer(nn.Module):
         from parallel.layers import init_normal
 
         rank, tp = tp_rank_size(self.tp_group)
-        full = torch.zeros(self.embed.padded, self.args.d_model)
+        full = torch.zeros(self.vocab_padded, self.args.d_model)
         full[: self.args.vocab_size] = init_normal((self.args.vocab_size, self.args.d_model),
                                                    1.0 / math.sqrt(self.args.d_model), self.args.seed, "head")
         return full.chunk(tp, dim=0)[rank]
 
-    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens_BS.t())  # [s(/tp), b, d]
-        x = self.dropout(x, "embed")
-        for block in self.layers:
+    def forward(self, inputs: torch.Tensor, targets_BS: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pre:
+            x = self.embed(inputs.t())  # [s(/tp), b, d]
+            x = self.dropout(x, "embed")
+        else:
+            x = inputs
+        for block in self.layers.values():
             x = block(x)
+        if not self.post:
+            return x
         x = self.norm(x)
         if self.head is not None:
             logits = self.head(x)  # [s, b, V_pad/tp]
@@ -309,7 +343,7 @@ class Transformer(nn.Module):
             from parallel.mappings import copy_to_tp
 
             x = gather_from_sp(x, self.tp_group) if self.sp else copy_to_tp(x, self.tp_group)
-            logits = F.linear(x, self.embed.weight)
+            logits = linear(x, self.embed.weight)
         loss_SB = vocab_parallel_cross_entropy(logits, targets_BS.t(), self.tp_group, self.args.vocab_size,
-                                               vocab_start=self.embed.start)
+                                               vocab_start=self.vocab_start)
         return loss_SB.mean()

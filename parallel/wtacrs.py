@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel.layers import stream_seed
+from parallel.weight_grad import weight_grad
 
 __all__ = ["Sample", "choose_winners", "draw_sample", "importance_scale", "sampling_probs", "WTACRSConfig",
            "NormCache", "wtacrs_linear", "budget"]
@@ -166,6 +167,7 @@ class _WTACRSLinear(torch.autograd.Function):
             idx = torch.cat([sample.winners, sample.drawn]).to(x.device)
             scale = torch.cat([torch.ones(sample.winners.numel(), dtype=torch.float64), sample.scale])
             rows = x2.index_select(0, idx) * scale.to(device=x.device, dtype=x.dtype).unsqueeze(-1)
+        ctx.param = weight
         ctx.save_for_backward(rows, idx, weight)
         return y
 
@@ -174,7 +176,10 @@ class _WTACRSLinear(torch.autograd.Function):
         rows, idx, weight = ctx.saved_tensors
         g2 = gy.reshape(-1, gy.shape[-1])
         grad_x = (gy @ weight).reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        grad_w = g2.index_select(0, idx).t() @ rows if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            g_rows = g2.index_select(0, idx)
+            grad_w = weight_grad(ctx.param, lambda: g_rows.t() @ rows)
         grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         if ctx.seq_len and g2.shape[0] == ctx.seq_len * ctx.batch:
             g_sq = _sum_sq_over(g2.detach().to(torch.float64).pow(2).sum(-1), ctx.g_group)

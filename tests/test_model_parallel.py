@@ -25,24 +25,25 @@ BASE = [
 POOL = {1: (1, 1), 2: (2, 2), 4: (4, 2), 8: (8, 4)}  # world -> (world, ranks_per_node) of the shared pools
 
 
-def _train(overrides: list[str]) -> dict | None:
-    cfg = load_config(None, BASE + overrides)
+def _train(overrides: list[str], base: list[str] | None = None) -> dict | None:
+    cfg = load_config(None, (BASE if base is None else base) + overrides)
     trainer = Trainer(cfg, setup_groups(cfg))
     first_grads: dict = {}
     step = trainer.optimizer.step
 
     def capturing_step(*args, **kwargs):
         if not first_grads:
-            first_grads.update(trainer.model.full_tensors(grads=True))  # collective over TP
+            first_grads.update(trainer.full_tensors(grads=True))  # collective over TP and PP
         return step(*args, **kwargs)
 
     trainer.optimizer.step = capturing_step
     summary = trainer.fit()
-    params = trainer.model.full_tensors()
+    params = trainer.full_tensors()
     if dist.get_rank() != 0:
         return None
     return {"losses": summary["losses"], "grads": first_grads, "params": params,
-            "accum": trainer.data.micro_batches, "grad_norms": summary["grad_norms"]}
+            "accum": trainer.data.micro_batches, "grad_norms": summary["grad_norms"],
+            "saved_bytes": summary["saved_activation_bytes"], "pipeline": summary["pipeline"]}
 
 
 def _layout(tp: int, dp: int, sp: bool) -> list[str]:

@@ -1,0 +1,97 @@
+"""Deferred weight gradients: the input-gradient / weight-gradient split of zero-bubble pipelines.
+
+A zero-bubble schedule runs each micro-batch's backward in two passes: B (gradients of the stage
+input, which the previous stage is waiting for) and W (gradients of the weights, which nobody waits
+for and so can fill pipeline bubbles). The weight-bearing autograd functions of this project
+(:func:`linear`, the experts' segmented matmuls, WTA-CRS linears) call :func:`weight_grad` for their
+weight gradient: outside a :func:`defer_weight_grads` context it is computed at once and returned to
+autograd as usual; inside, the computation is queued (with the tensors it needs) and the function
+returns ``None`` for the weight, and :func:`run_deferred` later adds it to ``param.grad``.
+Parameters whose gradient comes from plain torch ops (norm weights, routers) are done in B.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["weight_grad", "defer_weight_grads", "run_deferred", "linear", "DeferredGrads"]
+
+DeferredGrads = list[tuple[torch.nn.Parameter, Callable[[], torch.Tensor]]]
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def defer_weight_grads(into: DeferredGrads) -> Iterator[DeferredGrads]:
+    """Inside this context, weight gradients of deferring functions are appended to ``into``."""
+    old = getattr(_local, "queue", None)
+    _local.queue = into
+    try:
+        yield into
+    finally:
+        _local.queue = old
+
+
+def weight_grad(param: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """``compute()`` now, or ``None`` after queueing it when deferral is on (see the module docstring)."""
+    queue = getattr(_local, "queue", None)
+    if queue is None or not isinstance(param, torch.nn.Parameter):
+        return compute()
+    queue.append((param, compute))
+    return None
+
+
+@torch.no_grad()
+def run_deferred(queue: DeferredGrads) -> None:
+    """Run the queued weight-gradient computations, accumulating into ``param.grad`` (the W pass)."""
+    for param, compute in queue:
+        g = compute().to(param.dtype)
+        if param.grad is None:
+            param.grad = g.contiguous() if g.shape == param.shape else g.reshape(param.shape).clone()
+        else:
+            param.grad.add_(g)
+    queue.clear()
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+class _Linear(torch.autograd.Function):
+    """``x @ w^T`` whose weight gradient may be deferred (zero-bubble W pass)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        cast = _autocast_dtype(x)
+        ctx.x_dtype = x.dtype
+        if cast is not None:
+            x, w_c = x.to(cast), w.to(cast)
+        else:
+            w_c = w
+        ctx.param = w
+        ctx.save_for_backward(x, w_c)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, w_c)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w_c = ctx.saved_tensors
+        gx = (g @ w_c).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+            gw = weight_grad(ctx.param, lambda: (g2.t() @ x2).to(ctx.param.dtype))
+        return gx, gw
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)`` (no bias) with a deferrable weight gradient."""
+    return _Linear.apply(x, w)
