@@ -161,3 +161,24 @@ def test_explicit_stage_layers_and_summary(ranks):
     assert got["pipeline"] == {"schedule": "1f1b", "vpp": 1, "stage_layers": [3, 5]}
     default = ranks(*POOL[4]).run(_train_pipe, _layout(1, 4, 1))[0]["pipeline"]
     assert sum(default["stage_layers"]) == 8 and default["stage_layers"][-1] <= default["stage_layers"][0]
+
+
+def _fit_pipe(overrides: list[str]) -> dict:
+    from launch.config import load_config
+    from launch.job import setup_groups
+    from launch.trainer import Trainer
+
+    cfg = load_config(None, BASE + overrides)
+    return Trainer(cfg, setup_groups(cfg)).fit()
+
+
+def test_pipelined_checkpoint_resume_equals_uninterrupted(ranks, tmp_path):
+    pool = ranks(*POOL[4])
+    layout = _layout(2, 2, 1, schedule="zero_bubble") + ["train.steps=4", "checkpoint.every=2",
+                                                          "model.tie_embeddings=true", "moe.router=sigmoid",
+                                                          "moe.bias_update_rate=0.01"]
+    whole = pool.run(_fit_pipe, layout + [f"checkpoint.dir={tmp_path / 'a'}"])[0]
+    pool.run(_fit_pipe, layout + [f"checkpoint.dir={tmp_path / 'b'}", "train.steps=2"])
+    resumed = pool.run(_fit_pipe, layout + [f"checkpoint.dir={tmp_path / 'b'}"])[0]
+    assert resumed["resumed_from"].endswith("step_00000002") and resumed["steps_run"] == 2
+    assert resumed["losses"] == whole["losses"]
