@@ -113,6 +113,13 @@ class MoEConfig(_Section):
     pipeline_degree: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = 1
     """Forward chunks of the dispatch/experts/combine pipeline: an integer or ``auto`` (chosen by the model)."""
     bwd_pipeline_degree: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = 1
+    """Backward chunks, independent of the forward degree."""
+    coschedule: bool = True
+    """Intra- and inter-node communication on separate channels (off: one channel for both)."""
+    partition_grads: bool = True
+    """Reduce ready data-parallel gradient buckets in the MoE layers' idle inter-node windows."""
+    profile_steps: int = Field(3, ge=1)
+    """``auto`` degrees: steps timed (at degrees 1, 2, 4, ...) before the α-β model picks the degrees."""
     d_expert: Optional[int] = Field(None, ge=1)
     """Expert hidden size; defaults to model.d_ffn."""
     activation: Literal["swiglu", "gelu"] = "swiglu"
@@ -187,6 +194,8 @@ class LoggingConfig(_Section):
     """Where the resolved config, console log and summary go."""
     tensorboard_dir: Optional[str] = None
     every: int = Field(1, ge=1)
+    collective_check: bool = False
+    """Debug: every rank records (op, group, shape) of each collective and fails fast when ranks diverge."""
 
 
 class FaultInjectConfig(_Section):
@@ -514,6 +523,10 @@ def check_consistency(cfg: JobConfig) -> None:
                                                "supported; drop mlp_up/mlp_down or set parallel.etp=1")
         if moe.router == "softmoe":
             raise ConfigError("wtacrs.layers", "router 'softmoe' mixes tokens into slots: drop mlp_up/mlp_down")
+        if (moe.pipeline_degree, moe.bwd_pipeline_degree) != (1, 1) or cfg.network.simulate:
+            raise ConfigError("wtacrs.layers", "sampling the experts' projections is not supported on the chunk-"
+                                               "pipelined MoE path (moe.pipeline_degree / network.simulate); drop "
+                                               "mlp_up/mlp_down")
     gbs = cfg.global_batch_size
     if gbs % (t.micro_batch_size * dp):
         raise ConfigError(

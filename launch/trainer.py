@@ -36,6 +36,7 @@ from launch.metrics import (
     peak_memory_bytes,
 )
 from moe.layer import MoEArgs, MoEGroups, MoELayer
+from moe.tuning import DegreeTuner, fit_and_choose
 from parallel.data_parallel import GradReducer, clip_grad_norm, finalize_tp_partial_grads
 from parallel.model import SwiGLU, Transformer, TransformerArgs
 from parallel.pipeline import PipelineRunner, partition_layers
@@ -96,8 +97,6 @@ class InjectedFault(RuntimeError):
 def _unsupported(cfg: JobConfig) -> str | None:
     if cfg.train.optimizer.zero_stage > 0:
         return "train.optimizer.zero_stage > 0: ZeRO sharding is not in this build yet"
-    if cfg.network.simulate:
-        return "network.simulate: simulated links are not in this build yet"
     return None
 
 
@@ -161,6 +160,7 @@ class Trainer:
                      if cfg.parallel.pp > 1 and m.tie_embeddings else [])
         for p in self.tied:
             self.replicas[id(p)] *= 2
+        self.keep_records = False  # the profile command keeps every span
         self.runner = None
         if cfg.parallel.pp > 1:
             s_local = m.seq_len // tp_size if (cfg.parallel.sp and tp_size > 1) else m.seq_len
@@ -169,7 +169,18 @@ class Trainer:
                                          act_shape=(s_local, cfg.train.micro_batch_size, m.d_model),
                                          act_dtype=self.param_dtype, device=self.device)
         # expert gradients already sum the tokens of the dp replicas in their EP group: sum over edp, / dp
-        self.reducer = GradReducer([(groups.dp, dense), (groups.edp, experts, dp)])
+        self.engine = self._link_engine()
+        hold = self.engine is not None and cfg.moe.partition_grads and bool(self.moe_layers)
+        self.reducer = GradReducer([(groups.dp, dense), (groups.edp, experts, dp)], engine=self.engine, hold=hold)
+        for layer in self.moe_layers:
+            if self.engine is not None:
+                layer.engine = self.engine
+                layer.tuner = DegreeTuner(cfg.moe.pipeline_degree, cfg.moe.bwd_pipeline_degree,
+                                          profile_steps=cfg.moe.profile_steps)
+                layer.release_grads = self._window(layer) if hold else None
+        self.profiling = any(layer.tuner is not None and layer.tuner.profiling for layer in self.moe_layers)
+        if self.engine is not None:
+            self.engine.record = self.profiling
         opt_kwargs: dict[str, Any] = dict(lr=cfg.train.lr, betas=(cfg.train.optimizer.beta1, cfg.train.optimizer.beta2),
                                           eps=cfg.train.optimizer.eps, weight_decay=cfg.train.optimizer.weight_decay)
         self.optimizer = self._make_optimizer(opt_kwargs)
@@ -193,6 +204,58 @@ class Trainer:
             self.writer = SummaryWriter(cfg.logging.tensorboard_dir)
 
     # ------------------------------------------------------------------ set-up helpers
+    def _link_engine(self):
+        """Link channels when MoE chunk pipelining or simulated links are asked for (dist/links.py)."""
+        cfg = self.cfg
+        moe, net = cfg.moe, cfg.network
+        pipelined = moe.num_experts > 0 and (moe.pipeline_degree, moe.bwd_pipeline_degree) != (1, 1)
+        if not (pipelined or net.simulate):
+            return None
+        from dist.links import LinkEngine, LinkSpec
+
+        sim = None
+        if net.simulate:
+            sim = {name: LinkSpec(link.latency_us * 1e-6, link.bandwidth_gbps * 1e9)
+                   for name, link in (("intra", net.intra), ("inter", net.inter))}
+        node_of = [0] * dist.get_world_size()
+        for n, members in enumerate(self.groups.grid.nodes):
+            for r in members:
+                node_of[r] = n
+        return LinkEngine(node_of=node_of, simulate=sim, coschedule=moe.coschedule)
+
+    def _window(self, layer):
+        """The gradient bytes an MoE layer's backward window can take: its modeled inter-link idle time
+        over the inter link's per-byte cost (everything ready until the model exists)."""
+
+        def release() -> None:
+            report = getattr(layer, "overlap_report", None)
+            budget = None
+            if report:
+                beta = report["links"]["inter"]["beta"]
+                budget = report["bwd_inter_idle_s"] / beta if beta > 0 else None
+            self.reducer.release(budget)
+
+        return release
+
+    def _after_step_tuning(self) -> None:
+        """Advance the degree tuners; when the profiling steps are done, fit the model and choose."""
+        if self.engine is None:
+            return
+        for layer in self.moe_layers:
+            layer.tuner.end_step()
+        if self.profiling and all(not layer.tuner.profiling or layer.tuner.step >= layer.tuner.profile_steps
+                                  for layer in self.moe_layers):
+            reports = fit_and_choose(self.moe_layers, self.engine)
+            self.profiling = False
+            self.engine.record = self.keep_records
+            if reports:
+                chosen = {k: v["degrees"] for k, v in reports.items()}
+                self._say(f"[moetrain] MoE chunk pipelining: (forward, backward) degrees by layer {chosen}")
+        if not self.keep_records and not self.profiling:
+            self.engine.clear_records()
+            for layer in self.moe_layers:
+                layer.section_times.compute.clear()
+
     def _layer_cost(self, layer: int) -> float:
         """Parameters of block ``layer`` (the pipeline balancing weight)."""
         cfg, m, moe = self.cfg, self.cfg.model, self.cfg.moe
@@ -448,6 +511,7 @@ class Trainer:
         dist.all_reduce(total, group=self.groups.dp)
         loss_value = float(total.item()) / self.groups.size("dp")
         self.step += 1
+        self._after_step_tuning()
         return {"loss": loss_value, "grad_norm": gnorm, "lr": lr_at(step, cfg),
                 "saved_activation_bytes": activation_bytes, **self._moe_metrics(moe_stats)}
 
@@ -501,6 +565,8 @@ class Trainer:
         achieved = tps * self.flops_per_token / dist.get_world_size()
         if self.writer:
             self.writer.close()
+        if self.engine is not None:
+            self.engine.close()
         return {
             "steps": self.step,
             "losses": self.losses,
@@ -521,6 +587,8 @@ class Trainer:
             "mfu": achieved / self.peak_flops if self.peak_flops else None,
             "peak_flops_per_rank": self.peak_flops,
             "peak_memory_bytes": peak_memory_bytes(self.device),
+            "moe_degrees": {layer.layer: list(layer.tuner.chosen or (layer.tuner.fwd, layer.tuner.bwd))
+                            for layer in self.moe_layers if layer.tuner is not None},
         }
 
     def _progress_bar(self):

@@ -28,6 +28,7 @@ from torch import nn
 
 from moe.dispatch import build_plan, exchange_counts, segments_perm
 from moe.experts import GroupedExperts
+from moe.overlap import SectionTimes, pipelined_experts
 from moe.routers import RouterConfig, Routing, build_router
 from parallel.layers import tp_rank_size
 from parallel.mappings import copy_to_tp, gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
@@ -122,11 +123,14 @@ class Dispatch(nn.Module):
         self.me = 0 if groups.ep is None else dist.get_rank(groups.ep)
         self.per_node = 1 if groups.ep_intra is None else dist.get_world_size(groups.ep_intra)
 
-    def forward(self, rows_sorted: torch.Tensor, counts_E: torch.Tensor):
-        counts = exchange_counts(counts_E, self.groups.ep)
-        plan = build_plan(self.algo, counts, self.me, local_experts=self.local_experts, ep_group=self.groups.ep,
+    def plan_for(self, counts: torch.Tensor):
+        """The plan that moves rows with count matrix ``counts[src, e]`` (all EP members)."""
+        return build_plan(self.algo, counts, self.me, local_experts=self.local_experts, ep_group=self.groups.ep,
                           intra_group=self.groups.ep_intra, inter_group=self.groups.ep_inter,
                           ranks_per_node=self.per_node)
+
+    def forward(self, rows_sorted: torch.Tensor, counts_E: torch.Tensor):
+        plan = self.plan_for(exchange_counts(counts_E, self.groups.ep))
         return plan.dispatch(rows_sorted), plan
 
 
@@ -147,6 +151,11 @@ class ExpertStage(nn.Module):
         back = torch.empty_like(by_expert)
         back[by_expert] = torch.arange(by_expert.numel())
         return y.index_select(0, back)
+
+
+@dataclasses.dataclass
+class _RecvCounts:
+    recv_counts: torch.Tensor  # [source][local expert], what ExpertStage needs of a plan
 
 
 class Combine(nn.Module):
@@ -193,6 +202,13 @@ class MoELayer(nn.Module):
         self.aux_scale = 1.0  # the trainer sets 1/accum so aux losses weigh like the main loss
         self.last_stats: dict = {}
         self.wtacrs = None  # WTACRSConfig when the experts' weight gradients are sampled
+        # chunk pipelining (moe/overlap.py), set up by the trainer: the link engine, (fwd, bwd) degrees
+        # or a tuner that picks them, the reducer's window callback, and the measured expert compute
+        self.engine = None
+        self.degrees: tuple[int, int] = (1, 1)
+        self.tuner = None
+        self.release_grads = None
+        self.section_times = SectionTimes()
 
     def enable_wtacrs(self, cfg, up: bool, down: bool) -> None:
         """Estimate the experts' up/down weight gradients with WTA-CRS, sampled per expert over the
@@ -228,6 +244,19 @@ class MoELayer(nn.Module):
             w_A.index_add_(0, cand[sample.drawn], sample.scale)
         return w_A.to(x_TD.device)
 
+    def _pipelined(self, rows_sorted: torch.Tensor, counts_E: torch.Tensor, shape: tuple) -> torch.Tensor:
+        """dispatch -> experts -> combine chunked and overlapped on the link channels (moe/overlap.py)."""
+        counts = exchange_counts(counts_E, self.groups.ep)
+        degrees = self.tuner.degrees(shape) if self.tuner is not None else self.degrees
+
+        def expert_fn(x: torch.Tensor, recv_counts: list[list[int]]) -> torch.Tensor:
+            return self.experts(x, _RecvCounts(torch.tensor(recv_counts, dtype=torch.long)))
+
+        return pipelined_experts(rows_sorted, counts, me=self.dispatch.me, local_experts=self.dispatch.local_experts,
+                                 plan_for=self.dispatch.plan_for, engine=self.engine, expert_fn=expert_fn,
+                                 degrees=degrees, tag=f"moe{self.layer}", times=self.section_times,
+                                 release_grads=self.release_grads)
+
     @property
     def router(self) -> nn.Module:
         return self.gate.router
@@ -243,12 +272,15 @@ class MoELayer(nn.Module):
             routing.sample_w_A = self._sample_assignments(routing, x_TD)
         mine = routing.subset(self.tp_rank, self.tp_size)
         rows_sorted, counts_E, perm = self.order(mine.rows(x_TD), mine.expert_A)
-        recv, plan = self.dispatch(rows_sorted, counts_E)
-        recv_w = None
-        if getattr(mine, "sample_w_A", None) is not None:  # the weights travel with their rows
-            recv_w = plan.dispatch(mine.sample_w_A.index_select(0, perm).unsqueeze(-1)).squeeze(-1)
-        y_recv = self.experts(recv, plan, recv_w)
-        y_sorted = self.combine(y_recv, plan)
+        if self.engine is not None:
+            y_sorted = self._pipelined(rows_sorted, counts_E, tuple(x_TD.shape))
+        else:
+            recv, plan = self.dispatch(rows_sorted, counts_E)
+            recv_w = None
+            if getattr(mine, "sample_w_A", None) is not None:  # the weights travel with their rows
+                recv_w = plan.dispatch(mine.sample_w_A.index_select(0, perm).unsqueeze(-1)).squeeze(-1)
+            y_recv = self.experts(recv, plan, recv_w)
+            y_sorted = self.combine(y_recv, plan)
         out = self.unorder(y_sorted, perm, mine, T).view(s, b, d)
         out = reduce_scatter_to_sp(out, tp) if self.sp else reduce_from_tp(out, tp)
         if self.shared is not None:

@@ -7,11 +7,20 @@ bucket is accumulated, the bucket's flat all-reduce is launched asynchronously a
 ``finish()`` waits for every bucket and writes the averaged gradients back.
 
 With gradient accumulation, wrap all but the last micro-batch in ``no_sync()``.
+
+Gradient partitioning (``hold=True``, FSMoE's adaptive gradient partitioning): a ready bucket is not
+launched at once but held until an MoE layer's backward offers an idle inter-node window
+(:meth:`release`, called by the chunk-pipelined section) or the step ends. Buckets launch strictly in
+bucket order (a bucket waits for every earlier one), so all ranks issue the same sequence of
+reductions whatever the timing, and never before all their gradients exist; each bucket is the same
+flat all-reduce as without holding, so results are bit-identical. With a link engine
+(:mod:`dist.links`) the reductions run on its channels (and take simulated link time).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -33,12 +42,15 @@ class _Bucket:
     launched: bool = False
     pending: set = field(default_factory=set)
 
+    def flat_numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
 
 class GradReducer:
     """Bucketed, overlapped all-reduce (average) of gradients over per-parameter-group process groups."""
 
     def __init__(self, param_groups: Iterable[tuple], *, bucket_bytes: int = 8 * 1024 * 1024,
-                 overlap: bool = True):
+                 overlap: bool = True, engine=None, hold: bool = False):
         """``param_groups``: ``(group, params)`` or ``(group, params, divisor)``; the reduced sum is divided
         by ``divisor`` (default: the group size). Expert parameters use their expert-data-parallel group
         with divisor dp, since their gradients already sum the tokens of several data-parallel replicas."""
@@ -46,6 +58,9 @@ class GradReducer:
         self._bucket_of: dict[int, _Bucket] = {}
         self._sync = True
         self.overlap = overlap
+        self.engine, self.hold = engine, hold
+        self.events: list[tuple[str, int, float]] = []  # ("ready" | "launch", bucket index, time)
+        self.window_bytes: float | None = None  # per release(); None: everything ready
         self._hooks = []
         self._scale_only: list[tuple[list[nn.Parameter], int]] = []
         for entry in param_groups:
@@ -97,13 +112,38 @@ class GradReducer:
         b.pending.add(id(p))
         b.ready += 1
         if b.ready == len(b.params):
+            self.events.append(("ready", self.buckets.index(b), time.perf_counter()))
+            if not self.hold:
+                self._launch(b)
+
+    def release(self, budget_bytes: float | None = None) -> int:
+        """Launch held buckets that are ready, in bucket order, up to ``budget_bytes`` (default
+        ``window_bytes``; None: all ready ones). Returns how many were launched."""
+        budget = self.window_bytes if budget_bytes is None else budget_bytes
+        n = 0
+        for b in self.buckets:
+            if b.launched:
+                continue
+            if b.ready < len(b.params):
+                break  # a bucket waits for every earlier one
+            size = b.flat_numel() * b.params[0].element_size()
+            if budget is not None and n and size > budget:
+                break
             self._launch(b)
+            n += 1
+            if budget is not None:
+                budget -= size
+        return n
 
     def _launch(self, b: _Bucket) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
         b.flat = torch.cat([g.reshape(-1) for g in grads])
-        b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
+        if self.engine is not None:
+            b.work = self.engine.submit(b.flat, [self.engine.allreduce_step(b.group, tag="grad")])
+        else:
+            b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
         b.launched = True
+        self.events.append(("launch", self.buckets.index(b), time.perf_counter()))
 
     def finish(self) -> None:
         """Launch what backward did not (unused parameters, overlap off), wait, average, write back."""
@@ -128,6 +168,7 @@ class GradReducer:
                 offset += n
             b.flat, b.work, b.launched, b.ready = None, None, False, 0
             b.pending.clear()
+        self.last_events, self.events = self.events, []
 
     def remove(self) -> None:
         for h in self._hooks:

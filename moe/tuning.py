@@ -1,0 +1,128 @@
+"""Online profiling of the chunk-pipelined MoE sections and the choice of their degrees.
+
+For ``auto`` degrees a layer runs its first ``moe.profile_steps`` steps at degrees 1, 2, 4, ... (so
+chunk sizes vary and α separates from β), timing every transfer (the link engine's spans) and every
+chunk's expert compute (the section's times). :func:`fit_and_choose` then fits α-β per link class and
+per layer's forward / backward compute, averages the fitted numbers over all ranks (one all-reduce,
+so every member of an EP group picks the same degrees: the chunk structure is part of the collective
+sequence), and picks each layer's forward and backward degree with :func:`moe.perf_model.choose_degree`.
+A layer whose token count changes (another micro-batch or sequence length) profiles again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moe.perf_model import AlphaBeta, SectionShape, choose_degree, fit_alpha_beta, makespan
+
+__all__ = ["DegreeTuner", "fit_and_choose", "section_shape"]
+
+PROFILE_DEGREES = (1, 2, 4, 3, 6, 8)
+
+
+@dataclass
+class DegreeTuner:
+    """Degrees of one MoE layer: fixed, or profiled then chosen (``"auto"`` on either side)."""
+
+    fwd: int | str
+    bwd: int | str
+    profile_steps: int = 3
+    step: int = 0
+    chosen: tuple[int, int] | None = None
+    shape_key: tuple | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def profiling(self) -> bool:
+        return self.chosen is None and "auto" in (self.fwd, self.bwd)
+
+    def degrees(self, shape: tuple) -> tuple[int, int]:
+        """This step's degrees for a layer input of ``shape`` (tokens, d)."""
+        key = tuple(shape)
+        if self.shape_key is not None and key != self.shape_key and "auto" in (self.fwd, self.bwd):
+            self.chosen, self.step = None, 0  # shapes changed: profile again
+        self.shape_key = key
+        if self.chosen is not None:
+            return self.chosen
+        probe = PROFILE_DEGREES[self.step % len(PROFILE_DEGREES)]
+        return (probe if self.fwd == "auto" else int(self.fwd), probe if self.bwd == "auto" else int(self.bwd))
+
+    def end_step(self) -> None:
+        self.step += 1
+
+
+def section_shape(layer) -> SectionShape | None:
+    shape = getattr(layer.section_times, "shape", None)
+    return shape
+
+
+def _fit_links(spans) -> dict[str, AlphaBeta]:
+    out = {}
+    for link in ("intra", "inter"):
+        pts = [(s.nbytes, s.end - s.start) for s in spans if s.link == link and s.op == "a2a"]
+        out[link] = fit_alpha_beta([p[0] for p in pts], [p[1] for p in pts])
+    return out
+
+
+def fit_and_choose(layers: list, engine, group=None, max_degree: int = 8) -> dict[int, dict[str, Any]]:
+    """Fit the model from what was recorded, agree over ``group`` (all ranks), choose every layer's degrees.
+
+    Collective: every rank calls it at the same step with its MoE layers in the same order.
+    """
+    links = _fit_links(engine.spans)
+    grads = [s for s in engine.spans if s.op == "allreduce"]
+    local: list[float] = [links["intra"].alpha, links["intra"].beta, links["inter"].alpha, links["inter"].beta]
+    shapes = []
+    for layer in layers:
+        t = layer.section_times.compute
+        fw = fit_alpha_beta([r for p, r, _ in t if p == "fwd"], [s for p, _, s in t if p == "fwd"])
+        bw = fit_alpha_beta([r for p, r, _ in t if p == "bwd"], [s for p, _, s in t if p == "bwd"])
+        local += [fw.alpha, fw.beta, bw.alpha, bw.beta]
+        shapes.append(section_shape(layer))
+    coeffs = torch.tensor(local, dtype=torch.float64)
+    # volumes: the slowest rank's (max), padded to a common step count
+    n_steps = max((len(s.steps) for s in shapes if s is not None), default=0)
+    vol = torch.zeros(len(layers), n_steps + 1, dtype=torch.float64)
+    for i, s in enumerate(shapes):
+        if s is not None:
+            vol[i, 0] = s.rows
+            for k, (_, nb) in enumerate(s.steps):
+                vol[i, k + 1] = nb
+    if dist.is_initialized():
+        dist.all_reduce(coeffs, group=group)
+        coeffs /= dist.get_world_size(group)
+        dist.all_reduce(vol, op=dist.ReduceOp.MAX, group=group)
+    c = coeffs.tolist()
+    link_ab = {"intra": AlphaBeta(c[0], c[1]), "inter": AlphaBeta(c[2], c[3])}
+    out = {}
+    for i, layer in enumerate(layers):
+        fw = AlphaBeta(*c[4 + 4 * i: 6 + 4 * i])
+        bw = AlphaBeta(*c[6 + 4 * i: 8 + 4 * i])
+        s = shapes[i]
+        if s is None:
+            continue
+        shape = SectionShape(tuple((link, float(vol[i, k + 1])) for k, (link, _) in enumerate(s.steps)),
+                             float(vol[i, 0]))
+        cos = engine.coschedule
+        tuner = layer.tuner
+        rf, ft = choose_degree(shape, link_ab, fw, max_degree=max_degree, coschedule=cos)
+        rb, bt = choose_degree(shape, link_ab, bw, max_degree=max_degree, coschedule=cos)
+        if tuner is not None:
+            rf = rf if tuner.fwd == "auto" else int(tuner.fwd)
+            rb = rb if tuner.bwd == "auto" else int(tuner.bwd)
+        idle = makespan(rb, shape, link_ab, bw, cos)[1]
+        report = {"links": {k: vars(v) for k, v in link_ab.items()}, "compute_fwd": vars(fw),
+                  "compute_bwd": vars(bw), "shape": {"steps": [list(x) for x in shape.steps], "rows": shape.rows},
+                  "degrees": [rf, rb], "modeled_fwd_s": ft[rf], "modeled_bwd_s": bt[rb],
+                  "modeled_fwd_by_degree": ft, "modeled_bwd_by_degree": bt, "bwd_inter_idle_s": idle,
+                  "grad_allreduce_samples": len(grads)}
+        if tuner is not None:
+            tuner.chosen = (rf, rb)
+            tuner.report = report
+        layer.overlap_report = report
+        out[layer.layer] = report
+    return out
