@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 from launch.config import ConfigError, JobConfig, load_config
@@ -112,6 +113,33 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_profile(args) -> int:
+    from launch.job import run_job
+    from launch.profile import write_report
+
+    steps = [] if args.steps is None else [f"train.steps={args.steps}"]
+    cfg = load_config(args.config, list(args.overrides) + steps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_job(cfg, str(out / "run_summary.json"), profile_dir=str(out))
+    if cfg.cluster.launcher in ("mpi", "env"):
+        import os
+
+        if int(os.environ.get("RANK", os.environ.get("PMI_RANK", "0"))) != 0:
+            return 0
+    summary = write_report(str(out), cfg.world_size)
+
+    def fmt(v, unit="s"):
+        return "n/a" if v is None else (f"{v * 1e3:.1f} ms" if unit == "s" else f"{v:.1%}")
+
+    print(f"profile: step {fmt(summary['step_s'])} (modeled {fmt(summary['modeled_step_s'])}), communication "
+          f"{fmt(summary['comm_s_per_step'])}/step: hidden {fmt(summary['hidden_comm_s_per_step'])}, exposed "
+          f"{fmt(summary['exposed_comm_s_per_step'])}, overlap {fmt(summary['overlap_ratio'], '%')}; "
+          f"degrees {summary['degrees']}")
+    print(f"wrote {out}/summary.json, timeline.png, trace_rank*.json (chrome://tracing, ui.perfetto.dev), tb/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moetrain",
@@ -131,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = add("train", "run the job with the launcher named by cluster.launcher")
     p.add_argument("--summary", metavar="PATH", help="write a JSON summary of the run here")
+    p = add("profile", "run a few steps with timing on: traces, timeline, hidden/exposed communication")
+    p.add_argument("--out", metavar="DIR", required=True, help="where traces, timeline.png and summary.json go")
+    p.add_argument("--steps", type=int, metavar="N", help="steps to run (default: train.steps)")
     return parser
 
 
@@ -145,7 +176,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = list(args.overrides) + rest
-    handler = {"validate": _cmd_validate, "topology": _cmd_topology, "train": _cmd_train}[args.command]
+    handler = {"validate": _cmd_validate, "topology": _cmd_topology, "train": _cmd_train,
+               "profile": _cmd_profile}[args.command]
     try:
         return handler(args)
     except ConfigError as exc:

@@ -158,6 +158,8 @@ class TrainConfig(_Section):
     min_lr: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     grad_clip: Optional[float] = Field(1.0, gt=0)
+    bucket_mb: float = Field(8.0, gt=0)
+    """Data-parallel gradient bucket size (MiB)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: selective = core attention, full = whole transformer blocks."""
     optimizer: OptimizerConfig = OptimizerConfig()

@@ -40,12 +40,12 @@ def _init_distributed(cfg: JobConfig, env) -> None:
                             timeout=timedelta(seconds=cfg.cluster.collective_timeout_s))
 
 
-def rank_main(cfg_data: dict[str, Any]) -> dict[str, Any]:
+def rank_main(cfg_data: dict[str, Any], profile_dir: Optional[str] = None) -> dict[str, Any]:
     """Everything one rank does, launcher-agnostic. Returns this rank's summary."""
     from launch.trainer import train
 
     cfg = config_from_dict(cfg_data, check=False)
-    return train(cfg, setup_groups(cfg))
+    return train(cfg, setup_groups(cfg), profile_dir=profile_dir)
 
 
 def setup_groups(cfg: JobConfig):
@@ -85,8 +85,9 @@ def _write_summary(summary: dict, path: Optional[str]) -> None:
     os.replace(tmp, p)
 
 
-def run_job(cfg: JobConfig, summary_path: Optional[str] = None) -> dict[str, Any]:
-    """Launch ``cfg`` with its launcher and return rank 0's summary (also written to ``summary_path``)."""
+def run_job(cfg: JobConfig, summary_path: Optional[str] = None, profile_dir: Optional[str] = None) -> dict[str, Any]:
+    """Launch ``cfg`` with its launcher and return rank 0's summary (also written to ``summary_path``);
+    with ``profile_dir`` every rank records its trace and metrics there (``moetrain profile``)."""
     write_resolved(cfg, cfg.logging.run_dir)
     data = cfg.model_dump(mode="json")
     launcher = cfg.cluster.launcher
@@ -96,7 +97,7 @@ def run_job(cfg: JobConfig, summary_path: Optional[str] = None) -> dict[str, Any
         env = {"PYTHONUNBUFFERED": "1"}
         with LocalRanks(cfg.world_size, ranks_per_node=cfg.cluster.ranks_per_node, timeout=None,
                         collective_timeout_s=cfg.cluster.collective_timeout_s, env=env) as pool:
-            summary = pool.run(rank_main, data, timeout=None)[0]
+            summary = pool.run(rank_main, data, profile_dir, timeout=None)[0]
     elif launcher in ("mpi", "env"):
         from dist.env import detect
 
@@ -105,7 +106,7 @@ def run_job(cfg: JobConfig, summary_path: Optional[str] = None) -> dict[str, Any
         import torch.distributed as dist
 
         try:
-            summary = rank_main(data)
+            summary = rank_main(data, profile_dir)
         finally:
             dist.destroy_process_group()
         if env.rank != 0:

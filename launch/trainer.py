@@ -111,12 +111,18 @@ def lr_at(step: int, cfg: JobConfig) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig, groups: ParallelGroups):
+    def __init__(self, cfg: JobConfig, groups: ParallelGroups, profile_dir: str | None = None):
         why = _unsupported(cfg)
         if why:
             raise TrainError(why)
         self.cfg, self.groups = cfg, groups
+        self.profile_dir = profile_dir
+        self.step_spans: list[tuple[int, float, float, bool]] = []
         self.rank = dist.get_rank()
+        if cfg.logging.collective_check:
+            from dist import collective_check
+
+            collective_check.enable(timeout_s=min(cfg.cluster.collective_timeout_s, 120.0))
         self.is_logger = self.rank == 0
         if cfg.cluster.device == "cuda":
             if not torch.cuda.is_available():
@@ -160,7 +166,7 @@ class Trainer:
                      if cfg.parallel.pp > 1 and m.tie_embeddings else [])
         for p in self.tied:
             self.replicas[id(p)] *= 2
-        self.keep_records = False  # the profile command keeps every span
+        self.keep_records = profile_dir is not None  # the profile command keeps every span
         self.runner = None
         if cfg.parallel.pp > 1:
             s_local = m.seq_len // tp_size if (cfg.parallel.sp and tp_size > 1) else m.seq_len
@@ -171,7 +177,8 @@ class Trainer:
         # expert gradients already sum the tokens of the dp replicas in their EP group: sum over edp, / dp
         self.engine = self._link_engine()
         hold = self.engine is not None and cfg.moe.partition_grads and bool(self.moe_layers)
-        self.reducer = GradReducer([(groups.dp, dense), (groups.edp, experts, dp)], engine=self.engine, hold=hold)
+        self.reducer = GradReducer([(groups.dp, dense), (groups.edp, experts, dp)], engine=self.engine, hold=hold,
+                                   bucket_bytes=int(cfg.train.bucket_mb * 2**20))
         for layer in self.moe_layers:
             if self.engine is not None:
                 layer.engine = self.engine
@@ -180,7 +187,7 @@ class Trainer:
                 layer.release_grads = self._window(layer) if hold else None
         self.profiling = any(layer.tuner is not None and layer.tuner.profiling for layer in self.moe_layers)
         if self.engine is not None:
-            self.engine.record = self.profiling
+            self.engine.record = self.profiling or self.keep_records
         opt_kwargs: dict[str, Any] = dict(lr=cfg.train.lr, betas=(cfg.train.optimizer.beta1, cfg.train.optimizer.beta2),
                                           eps=cfg.train.optimizer.eps, weight_decay=cfg.train.optimizer.weight_decay)
         self.optimizer = self._make_optimizer(opt_kwargs)
@@ -209,7 +216,7 @@ class Trainer:
         cfg = self.cfg
         moe, net = cfg.moe, cfg.network
         pipelined = moe.num_experts > 0 and (moe.pipeline_degree, moe.bwd_pipeline_degree) != (1, 1)
-        if not (pipelined or net.simulate):
+        if not (pipelined or net.simulate or self.profile_dir):
             return None
         from dist.links import LinkEngine, LinkSpec
 
@@ -255,6 +262,7 @@ class Trainer:
             self.engine.clear_records()
             for layer in self.moe_layers:
                 layer.section_times.compute.clear()
+                layer.section_times.sections.clear()
 
     def _layer_cost(self, layer: int) -> float:
         """Parameters of block ``layer`` (the pipeline balancing weight)."""
@@ -544,8 +552,10 @@ class Trainer:
         while self.step < cfg.train.steps:
             self._inject_fault(self.step)
             t0 = time.perf_counter()
+            profiling = self.profiling
             out = self.train_step()
             dt = time.perf_counter() - t0
+            self.step_spans.append((self.step - 1, t0, t0 + dt, profiling))
             step_times.append(dt)
             self.losses.append(out["loss"])
             self.grad_norms.append(out["grad_norm"])
@@ -565,8 +575,16 @@ class Trainer:
         achieved = tps * self.flops_per_token / dist.get_world_size()
         if self.writer:
             self.writer.close()
+        if self.profile_dir:
+            from launch.profile import write_rank_records
+
+            write_rank_records(self, self.profile_dir)
         if self.engine is not None:
             self.engine.close()
+        if cfg.logging.collective_check:
+            from dist import collective_check
+
+            collective_check.disable()
         return {
             "steps": self.step,
             "losses": self.losses,
@@ -625,6 +643,7 @@ class Trainer:
                   flush=True)
 
 
-def train(cfg: JobConfig, groups: ParallelGroups) -> dict[str, Any]:
-    """Build a Trainer for this rank and run it to ``train.steps``."""
-    return Trainer(cfg, groups).fit()
+def train(cfg: JobConfig, groups: ParallelGroups, profile_dir: str | None = None) -> dict[str, Any]:
+    """Build a Trainer for this rank and run it to ``train.steps`` (recording a profile into
+    ``profile_dir`` when given)."""
+    return Trainer(cfg, groups, profile_dir=profile_dir).fit()

@@ -80,9 +80,10 @@ class ChunkLayout:
 
 @dataclass
 class SectionTimes:
-    """Measured expert compute of one call: (phase, rows, seconds) per chunk."""
+    """Measured expert compute: (phase, rows, seconds, start) per chunk; whole calls: (phase, start, end)."""
 
-    compute: list[tuple[str, int, float]] = field(default_factory=list)
+    compute: list[tuple[str, int, float, float]] = field(default_factory=list)
+    sections: list[tuple[str, float, float]] = field(default_factory=list)
     shape: object = None  # moe.perf_model.SectionShape of the latest call
 
 
@@ -130,6 +131,7 @@ class _Section:
         self.times.shape = SectionShape(tuple(steps), float(full.recv_counts.sum()))
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
         lay, eng = self.layout, self.engine
         self._record_shape(rows)
         plans = [self.plan_for(lay.counts(mic)) for mic in self.fwd]
@@ -149,14 +151,16 @@ class _Section:
                     y_g = self.expert_fn(x_g, cnt)
                 self.graphs[g] = (x_g, y_g)
                 y_chunk.index_copy_(0, ix, y_g.detach())
-            self.times.compute.append(("fwd", recv.shape[0], time.perf_counter() - t0))
+            self.times.compute.append(("fwd", recv.shape[0], time.perf_counter() - t0, t0))
             back.append(eng.submit(y_chunk, _steps(eng, plans[i], False, f"{self.tag}/fc{i}")))
         out = rows.new_empty(rows.shape)
         for job, ix in zip(back, sends):
             out.index_copy_(0, ix.to(rows.device), job.wait())
+        self.times.sections.append(("fwd", start, time.perf_counter()))
         return out
 
     def backward(self, grad: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
         lay, eng = self.layout, self.engine
         plans = [self.plan_for(lay.counts(mic)) for mic in self.bwd]
         sends = [lay.send_index(mic) for mic in self.bwd]
@@ -178,11 +182,12 @@ class _Section:
                     torch.autograd.backward(y_g, recv.index_select(0, ix))
                 if x_g.grad is not None:
                     gx_chunk.index_copy_(0, ix, x_g.grad)
-            self.times.compute.append(("bwd", recv.shape[0], time.perf_counter() - t0))
+            self.times.compute.append(("bwd", recv.shape[0], time.perf_counter() - t0, t0))
             back.append(eng.submit(gx_chunk, _steps(eng, plans[j], False, f"{self.tag}/bd{j}")))
         out = grad.new_zeros(grad.shape)
         for job, ix in zip(back, sends):
             out.index_copy_(0, ix.to(grad.device), job.wait())
+        self.times.sections.append(("bwd", start, time.perf_counter()))
         return out
 
 

@@ -79,8 +79,8 @@ def fit_and_choose(layers: list, engine, group=None, max_degree: int = 8) -> dic
     shapes = []
     for layer in layers:
         t = layer.section_times.compute
-        fw = fit_alpha_beta([r for p, r, _ in t if p == "fwd"], [s for p, _, s in t if p == "fwd"])
-        bw = fit_alpha_beta([r for p, r, _ in t if p == "bwd"], [s for p, _, s in t if p == "bwd"])
+        fw = fit_alpha_beta([e[1] for e in t if e[0] == "fwd"], [e[2] for e in t if e[0] == "fwd"])
+        bw = fit_alpha_beta([e[1] for e in t if e[0] == "bwd"], [e[2] for e in t if e[0] == "bwd"])
         local += [fw.alpha, fw.beta, bw.alpha, bw.beta]
         shapes.append(section_shape(layer))
     coeffs = torch.tensor(local, dtype=torch.float64)

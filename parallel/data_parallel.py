@@ -31,7 +31,7 @@ from torch import nn
 __all__ = ["GradReducer", "finalize_tp_partial_grads", "clip_grad_norm", "grad_norm_sq_local"]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Bucket:
     params: list[nn.Parameter]
     group: object
@@ -41,6 +41,7 @@ class _Bucket:
     work: object | None = None
     launched: bool = False
     pending: set = field(default_factory=set)
+    index: int = 0
 
     def flat_numel(self) -> int:
         return sum(p.numel() for p in self.params)
@@ -59,7 +60,7 @@ class GradReducer:
         self._sync = True
         self.overlap = overlap
         self.engine, self.hold = engine, hold
-        self.events: list[tuple[str, int, float]] = []  # ("ready" | "launch", bucket index, time)
+        self.events: list[tuple] = []  # ("ready", bucket, time) | ("launch", bucket, time, ready|window|finish)
         self.window_bytes: float | None = None  # per release(); None: everything ready
         self._hooks = []
         self._scale_only: list[tuple[list[nn.Parameter], int]] = []
@@ -89,7 +90,7 @@ class GradReducer:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
 
     def _add_bucket(self, params: list[nn.Parameter], group, divisor: int) -> None:
-        b = _Bucket(params=list(params), group=group, size=divisor)
+        b = _Bucket(params=list(params), group=group, size=divisor, index=len(self.buckets))
         self.buckets.append(b)
         for p in params:
             self._bucket_of[id(p)] = b
@@ -112,9 +113,9 @@ class GradReducer:
         b.pending.add(id(p))
         b.ready += 1
         if b.ready == len(b.params):
-            self.events.append(("ready", self.buckets.index(b), time.perf_counter()))
+            self.events.append(("ready", b.index, time.perf_counter()))
             if not self.hold:
-                self._launch(b)
+                self._launch(b, "ready")
 
     def release(self, budget_bytes: float | None = None) -> int:
         """Launch held buckets that are ready, in bucket order, up to ``budget_bytes`` (default
@@ -127,15 +128,15 @@ class GradReducer:
             if b.ready < len(b.params):
                 break  # a bucket waits for every earlier one
             size = b.flat_numel() * b.params[0].element_size()
-            if budget is not None and n and size > budget:
+            if budget is not None and size > budget:
                 break
-            self._launch(b)
+            self._launch(b, "window")
             n += 1
             if budget is not None:
                 budget -= size
         return n
 
-    def _launch(self, b: _Bucket) -> None:
+    def _launch(self, b: _Bucket, source: str) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
         b.flat = torch.cat([g.reshape(-1) for g in grads])
         if self.engine is not None:
@@ -143,7 +144,7 @@ class GradReducer:
         else:
             b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
         b.launched = True
-        self.events.append(("launch", self.buckets.index(b), time.perf_counter()))
+        self.events.append(("launch", b.index, time.perf_counter(), source))
 
     def finish(self) -> None:
         """Launch what backward did not (unused parameters, overlap off), wait, average, write back."""
@@ -153,7 +154,7 @@ class GradReducer:
                     p.grad.div_(divisor)
         for b in self.buckets:
             if not b.launched:
-                self._launch(b)
+                self._launch(b, "finish")
         for b in self.buckets:
             b.work.wait()
             b.flat.div_(b.size)

@@ -1,0 +1,146 @@
+"""MoE layer forward+backward with simulated links: no overlap vs Tutel-style overlap vs moetrain.
+
+Ranks: gloo processes on 2 simulated nodes; every collective of the MoE section and the gradient
+reduction takes ``latency + bytes / bandwidth`` of its link class (``dist.links``, sleeping, so 4
+ranks on 2 cores do not fight over cores for it). Each iteration: MoE layer (hier2d dispatch) ->
+a dense projection -> loss -> backward -> data-parallel reduction of the dense gradient (the
+non-expert gradients every real model has). Settings:
+
+- (a) no overlap: degree 1, one channel for both link classes, gradient reduced after backward;
+- (b) Tutel-style: dispatch/experts/combine chunked with one degree for forward and backward, one
+  channel (no intra/inter co-scheduling), gradient bucket launched as soon as it is ready (DDP);
+- (c) moetrain: degrees chosen by the online α-β model (forward and backward separately), intra
+  and inter channels co-scheduled, gradient buckets placed in the MoE backward's idle inter windows.
+
+Times: slowest rank, median over iterations after warm-up (and after (c)'s profiling steps).
+Lower bound: max(busiest link's total transfer time, expert + dense compute measured in (a)).
+
+    python benchmarks/overlap.py [--iters 8] [--tokens 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+LINKS = {"intra": (20e-6, 0.05e9), "inter": (100e-6, 0.02e9)}  # (latency s, bytes/s)
+SETTINGS = {
+    "a": dict(degrees=(1, 1), coschedule=False, hold=False, auto=False),
+    "b": dict(degrees=(2, 2), coschedule=False, hold=False, auto=False),
+    "c": dict(degrees=("auto", "auto"), coschedule=True, hold=True, auto=True),
+}
+
+
+def run_setting(name: str, *, tokens: int, d: int, d_expert: int, experts: int, topk: int, dense_mb: float,
+                iters: int, warmup: int, links: dict = LINKS, degrees=None) -> dict:
+    """One setting on every rank; returns the slowest rank's median step time and the chosen degrees."""
+    import torch
+    import torch.distributed as dist
+
+    from dist.groups import create_groups
+    from dist.links import LinkEngine, LinkSpec
+    from dist.topology import Layout, build_rank_grid
+    from moe.layer import MoEArgs, MoEGroups, MoELayer
+    from moe.tuning import DegreeTuner, fit_and_choose
+    from parallel.data_parallel import GradReducer
+
+    s = dict(SETTINGS[name])
+    if degrees is not None:
+        s["degrees"] = degrees
+    world = dist.get_world_size()
+    grid = build_rank_grid(Layout(dp=world, ep=world), ranks_per_node=world // 2)
+    groups = create_groups(grid)
+    node_of = [r // (world // 2) for r in range(world)]
+    engine = LinkEngine(node_of=node_of, simulate={k: LinkSpec(*v) for k, v in links.items()},
+                        coschedule=s["coschedule"])
+    torch.manual_seed(0)
+    args = MoEArgs(num_experts=experts, topk=topk, d_model=d, d_expert=d_expert, router="topk", capacity_factor=None,
+                   dispatch="hier2d", activation="swiglu", aux_loss_coef=0.0)
+    layer = MoELayer(args, 0, MoEGroups.from_parallel(groups), sp=False, dtype=torch.float32)
+    dense = torch.nn.Linear(d, int(dense_mb * 2**20 / 4 / d), bias=False)
+    reducer = GradReducer([(groups.dp, list(dense.parameters()))], engine=engine, hold=s["hold"],
+                          bucket_bytes=2**30)
+    layer.engine = engine
+    layer.tuner = DegreeTuner(*s["degrees"], profile_steps=3)
+    layer.release_grads = reducer.release if s["hold"] else None
+    engine.record = True
+    x = torch.randn(tokens, 1, d, generator=torch.Generator().manual_seed(dist.get_rank()))
+    times, compute = [], []
+    for i in range(warmup + iters + (3 if s["auto"] else 0)):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if not layer.tuner.profiling:
+            layer.section_times.compute.clear()
+        xi = x.detach().requires_grad_()
+        tc = time.perf_counter()
+        y = layer(xi)
+        loss = dense(y).pow(2).mean()
+        loss.backward()
+        reducer.finish()
+        t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        layer.tuner.end_step()
+        if layer.tuner.profiling and layer.tuner.step >= layer.tuner.profile_steps:
+            fit_and_choose([layer], engine)
+            continue
+        if s["auto"] and i < 3:
+            continue
+        waits = sum(b - a for a, b in engine.waits if a >= tc)
+        compute.append(time.perf_counter() - tc - waits)
+        if i >= warmup + (3 if s["auto"] else 0):
+            times.append(float(t))
+        last = ([(sp.link, sp.tag, round(sp.start - t0, 4), round(sp.end - t0, 4)) for sp in engine.spans],
+                [(round(a - t0, 4), round(b - t0, 4)) for a, b in engine.waits])
+        engine.spans.clear()
+        engine.waits.clear()
+        layer.zero_grad(set_to_none=True)
+        dense.zero_grad(set_to_none=True)
+    chosen = layer.tuner.chosen or layer.tuner.degrees((tokens, d))
+    shape = layer.section_times.shape
+    engine.close()
+    busy = {k: 0.0 for k in links}
+    for link, nb in shape.steps:
+        busy[link] += 2 * 2 * (links[link][0] + nb / links[link][1])  # dispatch + combine, forward + backward
+    n = world
+    grad_bytes = 2 * (n - 1) / n * dense.weight.numel() * 4
+    inter_dp = "inter"
+    busy[inter_dp] += links[inter_dp][0] + grad_bytes / links[inter_dp][1]
+    return {"median_s": statistics.median(times), "degrees": list(chosen), "link_busy_s": busy,
+            "compute_s": statistics.median(compute), "last_timeline": last}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[512, 1024])
+    args = ap.parse_args()
+
+    from launch.local import LocalRanks
+
+    print(f"# MoE overlap, {args.ranks} ranks on 2 simulated nodes, hier2d; links: "
+          + ", ".join(f"{k} {v[0] * 1e6:.0f} us + {v[1] / 1e9:g} GB/s" for k, v in LINKS.items())
+          + f"; {platform.node()}, {os.cpu_count()} cores")
+    print("| tokens/rank | d | E | k | (a) none s | (b) tutel-style s | (c) moetrain s | (c) degrees | "
+          "b/c | a/c | lower bound s | c / bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    with LocalRanks(args.ranks, ranks_per_node=args.ranks // 2, timeout=1200, threads=1) as pool:
+        for tokens in args.tokens:
+            shape = dict(tokens=tokens, d=128, d_expert=128, experts=8, topk=2, dense_mb=1.0,
+                         iters=args.iters, warmup=args.warmup)
+            res = {name: pool.run(run_setting, name, **shape)[0] for name in ("a", "b", "c")}
+            bound = max(max(res["a"]["link_busy_s"].values()), res["a"]["compute_s"])
+            a, b, c = (res[k]["median_s"] for k in "abc")
+            print(f"| {tokens} | 128 | 8 | 2 | {a:.3f} | {b:.3f} | {c:.3f} | {res['c']['degrees']} | {b / c:.2f} | "
+                  f"{a / c:.2f} | {bound:.3f} | {c / bound:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
