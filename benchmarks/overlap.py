@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-LINKS = {"intra": (20e-6, 0.05e9), "inter": (100e-6, 0.02e9)}  # (latency s, bytes/s)
+LINKS = {"intra": (20e-6, 0.03e9), "inter": (100e-6, 0.015e9)}  # (latency s, bytes/s): inter 2x slower
 SETTINGS = {
     "a": dict(degrees=(1, 1), coschedule=False, hold=False, auto=False),
     "b": dict(degrees=(2, 2), coschedule=False, hold=False, auto=False),
@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[512, 1024])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[256, 512, 1024, 2048])
     args = ap.parse_args()
 
     from launch.local import LocalRanks
@@ -133,7 +133,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     with LocalRanks(args.ranks, ranks_per_node=args.ranks // 2, timeout=1200, threads=1) as pool:
         for tokens in args.tokens:
-            shape = dict(tokens=tokens, d=128, d_expert=128, experts=8, topk=2, dense_mb=1.0,
+            shape = dict(tokens=tokens, d=128, d_expert=128, experts=8, topk=2, dense_mb=0.25,
                          iters=args.iters, warmup=args.warmup)
             res = {name: pool.run(run_setting, name, **shape)[0] for name in ("a", "b", "c")}
             bound = max(max(res["a"]["link_busy_s"].values()), res["a"]["compute_s"])
