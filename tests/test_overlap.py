@@ -180,14 +180,16 @@ def test_collective_order_checker_catches_divergence(ranks):
 def test_overlap_beats_no_overlap_on_simulated_links(ranks):
     from benchmarks.overlap import run_setting
 
-    links = {"intra": (50e-6, 0.003e9), "inter": (50e-6, 0.003e9)}  # slow links: communication dominates
+    links = {"intra": (50e-6, 0.0015e9), "inter": (50e-6, 0.0015e9)}  # slow links: communication dominates
     shape = dict(tokens=256, d=64, d_expert=64, experts=8, topk=2, dense_mb=0.05, iters=5, warmup=1, links=links)
     pool = ranks(4, 2)
     none = pool.run(run_setting, "a", **shape)[0]
     full = pool.run(run_setting, "c", degrees=(4, 4), **shape)[0]
     # the transfers alone take this long in (a); overlapped intra/inter phases and chunks hide a clear share
     assert sum(none["link_busy_s"].values()) > 2 * none["compute_s"]
-    assert none["median_s"] / full["median_s"] > 1.2, (none, full)
+    ratio = none["median_s"] / full["median_s"]
+    print(f"overlap speed-up on simulated links: {ratio:.2f}")
+    assert ratio > 1.2, (none, full)
 
 
 def test_profile_command_writes_traces_timeline_and_summary(tmp_path):
