@@ -250,14 +250,14 @@ class Trainer:
             return
         for layer in self.moe_layers:
             layer.tuner.end_step()
-        if self.profiling and all(not layer.tuner.profiling or layer.tuner.step >= layer.tuner.profile_steps
-                                  for layer in self.moe_layers):
+        profiling = [layer for layer in self.moe_layers if layer.tuner.profiling]
+        if profiling and all(layer.tuner.step >= layer.tuner.profile_steps for layer in profiling):
             reports = fit_and_choose(self.moe_layers, self.engine)
-            self.profiling = False
-            self.engine.record = self.keep_records
-            if reports:
-                chosen = {k: v["degrees"] for k, v in reports.items()}
-                self._say(f"[moetrain] MoE chunk pipelining: (forward, backward) degrees by layer {chosen}")
+            chosen = {k: v["degrees"] for k, v in reports.items()}
+            self._say(f"[moetrain] MoE chunk pipelining: (forward, backward) degrees by layer {chosen}")
+        # a layer whose input shape changed profiles again (DegreeTuner.degrees)
+        self.profiling = any(layer.tuner.profiling for layer in self.moe_layers)
+        self.engine.record = self.profiling or self.keep_records
         if not self.keep_records and not self.profiling:
             self.engine.clear_records()
             for layer in self.moe_layers:

@@ -189,7 +189,7 @@ def test_overlap_beats_no_overlap_on_simulated_links(ranks):
     assert sum(none["link_busy_s"].values()) > 2 * none["compute_s"]
     ratio = none["median_s"] / full["median_s"]
     print(f"overlap speed-up on simulated links: {ratio:.2f}")
-    assert ratio > 1.2, (none, full)
+    assert ratio > 1.15, (none, full)  # about 1.4 on an idle machine
 
 
 def test_profile_command_writes_traces_timeline_and_summary(tmp_path):
@@ -217,3 +217,19 @@ def test_profile_command_writes_traces_timeline_and_summary(tmp_path):
     assert {"steps", "compute", "intra link", "inter link", "waiting on comm"} <= tracks
     assert (prof / "timeline.png").stat().st_size > 10_000 and list((prof / "tb").glob("events.out.tfevents.*"))
     assert "overlap" in out.stdout and "degrees" in out.stdout
+
+
+def test_degree_tuner_profiles_then_keeps_the_choice_and_reprofiles_on_new_shapes():
+    from moe.tuning import DegreeTuner
+
+    tuner = DegreeTuner("auto", 3, profile_steps=3)
+    seen = []
+    for _ in range(3):
+        seen.append(tuner.degrees((64, 32)))
+        tuner.end_step()
+    assert seen == [(1, 3), (2, 3), (4, 3)] and tuner.profiling
+    tuner.chosen = (2, 3)
+    assert tuner.degrees((64, 32)) == (2, 3) and not tuner.profiling
+    assert tuner.degrees((128, 32)) == (1, 3) and tuner.profiling  # another token count: profile again
+    fixed = DegreeTuner(2, 4)
+    assert fixed.degrees((64, 32)) == (2, 4) and not fixed.profiling
