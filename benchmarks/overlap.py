@@ -56,9 +56,8 @@ def run_setting(name: str, *, tokens: int, d: int, d_expert: int, experts: int, 
     world = dist.get_world_size()
     grid = build_rank_grid(Layout(dp=world, ep=world), ranks_per_node=world // 2)
     groups = create_groups(grid)
-    node_of = [r // (world // 2) for r in range(world)]
-    engine = LinkEngine(node_of=node_of, simulate={k: LinkSpec(*v) for k, v in links.items()},
-                        coschedule=s["coschedule"])
+    engine = LinkEngine(node_of=[grid.node_of(r) for r in range(world)],
+                        simulate={k: LinkSpec(*v) for k, v in links.items()}, coschedule=s["coschedule"])
     torch.manual_seed(0)
     args = MoEArgs(num_experts=experts, topk=topk, d_model=d, d_expert=d_expert, router="topk", capacity_factor=None,
                    dispatch="hier2d", activation="swiglu", aux_loss_coef=0.0)

@@ -119,8 +119,8 @@ class _Channel:
 class Job:
     """A chain of steps on one buffer; ``wait()`` returns the final buffer (re-raising a step's error)."""
 
-    def __init__(self, engine: LinkEngine, x: torch.Tensor, steps: list[_Step], on_done: Callable | None = None):
-        self.engine, self.x, self.steps, self.on_done = engine, x, steps, on_done
+    def __init__(self, engine: LinkEngine, x: torch.Tensor, steps: list[_Step]):
+        self.engine, self.x, self.steps = engine, x, steps
         self.pos = 0
         self.done = threading.Event()
         self.error: BaseException | None = None
@@ -172,12 +172,12 @@ class LinkEngine:
     def local_step(fn: Callable[[torch.Tensor], torch.Tensor]) -> _Step:
         return _Step("local", fn=fn)
 
-    def submit(self, x: torch.Tensor, steps: list[_Step], on_done: Callable | None = None) -> Job:
+    def submit(self, x: torch.Tensor, steps: list[_Step]) -> Job:
         """Start a job now; its steps run on their channels in order."""
         for step in steps:  # tickets in submission (program) order: the same on every rank
             if step.kind != "local":
                 step.ticket = next(self._channel(self.link_of(step.group)).tickets)
-        job = Job(self, x, steps, on_done)
+        job = Job(self, x, steps)
         self._advance(job)
         return job
 
@@ -194,8 +194,120 @@ class LinkEngine:
                 if step.kind != "local":
                     self._channel(self.link_of(step.group)).put(step.ticket, None)
         if job.error is not None or job.pos == len(job.steps):
-            if job.on_done is not None and job.error is None:
-                job.on_done(job)
+            job.done.set()
+            return
+        step = job.steps[job.pos]
+        self._channel(self.link_of(step.group)).put(step.ticket, job)
+
+    def _run(self, step: _Step, x: torch.Tensor) -> torch.Tensor:
+        link = self.link_of(step.group)
+        t0 = time.perf_counter()
+        if step.kind == "a2a":
+            out = x.new_empty((sum(step.recv), *x.shape[1:]))
+            dist.all_to_all_single(out, x.contiguous(), output_split_sizes=step.recv, input_split_sizes=step.send,
+                                   group=step.group)
+            me = dist.get_rank(step.group)
+            row = x[0].numel() * x.element_size() if x.dim() > 0 and x.shape[0] else \
+                (out[0].numel() * out.element_size() if out.shape[0] else 0)
+            nbytes = row * max(sum(step.send) - step.send[me], sum(step.recv) - step.recv[me])
+        else:
+            out = x
+            dist.all_reduce(out, group=step.group)
+            n = dist.get_world_size(step.group)
+            nbytes = 2 * (n - 1) * x.numel() * x.element_size() // max(n, 1)  # ring all-reduce traffic
+        if self.simulate is not None:
+            spare = self.simulate[link].cost(nbytes) - (time.perf_counter() - t0)
+            if spare > 0:
+                time.sleep(spare)
+        if self.record:
+            self.spans.append(Span(link, step.kind, nbytes, t0, time.perf_counter(), step.tag))
+        return out
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join(timeout=5)
+
+
+class Job:
+    """A chain of steps on one buffer; ``wait()`` returns the final buffer (re-raising a step's error)."""
+
+    def __init__(self, engine: LinkEngine, x: torch.Tensor, steps: list[_Step]):
+        self.engine, self.x, self.steps = engine, x, steps
+        self.pos = 0
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def wait(self) -> torch.Tensor:
+        if not self.done.is_set():
+            t0 = time.perf_counter()
+            self.done.wait()
+            self.engine.waits.append((t0, time.perf_counter()))
+        if self.error is not None:
+            raise RuntimeError(f"communication step failed: {self.error}") from self.error
+        return self.x
+
+
+@dataclass
+class LinkEngine:
+    """Per-link-class channels (threads) for one rank; see the module docstring."""
+
+    node_of: Sequence[int]
+    simulate: dict[str, LinkSpec] | None = None
+    coschedule: bool = True
+    """False: one channel for both link classes (intra and inter phases serialise)."""
+    spans: list[Span] = field(default_factory=list)
+    waits: list[tuple[float, float]] = field(default_factory=list)
+    record: bool = True
+
+    def __post_init__(self):
+        self._class_of: dict[int, str] = {}
+        self._channels = {name: _Channel(name, self) for name in (("intra", "inter") if self.coschedule else ("all",))}
+
+    # ------------------------------------------------------------------ link classes
+    def link_of(self, group) -> str:
+        key = id(group)
+        if key not in self._class_of:
+            self._class_of[key] = link_class(dist.get_process_group_ranks(group), self.node_of)
+        return self._class_of[key]
+
+    def _channel(self, link: str) -> _Channel:
+        return self._channels[link if self.coschedule else "all"]
+
+    # ------------------------------------------------------------------ submitting work
+    def a2a_step(self, group, send: list[int], recv: list[int], tag: str = "") -> _Step:
+        return _Step("a2a", group, list(send), list(recv), tag=tag)
+
+    def allreduce_step(self, group, tag: str = "") -> _Step:
+        return _Step("allreduce", group, tag=tag)
+
+    @staticmethod
+    def local_step(fn: Callable[[torch.Tensor], torch.Tensor]) -> _Step:
+        return _Step("local", fn=fn)
+
+    def submit(self, x: torch.Tensor, steps: list[_Step]) -> Job:
+        """Start a job now; its steps run on their channels in order."""
+        for step in steps:  # tickets in submission (program) order: the same on every rank
+            if step.kind != "local":
+                step.ticket = next(self._channel(self.link_of(step.group)).tickets)
+        job = Job(self, x, steps)
+        self._advance(job)
+        return job
+
+    def _advance(self, job: Job) -> None:
+        """Run local steps inline until the next collective, then queue it on its channel."""
+        try:
+            while job.pos < len(job.steps) and job.steps[job.pos].kind == "local":
+                job.x = job.steps[job.pos].fn(job.x)
+                job.pos += 1
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            job.error = exc
+        if job.error is not None:
+            for step in job.steps[job.pos + 1:]:  # give up the failed job's later turns
+                if step.kind != "local":
+                    self._channel(self.link_of(step.group)).put(step.ticket, None)
+        if job.error is not None or job.pos == len(job.steps):
             job.done.set()
             return
         step = job.steps[job.pos]

@@ -148,7 +148,7 @@ class Trainer:
         tp_group = groups.tp if tp_size > 1 else None
         self.stage_layers = self._stage_layers()
         self.chunks = self._build_chunks(tp_group)
-        self.model = self.chunks[0] if len(self.chunks) == 1 and cfg.parallel.pp == 1 else ModelChunks(self.chunks)
+        self.model = self.chunks[0] if cfg.parallel.pp == 1 else ModelChunks(self.chunks)
         self.moe_layers = [m for m in self.model.modules() if isinstance(m, MoELayer)]
         self.norm_caches = [m.norm_cache for m in self.model.modules() if hasattr(m, "norm_cache")]
         for chunk in self.chunks:
@@ -212,7 +212,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up helpers
     def _link_engine(self):
-        """Link channels when MoE chunk pipelining or simulated links are asked for (dist/links.py)."""
+        """Link channels when MoE chunk pipelining, simulated links or a profile are asked for (dist/links.py)."""
         cfg = self.cfg
         moe, net = cfg.moe, cfg.network
         pipelined = moe.num_experts > 0 and (moe.pipeline_degree, moe.bwd_pipeline_degree) != (1, 1)
@@ -224,11 +224,9 @@ class Trainer:
         if net.simulate:
             sim = {name: LinkSpec(link.latency_us * 1e-6, link.bandwidth_gbps * 1e9)
                    for name, link in (("intra", net.intra), ("inter", net.inter))}
-        node_of = [0] * dist.get_world_size()
-        for n, members in enumerate(self.groups.grid.nodes):
-            for r in members:
-                node_of[r] = n
-        return LinkEngine(node_of=node_of, simulate=sim, coschedule=moe.coschedule)
+        grid = self.groups.grid
+        return LinkEngine(node_of=[grid.node_of(r) for r in range(grid.world_size)], simulate=sim,
+                          coschedule=moe.coschedule)
 
     def _window(self, layer):
         """The gradient bytes an MoE layer's backward window can take: its modeled inter-link idle time
@@ -426,6 +424,28 @@ class Trainer:
     def _amp(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
 
+    def _local_step(self, step: int, accum: int, moe_stats: list[dict]) -> tuple[torch.Tensor, int]:
+        """One step's micro-batches through the whole model (no pipeline); returns (loss sum, activation
+        bytes of the first micro-batch). The DP reduction overlaps the last micro-batch's backward."""
+        total = torch.zeros((), dtype=torch.float64)
+        activation_bytes = 0
+        for micro in range(accum):
+            tokens, targets, ids = self.data.micro_batch_tensors(step, micro)
+            tokens, targets = tokens.to(self.device), targets.to(self.device)
+            self.model.dropout.set(step, ids)
+            sync = contextlib.nullcontext() if micro == accum - 1 else self.reducer.no_sync()
+            amp = self._amp()
+            saved = SavedBytes(self.params) if micro == 0 else contextlib.nullcontext()
+            with sync, record_function("forward_backward"):
+                with amp, saved:
+                    loss = self.model(tokens, targets) / accum
+                loss.backward()
+            if micro == 0:
+                activation_bytes = saved.nbytes
+            total += loss.detach().to(torch.float64).cpu()
+            moe_stats.append({layer.layer: layer.last_stats for layer in self.moe_layers})
+        return total, activation_bytes
+
     def _pipeline_step(self, step: int, accum: int, moe_stats: list[dict]) -> tuple[torch.Tensor, int]:
         """One step's micro-batches through the pipeline schedule; returns (loss sum on the last stage,
         activation bytes of this rank's first forward)."""
@@ -480,24 +500,8 @@ class Trainer:
         for layer in self.moe_layers:
             layer.aux_scale = 1.0 / accum
         moe_stats: list[dict] = []
-        total = torch.zeros((), dtype=torch.float64)
-        if self.runner is not None:
-            total, activation_bytes = self._pipeline_step(step, accum, moe_stats)
-        for micro in range(accum if self.runner is None else 0):
-            tokens, targets, ids = self.data.micro_batch_tensors(step, micro)
-            tokens, targets = tokens.to(self.device), targets.to(self.device)
-            self.model.dropout.set(step, ids)
-            sync = contextlib.nullcontext() if micro == accum - 1 else self.reducer.no_sync()
-            amp = self._amp()
-            saved = SavedBytes(self.params) if micro == 0 else contextlib.nullcontext()
-            with sync, record_function("forward_backward"):
-                with amp, saved:
-                    loss = self.model(tokens, targets) / accum
-                loss.backward()
-            if micro == 0:
-                activation_bytes = saved.nbytes
-            total += loss.detach().to(torch.float64).cpu()
-            moe_stats.append({layer.layer: layer.last_stats for layer in self.moe_layers})
+        step_fn = self._local_step if self.runner is None else self._pipeline_step
+        total, activation_bytes = step_fn(step, accum, moe_stats)
         with record_function("dp_grad_reduce"):
             self.reducer.finish()
             tp = self.groups.tp if self.groups.size("tp") > 1 else None

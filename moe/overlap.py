@@ -105,9 +105,10 @@ class _Section:
 
     def __init__(self, *, layout: ChunkLayout, plan_for: Callable[[torch.Tensor], Plan], engine,
                  expert_fn: Callable, degrees: tuple[int, int], tag: str, times: SectionTimes,
-                 release_grads: Callable[[], None] | None):
+                 release_grads: Callable[[], None] | None, grad: bool):
         self.layout, self.plan_for, self.engine = layout, plan_for, engine
         self.expert_fn, self.tag, self.times, self.release_grads = expert_fn, tag, times, release_grads
+        self.grad = grad  # build expert sub-graphs for a backward
         self.rf, self.rb = degrees
         G = layout.G
         self.fwd = [range(i * G // self.rf, (i + 1) * G // self.rf) for i in range(self.rf)]
@@ -130,50 +131,54 @@ class _Section:
                 steps.append((self.engine.link_of(st.group), float(nb)))
         self.times.shape = SectionShape(tuple(steps), float(full.recv_counts.sum()))
 
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+    def _exchange(self, phase: str, chunks: list[range], x: torch.Tensor,
+                  compute: Callable[[range, torch.Tensor], torch.Tensor],
+                  before_compute: Callable[[], None] | None = None) -> torch.Tensor:
+        """The shared skeleton of forward and backward: every chunk's rows of ``x`` go out at once
+        (dispatch direction); as each chunk arrives, ``compute(micros, received)`` runs and its result
+        goes back (combine direction) while the next chunk computes; results land in ``x``'s order."""
         start = time.perf_counter()
         lay, eng = self.layout, self.engine
-        self._record_shape(rows)
-        plans = [self.plan_for(lay.counts(mic)) for mic in self.fwd]
-        sends = [lay.send_index(mic) for mic in self.fwd]
-        jobs = [eng.submit(rows.index_select(0, ix.to(rows.device)), _steps(eng, plan, True, f"{self.tag}/fd{i}"))
+        out_tag, back_tag = ("fd", "fc") if phase == "fwd" else ("bc", "bd")
+        plans = [self.plan_for(lay.counts(mic)) for mic in chunks]
+        sends = [lay.send_index(mic).to(x.device) for mic in chunks]
+        jobs = [eng.submit(x.index_select(0, ix), _steps(eng, plan, True, f"{self.tag}/{out_tag}{i}"))
                 for i, (plan, ix) in enumerate(zip(plans, sends))]
+        if before_compute is not None:
+            before_compute()
         back = []
-        for i, mic in enumerate(self.fwd):
+        for i, mic in enumerate(chunks):
             recv = jobs[i].wait()
             t0 = time.perf_counter()
-            pieces, counts = lay.recv_pieces(mic)
-            y_chunk = recv.new_empty((recv.shape[0], *recv.shape[1:]))
+            result = compute(mic, recv)
+            self.times.compute.append((phase, recv.shape[0], time.perf_counter() - t0, t0))
+            back.append(eng.submit(result, _steps(eng, plans[i], False, f"{self.tag}/{back_tag}{i}")))
+        out = x.new_zeros(x.shape)
+        for job, ix in zip(back, sends):
+            out.index_copy_(0, ix, job.wait())
+        self.times.sections.append((phase, start, time.perf_counter()))
+        return out
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        self._record_shape(rows)
+
+        def experts(mic: range, recv: torch.Tensor) -> torch.Tensor:
+            pieces, counts = self.layout.recv_pieces(mic)
+            y_chunk = recv.new_empty(recv.shape)
             for g, ix, cnt in zip(mic, pieces, counts):
                 ix = ix.to(recv.device)
                 with torch.enable_grad():
-                    x_g = recv.index_select(0, ix).requires_grad_(torch.is_grad_enabled() and self.grad)
+                    x_g = recv.index_select(0, ix).requires_grad_(self.grad)
                     y_g = self.expert_fn(x_g, cnt)
                 self.graphs[g] = (x_g, y_g)
                 y_chunk.index_copy_(0, ix, y_g.detach())
-            self.times.compute.append(("fwd", recv.shape[0], time.perf_counter() - t0, t0))
-            back.append(eng.submit(y_chunk, _steps(eng, plans[i], False, f"{self.tag}/fc{i}")))
-        out = rows.new_empty(rows.shape)
-        for job, ix in zip(back, sends):
-            out.index_copy_(0, ix.to(rows.device), job.wait())
-        self.times.sections.append(("fwd", start, time.perf_counter()))
-        return out
+            return y_chunk
+
+        return self._exchange("fwd", self.fwd, rows, experts)
 
     def backward(self, grad: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
-        lay, eng = self.layout, self.engine
-        plans = [self.plan_for(lay.counts(mic)) for mic in self.bwd]
-        sends = [lay.send_index(mic) for mic in self.bwd]
-        grad = grad.contiguous()
-        jobs = [eng.submit(grad.index_select(0, ix.to(grad.device)), _steps(eng, plan, True, f"{self.tag}/bc{j}"))
-                for j, (plan, ix) in enumerate(zip(plans, sends))]
-        if self.release_grads is not None:  # the inter link idles while the expert backward computes
-            self.release_grads()
-        back = []
-        for j, mic in enumerate(self.bwd):
-            recv = jobs[j].wait()
-            t0 = time.perf_counter()
-            pieces, _ = lay.recv_pieces(mic)
+        def experts_backward(mic: range, recv: torch.Tensor) -> torch.Tensor:
+            pieces, _ = self.layout.recv_pieces(mic)
             gx_chunk = recv.new_zeros(recv.shape)
             for g, ix in zip(mic, pieces):
                 ix = ix.to(recv.device)
@@ -182,13 +187,10 @@ class _Section:
                     torch.autograd.backward(y_g, recv.index_select(0, ix))
                 if x_g.grad is not None:
                     gx_chunk.index_copy_(0, ix, x_g.grad)
-            self.times.compute.append(("bwd", recv.shape[0], time.perf_counter() - t0, t0))
-            back.append(eng.submit(gx_chunk, _steps(eng, plans[j], False, f"{self.tag}/bd{j}")))
-        out = grad.new_zeros(grad.shape)
-        for job, ix in zip(back, sends):
-            out.index_copy_(0, ix.to(grad.device), job.wait())
-        self.times.sections.append(("bwd", start, time.perf_counter()))
-        return out
+            return gx_chunk
+
+        # the inter link idles while the expert backward computes: the reducer's window
+        return self._exchange("bwd", self.bwd, grad.contiguous(), experts_backward, self.release_grads)
 
 
 class _Pipelined(torch.autograd.Function):
@@ -219,8 +221,8 @@ def pipelined_experts(rows_sorted: torch.Tensor, counts: torch.Tensor, *, me: in
         raise ValueError(f"pipeline degrees must be >= 1, got {degrees}")
     layout = ChunkLayout(counts, me, local_experts, math.lcm(rf, rb))
     section = _Section(layout=layout, plan_for=plan_for, engine=engine, expert_fn=expert_fn, degrees=(rf, rb),
-                       tag=tag, times=times or SectionTimes(), release_grads=release_grads)
-    section.grad = torch.is_grad_enabled()
+                       tag=tag, times=times or SectionTimes(), release_grads=release_grads,
+                       grad=torch.is_grad_enabled())
     if not section.grad:
         return section.forward(rows_sorted)
     return _Pipelined.apply(rows_sorted, section)

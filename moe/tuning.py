@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from moe.perf_model import AlphaBeta, SectionShape, choose_degree, fit_alpha_beta, makespan
 
-__all__ = ["DegreeTuner", "fit_and_choose", "section_shape"]
+__all__ = ["DegreeTuner", "fit_and_choose"]
 
 PROFILE_DEGREES = (1, 2, 4, 3, 6, 8)
 
@@ -55,11 +55,6 @@ class DegreeTuner:
         self.step += 1
 
 
-def section_shape(layer) -> SectionShape | None:
-    shape = getattr(layer.section_times, "shape", None)
-    return shape
-
-
 def _fit_links(spans) -> dict[str, AlphaBeta]:
     out = {}
     for link in ("intra", "inter"):
@@ -82,7 +77,7 @@ def fit_and_choose(layers: list, engine, group=None, max_degree: int = 8) -> dic
         fw = fit_alpha_beta([e[1] for e in t if e[0] == "fwd"], [e[2] for e in t if e[0] == "fwd"])
         bw = fit_alpha_beta([e[1] for e in t if e[0] == "bwd"], [e[2] for e in t if e[0] == "bwd"])
         local += [fw.alpha, fw.beta, bw.alpha, bw.beta]
-        shapes.append(section_shape(layer))
+        shapes.append(layer.section_times.shape)
     coeffs = torch.tensor(local, dtype=torch.float64)
     # volumes: the slowest rank's (max), padded to a common step count
     n_steps = max((len(s.steps) for s in shapes if s is not None), default=0)

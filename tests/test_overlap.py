@@ -202,6 +202,7 @@ def test_profile_command_writes_traces_timeline_and_summary(tmp_path):
                 "parallel.ep=4", "model.layers=2", "model.d_model=32", "model.d_ffn=64", "model.seq_len=32",
                 "train.micro_batch_size=2", "train.global_batch_size=8", "moe.pipeline_degree=auto",
                 "moe.bwd_pipeline_degree=auto", "moe.profile_steps=2", "network.simulate=true",
+                "network.inter.bandwidth_gbps=0.02",  # per-byte cost well above timing noise
                 f"logging.run_dir={tmp_path}/run", "--out", str(tmp_path / "prof"), "--steps", "4"])
     assert out.returncode == 0, out.stderr[-3000:]
     prof = tmp_path / "prof"
