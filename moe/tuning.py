@@ -56,10 +56,18 @@ class DegreeTuner:
 
 
 def _fit_links(spans) -> dict[str, AlphaBeta]:
+    """α-β per link class from the recorded all-to-alls.
+
+    A span also holds whatever delayed it (a late peer, a descheduled thread): noise that only ever
+    adds time. So every distinct size contributes its fastest sample, the closest to the link's cost.
+    """
     out = {}
     for link in ("intra", "inter"):
-        pts = [(s.nbytes, s.end - s.start) for s in spans if s.link == link and s.op == "a2a"]
-        out[link] = fit_alpha_beta([p[0] for p in pts], [p[1] for p in pts])
+        fastest: dict[int, float] = {}
+        for s in spans:
+            if s.link == link and s.op == "a2a":
+                fastest[s.nbytes] = min(fastest.get(s.nbytes, float("inf")), s.end - s.start)
+        out[link] = fit_alpha_beta(list(fastest), list(fastest.values()))
     return out
 
 

@@ -176,20 +176,47 @@ def test_collective_order_checker_catches_divergence(ranks):
         assert "all_reduce((3,):float32)" in msg and "all_gather(2x(3,), (3,):float32)" in msg
 
 
-# ------------------------------------------------------------------ simulated links: overlap pays
-def test_overlap_beats_no_overlap_on_simulated_links(ranks):
+# ------------------------------------------------------------------ simulated links: what is overlapped
+def _union(iv):
+    out = []
+    for a, b in sorted(iv):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _overlap(u, v) -> float:
+    return sum(max(0.0, min(b, d) - max(a, c)) for a, b in u for c, d in v)
+
+
+def _timeline_figures(result: dict) -> dict:
+    """From one rank's last recorded step: link busy time, the share hidden behind compute, intra∩inter."""
+    spans, waits = result["last_timeline"]
+    comm = _union([(s, e) for _, _, s, e in spans])
+    busy = sum(b - a for a, b in comm)
+    per_link = {k: _union([(s, e) for link, _, s, e in spans if link == k]) for k in ("intra", "inter")}
+    return {"busy": busy, "hidden": busy - _overlap(comm, _union(waits)),
+            "both_links": _overlap(per_link["intra"], per_link["inter"]),
+            "intra": sum(b - a for a, b in per_link["intra"]), "inter": sum(b - a for a, b in per_link["inter"])}
+
+
+def test_overlapped_section_runs_both_links_at_once_and_hides_transfers(ranks):
+    """Structure, not speed (the speed-up is the benchmark's job, benchmarks/RESULTS.md): in the
+    recorded timeline of (c) the intra and inter links are busy at the same time and transfers run
+    while the rank computes; in (a) one channel serialises the links and the rank waits for each."""
     from benchmarks.overlap import run_setting
 
     links = {"intra": (50e-6, 0.0015e9), "inter": (50e-6, 0.0015e9)}  # slow links: communication dominates
-    shape = dict(tokens=256, d=64, d_expert=64, experts=8, topk=2, dense_mb=0.05, iters=5, warmup=1, links=links)
+    shape = dict(tokens=256, d=64, d_expert=64, experts=8, topk=2, dense_mb=0.05, iters=2, warmup=1, links=links)
     pool = ranks(4, 2)
-    none = pool.run(run_setting, "a", **shape)[0]
-    full = pool.run(run_setting, "c", degrees=(4, 4), **shape)[0]
-    # the transfers alone take this long in (a); overlapped intra/inter phases and chunks hide a clear share
-    assert sum(none["link_busy_s"].values()) > 2 * none["compute_s"]
-    ratio = none["median_s"] / full["median_s"]
-    print(f"overlap speed-up on simulated links: {ratio:.2f}")
-    assert ratio > 1.15, (none, full)  # about 1.4 on an idle machine
+    none = [_timeline_figures(r) for r in pool.run(run_setting, "a", **shape)]
+    full = [_timeline_figures(r) for r in pool.run(run_setting, "c", degrees=(4, 4), **shape)]
+    for a, c in zip(none, full):
+        assert a["both_links"] == 0.0 and a["intra"] > 0 and a["inter"] > 0
+        assert c["both_links"] > 0.2 * min(c["intra"], c["inter"]), c  # co-scheduled: ~0.5 measured
+        assert c["hidden"] > 0.02 * c["busy"], c  # chunks transfer while others compute: ~0.06 measured
 
 
 def test_profile_command_writes_traces_timeline_and_summary(tmp_path):
@@ -202,7 +229,7 @@ def test_profile_command_writes_traces_timeline_and_summary(tmp_path):
                 "parallel.ep=4", "model.layers=2", "model.d_model=32", "model.d_ffn=64", "model.seq_len=32",
                 "train.micro_batch_size=2", "train.global_batch_size=8", "moe.pipeline_degree=auto",
                 "moe.bwd_pipeline_degree=auto", "moe.profile_steps=2", "network.simulate=true",
-                "network.inter.bandwidth_gbps=0.02",  # per-byte cost well above timing noise
+                "network.inter.bandwidth_gbps=0.0005",  # per-byte cost (~10 ms a chunk) well above timing noise
                 f"logging.run_dir={tmp_path}/run", "--out", str(tmp_path / "prof"), "--steps", "4"])
     assert out.returncode == 0, out.stderr[-3000:]
     prof = tmp_path / "prof"
