@@ -1,11 +1,18 @@
-"""Sharded checkpoints: one file per rank, a manifest with checksums, atomic publication.
+"""Checkpoints: per-rank files, a manifest with checksums and a tensor index, atomic publication.
 
 Layout of ``checkpoint.dir``::
 
     step_00000300/
-        manifest.json      step, world size, layout, resolved config, sha256 + size of every file
-        rank00000.pt       this rank's model shard, optimizer, schedule, RNG states
+        manifest.json      step, world size, layout, resolved config, sha256 + size of every file,
+                           and "tensors": every logical tensor -> {file, shape, dtype}
+        rank00000.pt       {"tensors": {logical name: tensor}, "rank": this rank's RNG states}
         ...
+
+Trainer checkpoints store every tensor once, under its logical (layout-free) name: ``model/<name>``
+for parameters and persistent buffers (unsharded over TP, padding dropped, one tensor per global
+expert id), ``optim/<name>/exp_avg|exp_avg_sq|step`` for AdamW's state. Which rank writes a tensor is
+balanced over the ranks that hold it, so files are about equal in size. A job at any other layout
+(tp, pp, ep, dp, ZeRO stage) reads what its own slices need from the index (memory-mapped).
 
 A checkpoint is written into ``step_XXXXXXXX.tmp/`` and renamed into place by rank 0 only after every
 rank's file is complete and the manifest is written, so a crash mid-save never leaves a directory
@@ -26,10 +33,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Checkpointer", "CheckpointError", "sha256_file"]
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointReader", "sha256_file"]
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class CheckpointError(RuntimeError):
@@ -106,13 +113,25 @@ class Checkpointer:
         with open(part, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(part, tmp / _rank_file(self.rank))
+        index = {k: {"file": _rank_file(self.rank), "shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                 for k, v in state.get("tensors", {}).items()} if isinstance(state, dict) else {}
+        if dist.is_initialized():
+            parts: list = [None] * self.world
+            dist.all_gather_object(parts, index)
+        else:
+            parts = [index]
         self._barrier()
         if self.rank == 0:
+            tensors: dict[str, Any] = {}
+            for part in parts:
+                tensors.update(part)
             files = {}
             for r in range(self.world):
                 p = tmp / _rank_file(r)
                 files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
             manifest = {"format": FORMAT_VERSION, "step": step, "world_size": self.world, "files": files, **meta}
+            if tensors:
+                manifest["tensors"] = dict(sorted(tensors.items()))
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
             if final.exists():
                 shutil.rmtree(final)
@@ -151,6 +170,42 @@ class Checkpointer:
         except Exception as exc:  # a corrupt pickle is a corrupt checkpoint
             return None, f"{name} cannot be read ({exc.__class__.__name__})"
 
+    def find(self, resume: str) -> tuple[Path, dict] | None:
+        """The newest usable checkpoint for ``checkpoint.resume`` (auto | never | PATH) at any world size:
+        its manifest is complete and every file has its recorded size and checksum (each rank hashes a
+        share of the files). None = fresh start."""
+        if resume == "never":
+            return None
+        explicit = resume != "auto"
+        paths = [Path(resume)] if explicit else self.candidates()
+        if explicit and not paths[0].is_dir():
+            raise CheckpointError(f"checkpoint.resume: {resume} is not a checkpoint directory")
+        for path in paths:
+            manifest, why = self._check_manifest(path) if self.rank == 0 else (None, "")
+            manifest, why = self._broadcast((manifest, why))
+            if manifest is not None and manifest.get("format") != FORMAT_VERSION:
+                manifest, why = None, f"format {manifest.get('format')} (this build reads {FORMAT_VERSION})"
+            if manifest is not None:
+                names = sorted(manifest["files"])
+                bad = [n for n in names[self.rank::self.world]
+                       if sha256_file(path / n) != manifest["files"][n]["sha256"]]
+                whys = [bad]
+                if dist.is_initialized():
+                    whys = [None] * self.world
+                    dist.all_gather_object(whys, bad)
+                failed = sorted(n for b in whys for n in b)
+                if not failed:
+                    return path, manifest
+                why = ", ".join(failed) + (" fails its checksum" if len(failed) == 1 else " fail their checksums")
+            if self.rank == 0:
+                self.log(f"[moetrain] checkpoint {path} is unusable: {why}"
+                         + ("" if explicit else "; trying the previous one"))
+            if explicit:
+                raise CheckpointError(f"checkpoint {path} is unusable: {why}")
+        if paths and self.rank == 0:
+            self.log(f"[moetrain] no usable checkpoint in {self.dir}; starting from scratch")
+        return None
+
     def load(self, resume: str) -> Loaded | None:
         """Find and load a checkpoint for ``checkpoint.resume`` (auto | never | PATH); None = fresh start."""
         if resume == "never":
@@ -165,7 +220,7 @@ class Checkpointer:
             if manifest is not None and manifest["world_size"] != self.world:
                 raise CheckpointError(
                     f"checkpoint {path} was saved by {manifest['world_size']} ranks but this job has "
-                    f"{self.world}; resharding across layouts is not supported yet")
+                    f"{self.world}; load it by logical tensor names (CheckpointReader) instead")
             state = None
             if manifest is not None:
                 state, why_local = self._verify_and_load(path, manifest)
@@ -188,3 +243,51 @@ class Checkpointer:
         if paths and self.rank == 0:
             self.log(f"[moetrain] no usable checkpoint in {self.dir}; starting from scratch")
         return None
+
+
+class CheckpointReader:
+    """Reads logical tensors of a checkpoint by name, memory-mapping each rank file once."""
+
+    def __init__(self, path: str | os.PathLike, manifest: dict | None = None):
+        self.path = Path(path)
+        if manifest is None:
+            try:
+                manifest = json.loads((self.path / MANIFEST).read_text())
+            except FileNotFoundError:
+                raise CheckpointError(f"{self.path} has no {MANIFEST}: not a checkpoint, or an incomplete save") \
+                    from None
+            except ValueError as exc:
+                raise CheckpointError(f"{self.path / MANIFEST} is unreadable ({exc})") from None
+        self.manifest = manifest
+        self.index: dict[str, dict] = manifest.get("tensors", {})
+        self._files: dict[str, dict] = {}
+
+    def _file(self, name: str) -> dict:
+        if name not in self._files:
+            f = self.path / name
+            if not f.is_file():
+                raise CheckpointError(f"checkpoint {self.path} is partial: {name} is missing")
+            try:
+                self._files[name] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as exc:  # a truncated or corrupt file
+                raise CheckpointError(f"checkpoint {self.path}: {name} cannot be read ({exc.__class__.__name__})") \
+                    from None
+        return self._files[name]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def tensor(self, key: str) -> torch.Tensor:
+        entry = self.index.get(key)
+        if entry is None:
+            raise CheckpointError(f"checkpoint {self.path} is partial: it has no tensor {key!r}")
+        t = self._file(entry["file"]).get("tensors", {}).get(key)
+        if t is None:
+            raise CheckpointError(f"checkpoint {self.path} is partial: {entry['file']} lacks {key!r}")
+        return t
+
+    def rank_state(self, rank: int) -> dict | None:
+        name = _rank_file(rank)
+        if name not in self.manifest.get("files", {}):
+            return None
+        return self._file(name).get("rank")

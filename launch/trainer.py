@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from dist.checkpoint import Checkpointer, CheckpointError
+from dist.checkpoint import Checkpointer, CheckpointError, CheckpointReader
 from dist.groups import ParallelGroups
 from launch.config import JobConfig
 from launch.data import TokenBatches
@@ -35,11 +35,13 @@ from launch.metrics import (
     measure_matmul_flops,
     peak_memory_bytes,
 )
+from launch.resharding import logical_state, restore_logical
 from moe.layer import MoEArgs, MoEGroups, MoELayer
 from moe.tuning import DegreeTuner, fit_and_choose
 from parallel.data_parallel import GradReducer, clip_grad_norm, finalize_tp_partial_grads
 from parallel.model import SwiGLU, Transformer, TransformerArgs
 from parallel.pipeline import PipelineRunner, partition_layers
+from parallel.zero import ShardedAdamW
 
 __all__ = ["Trainer", "train", "TrainError"]
 
@@ -94,12 +96,6 @@ class InjectedFault(RuntimeError):
     """Raised by ``fault.inject.kind=exception`` (a testing aid)."""
 
 
-def _unsupported(cfg: JobConfig) -> str | None:
-    if cfg.train.optimizer.zero_stage > 0:
-        return "train.optimizer.zero_stage > 0: ZeRO sharding is not in this build yet"
-    return None
-
-
 def lr_at(step: int, cfg: JobConfig) -> float:
     """Linear warm-up to train.lr, then cosine decay to train.min_lr at train.steps."""
     t = cfg.train
@@ -112,9 +108,6 @@ def lr_at(step: int, cfg: JobConfig) -> float:
 
 class Trainer:
     def __init__(self, cfg: JobConfig, groups: ParallelGroups, profile_dir: str | None = None):
-        why = _unsupported(cfg)
-        if why:
-            raise TrainError(why)
         self.cfg, self.groups = cfg, groups
         self.profile_dir = profile_dir
         self.step_spans: list[tuple[int, float, float, bool]] = []
@@ -176,8 +169,11 @@ class Trainer:
                                          act_dtype=self.param_dtype, device=self.device)
         # expert gradients already sum the tokens of the dp replicas in their EP group: sum over edp, / dp
         self.engine = self._link_engine()
-        hold = self.engine is not None and cfg.moe.partition_grads and bool(self.moe_layers)
-        self.reducer = GradReducer([(groups.dp, dense), (groups.edp, experts, dp)], engine=self.engine, hold=hold,
+        self.zero_stage = cfg.train.optimizer.zero_stage
+        dp_groups = [(groups.dp, dense), (groups.edp, experts, dp)]
+        hold = self.engine is not None and cfg.moe.partition_grads and bool(self.moe_layers) and self.zero_stage < 2
+        # ZeRO-2 sums gradients with a reduce-scatter after backward instead of the bucketed all-reduce
+        self.reducer = GradReducer(dp_groups if self.zero_stage < 2 else [], engine=self.engine, hold=hold,
                                    bucket_bytes=int(cfg.train.bucket_mb * 2**20))
         for layer in self.moe_layers:
             if self.engine is not None:
@@ -190,7 +186,11 @@ class Trainer:
             self.engine.record = self.profiling or self.keep_records
         opt_kwargs: dict[str, Any] = dict(lr=cfg.train.lr, betas=(cfg.train.optimizer.beta1, cfg.train.optimizer.beta2),
                                           eps=cfg.train.optimizer.eps, weight_decay=cfg.train.optimizer.weight_decay)
-        self.optimizer = self._make_optimizer(opt_kwargs)
+        if self.zero_stage:
+            self.optimizer = ShardedAdamW(dp_groups, stage=self.zero_stage, offload=cfg.train.optimizer.offload,
+                                          **opt_kwargs)
+        else:
+            self.optimizer = self._make_optimizer(opt_kwargs)
         self.data = TokenBatches(cfg.data.source, seq_len=m.seq_len, vocab_size=m.vocab_size, seed=cfg.train.seed,
                                  global_batch=cfg.global_batch_size, micro_batch=cfg.train.micro_batch_size,
                                  dp_rank=groups.index("dp"), dp_size=dp, path=cfg.data.path,
@@ -357,24 +357,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "losses": self.losses,
-            "data": {"samples_consumed": self.step * self.cfg.global_batch_size},
-            "rng": {"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
-        }
+        """This rank's checkpoint file (collective): the logical tensors it writes, its RNG states."""
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        return logical_state(self.chunks, self.optimizer, {"rng": rng})
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.losses = list(state["losses"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"].get("cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+    def load_checkpoint(self, reader: CheckpointReader) -> None:
+        """Restore from a checkpoint saved at this or any other layout."""
+        restore_logical(self.chunks, self.optimizer, reader)
+        manifest = reader.manifest
+        self.step = int(manifest["step"])
+        self.losses = list(manifest.get("losses", []))
+        self.grad_norms = list(manifest.get("grad_norms", []))
+        same_layout = manifest.get("layout") == self._meta()["layout"]
+        own = reader.rank_state(self.rank) if same_layout else None
+        if own is not None:  # the same ranks: continue their RNG streams exactly
+            torch.set_rng_state(own["rng"]["cpu"])
+            if own["rng"].get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(own["rng"]["cuda"], self.device)
 
     # moe fields that change parameter shapes (the others are runtime choices a resumed job may change)
     _MOE_SHAPE_KEYS = ("num_experts", "every", "d_expert", "shared_experts", "activation", "router", "xmoe_dim",
@@ -384,7 +384,10 @@ class Trainer:
         r = self.cfg.resolved()
         shape = {f"model.{k}": v for k, v in r["model"].items()}
         shape.update({f"moe.{k}": r["moe"][k] for k in self._MOE_SHAPE_KEYS})
-        return {"config": r, "shape": shape, "layout": {k: r["parallel"][k] for k in ("tp", "pp", "dp", "ep")}}
+        layout = {k: r["parallel"][k] for k in ("tp", "pp", "dp", "ep", "etp", "vpp")}
+        layout["zero_stage"] = self.cfg.train.optimizer.zero_stage
+        return {"config": r, "shape": shape, "layout": layout, "losses": self.losses,
+                "grad_norms": self.grad_norms, "samples_consumed": self.step * self.cfg.global_batch_size}
 
     def _check_compatible(self, manifest: dict[str, Any], path) -> None:
         mine = self._meta()
@@ -393,20 +396,20 @@ class Trainer:
                  if saved.get(k) != v]
         if diffs:
             raise CheckpointError(f"checkpoint {path} was saved for a different model ({'; '.join(diffs)})")
-        if manifest.get("layout") != mine["layout"]:
-            raise CheckpointError(f"checkpoint {path} was saved at layout {manifest.get('layout')} but this job "
-                                  f"runs {mine['layout']}; resharding across layouts is not supported yet")
 
     def maybe_resume(self) -> None:
         if self.checkpointer is None:
             return
-        loaded = self.checkpointer.load(self.cfg.checkpoint.resume)
-        if loaded is None:
+        found = self.checkpointer.find(self.cfg.checkpoint.resume)
+        if found is None:
             return
-        self._check_compatible(loaded.manifest, loaded.path)
-        self.load_state_dict(loaded.state)
-        self.resumed_from = str(loaded.path)
-        self._say(f"[moetrain] resumed from {loaded.path} at step {self.step}")
+        path, manifest = found
+        self._check_compatible(manifest, path)
+        self.load_checkpoint(CheckpointReader(path, manifest))
+        self.resumed_from = str(path)
+        saved = manifest.get("layout")
+        moved = "" if saved == self._meta()["layout"] else f" (saved at {saved}, resharded)"
+        self._say(f"[moetrain] resumed from {path} at step {self.step}{moved}")
 
     # ------------------------------------------------------------------ the loop
     def _inject_fault(self, step: int) -> None:
@@ -508,8 +511,13 @@ class Trainer:
             finalize_tp_partial_grads(self.params, tp)
             if self.tied and self.tied[0].grad is not None:  # keep the two copies of a tied embedding equal
                 dist.all_reduce(self.tied[0].grad, group=self.groups.embedding)
+            if self.zero_stage == 2:
+                self.optimizer.reduce_scatter_grads()
         with record_function("clip_and_step"):
-            gnorm = clip_grad_norm(self.params, cfg.train.grad_clip, self.replicas)
+            if self.zero_stage == 2:
+                gnorm = self.optimizer.clip_grad_norm(cfg.train.grad_clip, self.replicas)
+            else:
+                gnorm = clip_grad_norm(self.params, cfg.train.grad_clip, self.replicas)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             dp_group = self.groups.dp if self.groups.size("dp") > 1 else None
@@ -567,6 +575,8 @@ class Trainer:
             if not math.isfinite(out["loss"]):
                 raise TrainError(f"loss became {out['loss']} at step {self.step - 1}")
             self._log(out, dt, tokens_per_step)
+            if self.step == start_step + 1:
+                self.memory = self._memory_report(out["saved_activation_bytes"])
             if progress is not None:
                 progress.update(progress.task_ids[0], completed=self.step, loss=out["loss"])
             if self.checkpointer and cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
@@ -609,9 +619,32 @@ class Trainer:
             "mfu": achieved / self.peak_flops if self.peak_flops else None,
             "peak_flops_per_rank": self.peak_flops,
             "peak_memory_bytes": peak_memory_bytes(self.device),
+            "memory": getattr(self, "memory", None),
             "moe_degrees": {layer.layer: list(layer.tuner.chosen or (layer.tuner.fwd, layer.tuner.bwd))
                             for layer in self.moe_layers if layer.tuner is not None},
         }
+
+    def _memory_report(self, activation_bytes: int) -> dict[str, Any]:
+        """Per-rank bytes of parameters, gradients kept between steps, optimizer state and the activations
+        saved for backward by one micro-batch; logged once after the first step (collective)."""
+        params = sum(p.numel() * p.element_size() for p in self.params)
+        if self.zero_stage:
+            grads, opt = self.optimizer.grad_bytes(), self.optimizer.state_bytes()
+        else:
+            grads = params
+            opt = sum(t.numel() * t.element_size() for st in self.optimizer.state.values() for t in st.values()
+                      if torch.is_tensor(t) and t.dim() > 0)
+        mine = {"params": params, "grads": grads, "optimizer": opt, "activations": int(activation_bytes or 0)}
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        peak = {k: max(r[k] for r in every) for k in mine}
+        where = "host memory" if self.cfg.train.optimizer.offload == "cpu" else str(self.device)
+        mib = {k: f"{v / 2**20:.2f}" for k, v in peak.items()}
+        self._say(f"[moetrain] memory per rank (max over ranks, MiB): params {mib['params']}, grads {mib['grads']}, "
+                  f"optimizer state {mib['optimizer']} (ZeRO stage {self.zero_stage}, on {where}), "
+                  f"activations {mib['activations']} per micro-batch")
+        return {"per_rank": every, "max": peak, "zero_stage": self.zero_stage,
+                "offload": self.cfg.train.optimizer.offload}
 
     def _progress_bar(self):
         """A live bar on rank 0 when writing to a terminal (plain step lines otherwise, e.g. in CI logs)."""

@@ -252,3 +252,13 @@ class GroupedExperts(nn.Module):
             dist.all_gather(parts, t.contiguous(), group=self.ep_group)
             t = torch.cat(parts, dim=0)
         return t
+
+    def shard(self, own_E: torch.Tensor, pname: str) -> torch.Tensor:
+        """This rank's ``pname`` tensor from its own experts' unsharded tensors ``[num_local, ...]``."""
+        if self.etp == 1:
+            return own_E
+        if pname == "w_up_EFD" and self.activation == "swiglu":
+            gate, up = own_E.chunk(2, dim=1)
+            return torch.cat([gate.chunk(self.etp, dim=1)[self.etp_rank], up.chunk(self.etp, dim=1)[self.etp_rank]],
+                             dim=1)
+        return own_E.chunk(self.etp, dim=1 if pname == "w_up_EFD" else 2)[self.etp_rank]

@@ -146,6 +146,11 @@ class ColumnParallelLinear(nn.Module):
         parts = local.split(self.local_parts, dim=0)
         return torch.cat([gather_dim(p, 0, self.tp_group) for p in parts], dim=0)
 
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the logical tensor (inverse of :meth:`full`, no communication)."""
+        rank, tp = tp_rank_size(self.tp_group)
+        return torch.cat([p.chunk(tp, dim=0)[rank] for p in full.split(list(self.out_parts), dim=0)], dim=0)
+
 
 class RowParallelLinear(nn.Module):
     """``y = x W^T`` with W split along its input dimension; input arrives split over TP.
@@ -171,6 +176,10 @@ class RowParallelLinear(nn.Module):
     def full(self, local: torch.Tensor) -> torch.Tensor:
         """The logical ``[out, in]`` tensor from this rank's column slice (collective over TP)."""
         return gather_dim(local, 1, self.tp_group)
+
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        rank, tp = tp_rank_size(self.tp_group)
+        return full.chunk(tp, dim=1)[rank]
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -201,6 +210,16 @@ class VocabParallelEmbedding(nn.Module):
     def full(self, local: torch.Tensor) -> torch.Tensor:
         """The logical ``[vocab_size, d]`` tensor (padding dropped) from this rank's rows (collective over TP)."""
         return gather_dim(local, 0, self.tp_group)[: self.vocab_size]
+
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        return pad_rows(full, self.padded)[self.start:self.end]
+
+
+def pad_rows(full: torch.Tensor, rows: int) -> torch.Tensor:
+    """``full`` with zero rows appended up to ``rows`` (the TP-padded vocabulary)."""
+    if full.shape[0] == rows:
+        return full
+    return torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])], dim=0)
 
 
 class _VocabParallelCE(torch.autograd.Function):

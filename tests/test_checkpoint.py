@@ -48,7 +48,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(ranks, tmp_path):
     assert again["resumed_from"].endswith("step_00000004")
 
 
-def test_resume_refuses_other_model_or_layout(ranks, tmp_path):
+def test_resume_refuses_another_model_but_not_another_layout(ranks, tmp_path):
     pool = ranks(4, 2)
     ck = [f"checkpoint.dir={tmp_path}"]
     pool.run(_fit, ck + ["train.steps=2"])
@@ -60,10 +60,8 @@ def test_resume_refuses_other_model_or_layout(ranks, tmp_path):
         pool.run(_fit, ck + ["moe.num_experts=4", "parallel.ep=2", "model.kv_heads=4"])
     errs = info.value.errors_of_type({"dist.checkpoint.CheckpointError"})
     assert errs and "moe.num_experts: checkpoint 0, config 4" in errs[0].message
-    with pytest.raises(RankFailure) as info:
-        pool.run(_fit, ck + ["parallel.tp=1"])
-    errs = info.value.errors_of_type({"dist.checkpoint.CheckpointError"})
-    assert errs and "saved at layout" in errs[0].message and "'tp': 2" in errs[0].message
+    # another layout of the same model loads (resharding: tests/test_resharding.py)
+    assert pool.run(_fit, ck + ["parallel.tp=1", "train.steps=3"])[0]["resumed_from"].endswith("step_00000002")
 
 
 def test_checkpointer_single_process_detects_damage(tmp_path):

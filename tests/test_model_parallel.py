@@ -43,7 +43,8 @@ def _train(overrides: list[str], base: list[str] | None = None) -> dict | None:
         return None
     return {"losses": summary["losses"], "grads": first_grads, "params": params,
             "accum": trainer.data.micro_batches, "grad_norms": summary["grad_norms"],
-            "saved_bytes": summary["saved_activation_bytes"], "pipeline": summary["pipeline"]}
+            "saved_bytes": summary["saved_activation_bytes"], "pipeline": summary["pipeline"],
+            "resumed_from": summary["resumed_from"], "steps_run": summary["steps_run"]}
 
 
 def _layout(tp: int, dp: int, sp: bool) -> list[str]:
