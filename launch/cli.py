@@ -1,4 +1,4 @@
-"""``moetrain`` command line: validate, topology, train.
+"""``moetrain`` command line: validate, topology, train, profile, checkpoint inspect|convert.
 
 Exit codes: 0 success; 1 the job failed while running; 2 bad input (config, flags, launcher
 environment), reported as one line without a traceback.
@@ -162,7 +162,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("profile", "run a few steps with timing on: traces, timeline, hidden/exposed communication")
     p.add_argument("--out", metavar="DIR", required=True, help="where traces, timeline.png and summary.json go")
     p.add_argument("--steps", type=int, metavar="N", help="steps to run (default: train.steps)")
+    ck = sub.add_parser("checkpoint", help="inspect a checkpoint or convert it to one safetensors file",
+                        description="inspect a checkpoint or convert it to one safetensors file")
+    cks = ck.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = cks.add_parser("inspect", help="what a checkpoint holds and at what layout it was saved")
+    p.add_argument("dir", metavar="DIR", help="a step_* directory, or a checkpoint.dir (its newest complete step)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = cks.add_parser("convert", help="export the consolidated (unsharded) model as one safetensors file")
+    p.add_argument("dir", metavar="DIR", help="a step_* directory, or a checkpoint.dir (its newest complete step)")
+    p.add_argument("--out", metavar="FILE", required=True, help="the .safetensors file to write")
+    p.add_argument("--optimizer", action="store_true", help="also export AdamW moments (optim/... names)")
     return parser
+
+
+def _cmd_checkpoint(args) -> int:
+    from launch.ckpt_tools import convert, format_inspect, inspect
+
+    if args.action == "inspect":
+        info = inspect(args.dir)
+        print(json.dumps(info, indent=1) if args.json else format_inspect(info))
+    else:
+        done = convert(args.dir, args.out, optimizer=args.optimizer)
+        print(f"wrote {done['tensors']} tensors ({done['bytes'] / 2**20:.1f} MiB) to {done['path']}")
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -175,9 +197,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     stray = [x for x in rest if x.startswith("-") or "=" not in x]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    args.overrides = list(args.overrides) + rest
+    args.overrides = list(getattr(args, "overrides", [])) + rest
+    if args.command == "checkpoint" and args.overrides:
+        parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
     handler = {"validate": _cmd_validate, "topology": _cmd_topology, "train": _cmd_train,
-               "profile": _cmd_profile}[args.command]
+               "profile": _cmd_profile, "checkpoint": _cmd_checkpoint}[args.command]
     try:
         return handler(args)
     except ConfigError as exc:

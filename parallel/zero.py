@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.mappings import _all_gather_single, _reduce_scatter_single
+
 __all__ = ["ShardedAdamW"]
 
 
@@ -71,7 +73,7 @@ class _Shard:
         if self.world == 1:
             return slice_S
         out = like.new_empty(self.world * self.size)
-        dist.all_gather_into_tensor(out, slice_S.contiguous(), group=self.group)
+        _all_gather_single(out, slice_S.contiguous(), group=self.group)
         return out
 
 
@@ -128,7 +130,7 @@ class ShardedAdamW:
             flat = s.flat([p.grad for p in s.params], s.params[0])
             if s.world > 1:
                 out = flat.new_empty(s.size)
-                dist.reduce_scatter_tensor(out, flat, group=s.group)
+                _reduce_scatter_single(out, flat, group=s.group)
             else:
                 out = flat
             s.grad = out.div_(s.divisor)

@@ -148,3 +148,29 @@ def test_partial_or_foreign_checkpoints_are_refused_by_name(ranks, tmp_path):
     msg = error(_at(1, 1, 4, 4) + ["train.steps=3", f"checkpoint.dir={tmp_path / 'c'}",
                                    f"checkpoint.resume={step}"])
     assert "unusable: rank00001.pt is missing" in msg
+
+
+def test_checkpoint_inspect_and_convert_to_safetensors(ranks, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.test_cli import _cli
+
+    run = ranks(*POOL[8]).run(_run, _at(2, 2, 2, 2, zero=2) + ["train.steps=2", "checkpoint.every=2",
+                                                               f"checkpoint.dir={tmp_path / 'ck'}"])[0]
+    out = _cli(["checkpoint", "inspect", str(tmp_path / "ck")])
+    assert out.returncode == 0, out.stderr
+    for text in ("step 2", "saved by 8 ranks at tp=2 pp=2 dp=2 ep=2", "zero_stage=2", "(8 experts)", "layers.1"):
+        assert text in out.stdout, out.stdout
+    out = _cli(["checkpoint", "convert", str(tmp_path / "ck" / "step_00000002"), "--out", str(tmp_path / "m.st")])
+    assert out.returncode == 0, out.stderr
+    flat = load_file(str(tmp_path / "m.st"))
+    assert not any(k.startswith("optim/") for k in flat)
+    for name, p in run["params"].items():  # the consolidated tensors are the model at step 2
+        if ".experts." in name:
+            prefix, pname = name.rsplit(".", 1)
+            got = torch.stack([flat[f"{prefix}.{e}.{pname}"] for e in range(8)])
+        else:
+            got = flat[name]
+        torch.testing.assert_close(got, p, rtol=0, atol=0, msg=name)
+    bad = _cli(["checkpoint", "inspect", str(tmp_path / "nothing")])
+    assert bad.returncode == 2 and "is not a directory" in bad.stderr and "Traceback" not in bad.stderr
