@@ -172,9 +172,11 @@ class Trainer:
         self.zero_stage = cfg.train.optimizer.zero_stage
         dp_groups = [(groups.dp, dense), (groups.edp, experts, dp)]
         hold = self.engine is not None and cfg.moe.partition_grads and bool(self.moe_layers) and self.zero_stage < 2
-        # ZeRO-2 sums gradients with a reduce-scatter after backward instead of the bucketed all-reduce
-        self.reducer = GradReducer(dp_groups if self.zero_stage < 2 else [], engine=self.engine, hold=hold,
-                                   bucket_bytes=int(cfg.train.bucket_mb * 2**20))
+        # ZeRO-2: buckets are reduce-scattered; gradients first summed over another group wait for finish_late
+        late = {id(p) for p in self.params if getattr(p, "tp_partial_grad", False)} | {id(p) for p in self.tied}
+        self.reducer = GradReducer(dp_groups, engine=self.engine, hold=hold,
+                                   bucket_bytes=int(cfg.train.bucket_mb * 2**20),
+                                   scatter=self.zero_stage == 2, late=late if self.zero_stage == 2 else None)
         for layer in self.moe_layers:
             if self.engine is not None:
                 layer.engine = self.engine
@@ -187,7 +189,8 @@ class Trainer:
         opt_kwargs: dict[str, Any] = dict(lr=cfg.train.lr, betas=(cfg.train.optimizer.beta1, cfg.train.optimizer.beta2),
                                           eps=cfg.train.optimizer.eps, weight_decay=cfg.train.optimizer.weight_decay)
         if self.zero_stage:
-            self.optimizer = ShardedAdamW(dp_groups, stage=self.zero_stage, offload=cfg.train.optimizer.offload,
+            units = dp_groups if self.zero_stage == 1 else [(b.group, b.params, b.size) for b in self.reducer.buckets]
+            self.optimizer = ShardedAdamW(units, stage=self.zero_stage, offload=cfg.train.optimizer.offload,
                                           **opt_kwargs)
         else:
             self.optimizer = self._make_optimizer(opt_kwargs)
@@ -512,7 +515,7 @@ class Trainer:
             if self.tied and self.tied[0].grad is not None:  # keep the two copies of a tied embedding equal
                 dist.all_reduce(self.tied[0].grad, group=self.groups.embedding)
             if self.zero_stage == 2:
-                self.optimizer.reduce_scatter_grads()
+                self.optimizer.set_grad_slices(self.reducer.finish_late())
         with record_function("clip_and_step"):
             if self.zero_stage == 2:
                 gnorm = self.optimizer.clip_grad_norm(cfg.train.grad_clip, self.replicas)

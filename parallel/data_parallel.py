@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.mappings import _reduce_scatter_single
+
 __all__ = ["GradReducer", "finalize_tp_partial_grads", "clip_grad_norm", "grad_norm_sq_local"]
 
 
@@ -42,6 +44,8 @@ class _Bucket:
     launched: bool = False
     pending: set = field(default_factory=set)
     index: int = 0
+    late: bool = False  # scatter mode: summed over another group first, launched by finish_late()
+    slice: torch.Tensor | None = None  # scatter mode: this rank's slice of the averaged gradient
 
     def flat_numel(self) -> int:
         return sum(p.numel() for p in self.params)
@@ -51,10 +55,18 @@ class GradReducer:
     """Bucketed, overlapped all-reduce (average) of gradients over per-parameter-group process groups."""
 
     def __init__(self, param_groups: Iterable[tuple], *, bucket_bytes: int = 8 * 1024 * 1024,
-                 overlap: bool = True, engine=None, hold: bool = False):
+                 overlap: bool = True, engine=None, hold: bool = False, scatter: bool = False,
+                 late: set[int] | None = None):
         """``param_groups``: ``(group, params)`` or ``(group, params, divisor)``; the reduced sum is divided
         by ``divisor`` (default: the group size). Expert parameters use their expert-data-parallel group
-        with divisor dp, since their gradients already sum the tokens of several data-parallel replicas."""
+        with divisor dp, since their gradients already sum the tokens of several data-parallel replicas.
+
+        ``scatter`` (ZeRO-2): each bucket is reduce-scattered instead of all-reduced; rank r of a group of W
+        keeps the r-th of W equal slices of the bucket (``bucket.slice``, padded) and every gradient of a
+        launched bucket is freed at once. Parameters in ``late`` (ids) go to separate buckets launched by
+        :meth:`finish_late`, after their gradients were summed over another group (TP-partial, tied)."""
+        self.scatter = scatter
+        late = late or set()
         self.buckets: list[_Bucket] = []
         self._bucket_of: dict[int, _Bucket] = {}
         self._sync = True
@@ -71,13 +83,13 @@ class GradReducer:
             params = [p for p in params if p.requires_grad]
             if not params:
                 continue
-            if size == 1:
+            if size == 1 and not scatter:
                 if divisor != 1:
                     self._scale_only.append((params, divisor))
                 continue
             current: list[nn.Parameter] = []
             nbytes = 0
-            for p in reversed(params):
+            for p in reversed([p for p in params if id(p) not in late]):
                 current.append(p)
                 nbytes += p.numel() * p.element_size()
                 if nbytes >= bucket_bytes:
@@ -85,12 +97,17 @@ class GradReducer:
                     current, nbytes = [], 0
             if current:
                 self._add_bucket(current, group, divisor)
+            held_back = [p for p in params if id(p) in late]
+            if held_back:
+                self._add_bucket(held_back, group, divisor, late=True)
+        self._in_flight: list[_Bucket] = []
         for b in self.buckets:
             for p in b.params:
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+                if not b.late:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
 
-    def _add_bucket(self, params: list[nn.Parameter], group, divisor: int) -> None:
-        b = _Bucket(params=list(params), group=group, size=divisor, index=len(self.buckets))
+    def _add_bucket(self, params: list[nn.Parameter], group, divisor: int, late: bool = False) -> None:
+        b = _Bucket(params=list(params), group=group, size=divisor, index=len(self.buckets), late=late)
         self.buckets.append(b)
         for p in params:
             self._bucket_of[id(p)] = b
@@ -123,7 +140,7 @@ class GradReducer:
         budget = self.window_bytes if budget_bytes is None else budget_bytes
         n = 0
         for b in self.buckets:
-            if b.launched:
+            if b.launched or b.late:
                 continue
             if b.ready < len(b.params):
                 break  # a bucket waits for every earlier one
@@ -138,20 +155,59 @@ class GradReducer:
 
     def _launch(self, b: _Bucket, source: str) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
-        b.flat = torch.cat([g.reshape(-1) for g in grads])
-        if self.engine is not None:
+        if self.scatter:
+            self._launch_scatter(b, grads)
+        elif self.engine is not None:
+            b.flat = torch.cat([g.reshape(-1) for g in grads])
             b.work = self.engine.submit(b.flat, [self.engine.allreduce_step(b.group, tag="grad")])
         else:
+            b.flat = torch.cat([g.reshape(-1) for g in grads])
             b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
         b.launched = True
         self.events.append(("launch", b.index, time.perf_counter(), source))
 
+    def _launch_scatter(self, b: _Bucket, grads: list[torch.Tensor]) -> None:
+        world = 1 if b.group is None else dist.get_world_size(b.group)
+        per = -(-b.flat_numel() // world)
+        b.flat = grads[0].new_zeros(world * per)
+        offset = 0
+        for g in grads:
+            b.flat[offset:offset + g.numel()].copy_(g.reshape(-1))
+            offset += g.numel()
+        for p in b.params:  # the bucket's full gradients are no longer needed here
+            p.grad = None
+        if world == 1:
+            b.slice, b.work = b.flat, None
+        else:
+            b.slice = b.flat.new_empty(per)
+            b.work = _reduce_scatter_single(b.slice, b.flat, group=b.group, async_op=True)
+        # keep at most two reductions in flight during backward, so their buffers do not add up
+        self._in_flight.append(b)
+        while len(self._in_flight) > 2:
+            self._settle(self._in_flight.pop(0))
+
+    def _settle(self, b: _Bucket) -> None:
+        if b.work is not None:
+            b.work.wait()
+        b.work, b.flat = None, None
+        b.slice.div_(b.size)
+
     def finish(self) -> None:
-        """Launch what backward did not (unused parameters, overlap off), wait, average, write back."""
+        """Launch what backward did not (unused parameters, overlap off), wait, average, write back.
+
+        In scatter mode the late buckets wait for :meth:`finish_late`."""
         for params, divisor in self._scale_only:
             for p in params:
                 if p.grad is not None:
                     p.grad.div_(divisor)
+        if self.scatter:
+            for b in self.buckets:
+                if not b.launched and not b.late:
+                    self._launch(b, "finish")
+            while self._in_flight:
+                self._settle(self._in_flight.pop(0))
+            self.last_events, self.events = self.events, []
+            return
         for b in self.buckets:
             if not b.launched:
                 self._launch(b, "finish")
@@ -170,6 +226,21 @@ class GradReducer:
             b.flat, b.work, b.launched, b.ready = None, None, False, 0
             b.pending.clear()
         self.last_events, self.events = self.events, []
+
+    def finish_late(self) -> list[torch.Tensor]:
+        """Scatter mode: reduce-scatter the late buckets; returns every bucket's slice, in bucket order,
+        and readies the buckets for the next step."""
+        assert self.scatter
+        for b in self.buckets:
+            if b.late:
+                self._launch(b, "finish")
+        while self._in_flight:
+            self._settle(self._in_flight.pop(0))
+        slices = [b.slice for b in self.buckets]
+        for b in self.buckets:
+            b.slice, b.launched, b.ready = None, False, 0
+            b.pending.clear()
+        return slices
 
     def remove(self) -> None:
         for h in self._hooks:

@@ -8,8 +8,10 @@ from its own autograd hooks exactly once per parameter, which conflicts with moe
 weight-gradient pass (zero-bubble pipelines), the gradient buckets placed into MoE idle windows,
 and the TP / tied-embedding gradient syncs that must happen before the data-parallel sum.
 
-Layout: the parameters of one group (dense parameters over ``dp``; expert parameters over ``edp``)
-are laid end to end in a virtual flat vector of N elements, padded to a multiple of the group size W;
+Layout: the parameters of one shard unit (stage 1: all dense parameters over ``dp``, all expert
+parameters over ``edp``; stage 2: each gradient bucket of :class:`parallel.data_parallel.GradReducer`,
+which reduce-scatters buckets during backward and frees their gradients at once) are laid end to end
+in a virtual flat vector of N elements, padded to a multiple of the group size W;
 rank r owns elements ``[r·S, (r+1)·S)`` with ``S = ceil(N / W)``. It keeps a master copy of that
 slice, AdamW's two moments for it (torch's own AdamW on the slice, so the arithmetic is the same
 element-wise as the unsharded optimizer) and, at stage 2, only that slice of the reduced gradient.
@@ -27,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.mappings import _all_gather_single, _reduce_scatter_single
+from parallel.mappings import _all_gather_single
 
 __all__ = ["ShardedAdamW"]
 
@@ -67,6 +69,30 @@ class _Shard:
             offset += p.numel()
         return out
 
+    def write_flat(self, start: int, values: torch.Tensor) -> None:
+        """Copy ``values`` into the parameters at flat positions [start, start + len) (padding skipped)."""
+        end = start + values.numel()
+        offset = 0
+        for p in self.params:
+            a, b = max(offset, start), min(offset + p.numel(), end)
+            if a < b:
+                p.view(-1)[a - offset:b - offset].copy_(values[a - start:b - start])
+            offset += p.numel()
+
+    def gather_into_params(self, chunk: int) -> None:
+        """All ranks' updated slices -> the parameters, ``chunk`` elements per rank at a time, so the
+        gather buffer stays W·chunk instead of the whole flat vector (collective over the group)."""
+        like = self.params[0]
+        for c0 in range(0, self.size, chunk):
+            piece = self.master.detach()[c0:c0 + chunk].to(like.device, like.dtype)
+            if self.world == 1:
+                self.write_flat(c0, piece)
+                continue
+            out = like.new_empty(self.world * piece.numel())
+            _all_gather_single(out, piece.contiguous(), group=self.group)
+            for r, part in enumerate(out.split(piece.numel())):
+                self.write_flat(r * self.size + c0, part)
+
     def gather(self, slice_S: torch.Tensor, like: nn.Parameter) -> torch.Tensor:
         """All ranks' slices -> the flat vector [W·S] (collective over the group)."""
         slice_S = slice_S.to(like.device, like.dtype)
@@ -81,12 +107,13 @@ class ShardedAdamW:
     """AdamW with ZeRO-1/2 sharding; ``param_groups`` is ``[(group, params, divisor)]`` as for GradReducer."""
 
     def __init__(self, param_groups, *, stage: int, offload: str = "none", lr: float, betas=(0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0):
+                 eps: float = 1e-8, weight_decay: float = 0.0, gather_bytes: int = 8 * 2**20):
         if stage not in (1, 2):
             raise ValueError(f"ZeRO stage must be 1 or 2, got {stage}")
         if offload not in ("none", "cpu"):
             raise ValueError(f"offload must be none or cpu, got {offload!r}")
         self.stage, self.offload = stage, offload
+        self.gather_bytes = gather_bytes  # all-gather buffer per step, summed over the group's ranks
         self.shards: list[_Shard] = []
         for entry in param_groups:
             group, params = entry[0], [p for p in entry[1] if p.requires_grad]
@@ -123,19 +150,13 @@ class ShardedAdamW:
             s.grad = None
 
     # ------------------------------------------------------------------ gradients
-    def reduce_scatter_grads(self) -> None:
-        """Stage 2: sum every group's gradients with a reduce-scatter, keep this rank's slice, free the rest."""
-        assert self.stage == 2
-        for s in self.shards:
-            flat = s.flat([p.grad for p in s.params], s.params[0])
-            if s.world > 1:
-                out = flat.new_empty(s.size)
-                _reduce_scatter_single(out, flat, group=s.group)
-            else:
-                out = flat
-            s.grad = out.div_(s.divisor)
-            for p in s.params:
-                p.grad = None
+    def set_grad_slices(self, slices: list[torch.Tensor]) -> None:
+        """Stage 2: this rank's slices of the averaged gradients, one per shard (the gradient reducer's
+        reduce-scatter in ``scatter`` mode, whose buckets are this optimizer's shards)."""
+        assert self.stage == 2 and len(slices) == len(self.shards)
+        for s, g in zip(self.shards, slices):
+            assert g.numel() == s.size
+            s.grad = g
 
     def clip_grad_norm(self, max_norm: float | None, replicas: dict[int, int], world_group=None) -> float:
         """Stage 2's global norm from the gradient slices (stage 1 clips the full gradients as usual).
@@ -172,11 +193,7 @@ class ShardedAdamW:
         self.inner.step()
         for s in self.shards:
             s.master.grad = None
-            full = s.gather(s.master.detach(), s.params[0])
-            offset = 0
-            for p in s.params:
-                p.copy_(full[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+            s.gather_into_params(max(1, self.gather_bytes // s.master.element_size() // s.world))
 
     # ------------------------------------------------------------------ state by parameter (checkpoints)
     def param_states(self) -> dict[int, dict[str, torch.Tensor]]:

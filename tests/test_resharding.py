@@ -42,10 +42,16 @@ def test_zero_stages_and_offload_equal_unsharded_adamw(ranks):
             torch.testing.assert_close(got["params"][name], p, rtol=1e-9, atol=1e-12, msg=f"{extra}: {name}")
 
 
-def test_zero2_on_eight_ranks_with_expert_data_parallel_shards(ranks):
-    ref = ranks(*POOL[8]).run(_train, _at(2, 1, 2, 4))[0]
-    got = ranks(*POOL[8]).run(_train, _at(2, 1, 2, 4, zero=2))[0]  # experts sharded over edp=2, dense over dp=4
+@pytest.mark.parametrize("layout", [(2, 1, 2, 4), (2, 2, 2, 2)], ids=["tp2-dp4-ep2", "tp2-pp2-dp2-ep2-sp-tied"])
+def test_zero2_on_eight_ranks(ranks, layout):
+    """dp=4: experts sharded over edp=2, dense over dp=4, buckets reduce-scattered during backward.
+    pp=2 with SP and tied embeddings: SP norms, routers and the tied embedding are summed over TP /
+    the embedding group before their (late) reduce-scatter; the pipeline reduces after the schedule."""
+    extra = ["parallel.sp=true", "model.tie_embeddings=true"] if layout[1] == 2 else []
+    ref = ranks(*POOL[8]).run(_train, _at(*layout) + extra)[0]
+    got = ranks(*POOL[8]).run(_train, _at(*layout, zero=2) + extra + ["train.bucket_mb=0.05"])[0]
     _close(got["losses"], ref["losses"])
+    _close(got["grad_norms"], ref["grad_norms"])
     for name, p in ref["params"].items():
         torch.testing.assert_close(got["params"][name], p, rtol=1e-9, atol=1e-12, msg=name)
 
