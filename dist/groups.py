@@ -6,6 +6,8 @@ in the same order and keeps the ones it belongs to. Identical rank lists share o
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -39,8 +41,11 @@ class ParallelGroups:
         return self.members[family].index(self.rank)
 
 
-def create_groups(grid: RankGrid, backend: str | None = None) -> ParallelGroups:
-    """Create every group family of ``grid``; must be called by all ranks of the default group."""
+def create_groups(grid: RankGrid, backend: str | None = None, timeout: timedelta | None = None) -> ParallelGroups:
+    """Create every group family of ``grid``; must be called by all ranks of the default group.
+
+    ``timeout``: how long a collective of these groups may wait (torch's default for new groups is
+    30 minutes, not the world group's timeout); a hung peer then fails the collective instead."""
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call init_process_group first")
     world = dist.get_world_size()
@@ -56,7 +61,8 @@ def create_groups(grid: RankGrid, backend: str | None = None) -> ParallelGroups:
                 if len(ranks) == world:
                     cache[ranks] = dist.group.WORLD
                 else:
-                    cache[ranks] = dist.new_group(list(ranks), backend=backend, use_local_synchronization=False)
+                    cache[ranks] = dist.new_group(list(ranks), backend=backend, timeout=timeout,
+                                                 use_local_synchronization=False)
             if rank in ranks:
                 mine[family] = cache[ranks]
                 members[family] = ranks

@@ -49,6 +49,9 @@ class ClusterConfig(_Section):
     ranks_per_node: int = Field(1, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
     ray_address: Optional[str] = None
+    """host:port of a running Ray head ('auto': the one on this machine); unset: a local instance."""
+    ray_placement_timeout_s: float = Field(60.0, gt=0)
+    """How long Ray may take to find resources for the ranks before the job fails."""
     collective_timeout_s: float = Field(300.0, gt=0)
     """A collective that waits longer than this fails with an error instead of hanging."""
 
@@ -545,6 +548,13 @@ def check_consistency(cfg: JobConfig) -> None:
         raise ConfigError("train.min_lr", f"{t.min_lr} exceeds train.lr={t.lr}")
     if t.optimizer.offload != "none" and t.optimizer.zero_stage == 0:
         raise ConfigError("train.optimizer.offload", "CPU offload needs train.optimizer.zero_stage >= 1")
+    if cfg.fault.max_restarts and (not cfg.checkpoint.dir or cfg.checkpoint.resume == "never"
+                                   or not cfg.checkpoint.every):
+        raise ConfigError("fault.max_restarts", "restarts resume from checkpoints: set checkpoint.dir and "
+                          "checkpoint.every, and keep checkpoint.resume=auto")
+    if cfg.fault.max_restarts and c.launcher in ("mpi", "env"):
+        raise ConfigError("fault.max_restarts", f"with cluster.launcher={c.launcher} the launcher restarts the "
+                          "job (torchrun --max-restarts, srun --requeue); set it there, this process is one rank")
 
     if c.device == "cuda" and c.launcher == "local":
         # Local ranks run on this machine, so its GPUs are what the job gets. Other launchers start

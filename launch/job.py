@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
 from launch.config import JobConfig, config_from_dict, write_resolved
 
-__all__ = ["run_job", "rank_main", "JobError", "USER_ERRORS"]
+__all__ = ["run_job", "rank_main", "JobError", "USER_ERRORS", "attempt_number"]
 
 
 class JobError(RuntimeError):
@@ -45,7 +48,10 @@ def rank_main(cfg_data: dict[str, Any], profile_dir: Optional[str] = None) -> di
     from launch.trainer import train
 
     cfg = config_from_dict(cfg_data, check=False)
-    return train(cfg, setup_groups(cfg), profile_dir=profile_dir)
+    groups = setup_groups(cfg)
+    summary = train(cfg, groups, profile_dir=profile_dir)
+    summary["node_of_rank"] = [groups.grid.node_of(r) for r in range(cfg.world_size)]
+    return summary
 
 
 def setup_groups(cfg: JobConfig):
@@ -62,7 +68,8 @@ def setup_groups(cfg: JobConfig):
         )
     layout = Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.dp, ep=cfg.parallel.ep, etp=cfg.parallel.etp)
     node_of = _gather_node_map()
-    return create_groups(build_rank_grid(layout, node_of=node_of))
+    return create_groups(build_rank_grid(layout, node_of=node_of),
+                         timeout=timedelta(seconds=cfg.cluster.collective_timeout_s))
 
 
 def _gather_node_map() -> list[int]:
@@ -85,6 +92,41 @@ def _write_summary(summary: dict, path: Optional[str]) -> None:
     os.replace(tmp, p)
 
 
+def attempt_number() -> int:
+    """Which start of the job this process belongs to: 0 first, k after k restarts (ours or torchrun's)."""
+    return int(os.environ.get("MOETRAIN_ATTEMPT", os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from launch.local import RankFailure
+
+    if isinstance(exc, USER_ERRORS):
+        return True
+    names = {f"{e.__module__}.{e.__qualname__}" for e in USER_ERRORS}
+    return isinstance(exc, RankFailure) and bool(exc.errors_of_type(names))
+
+
+def _with_restarts(cfg: JobConfig, start: Callable[[int], dict[str, Any]], retry_on: tuple) -> dict[str, Any]:
+    """Run ``start(attempt)``; when ranks fail (not a user mistake), start again, up to
+    ``fault.max_restarts`` times, resuming from the newest complete checkpoint. ``restarts`` in the
+    summary counts them."""
+    attempt = 0
+    while True:
+        t0 = time.perf_counter()
+        try:
+            summary = start(attempt)
+            summary["restarts"] = attempt
+            return summary
+        except retry_on as exc:
+            if _is_user_error(exc) or attempt >= cfg.fault.max_restarts:
+                raise
+            attempt += 1
+            first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            print(f"[moetrain] attempt {attempt} failed after {time.perf_counter() - t0:.1f}s ({first}); "
+                  f"restart {attempt}/{cfg.fault.max_restarts} from the newest checkpoint in {cfg.checkpoint.dir}",
+                  file=sys.stderr, flush=True)
+
+
 def run_job(cfg: JobConfig, summary_path: Optional[str] = None, profile_dir: Optional[str] = None) -> dict[str, Any]:
     """Launch ``cfg`` with its launcher and return rank 0's summary (also written to ``summary_path``);
     with ``profile_dir`` every rank records its trace and metrics there (``moetrain profile``)."""
@@ -92,12 +134,19 @@ def run_job(cfg: JobConfig, summary_path: Optional[str] = None, profile_dir: Opt
     data = cfg.model_dump(mode="json")
     launcher = cfg.cluster.launcher
     if launcher == "local":
-        from launch.local import LocalRanks
+        from launch.local import LocalRanks, RankFailure
 
-        env = {"PYTHONUNBUFFERED": "1"}
-        with LocalRanks(cfg.world_size, ranks_per_node=cfg.cluster.ranks_per_node, timeout=None,
-                        collective_timeout_s=cfg.cluster.collective_timeout_s, env=env) as pool:
-            summary = pool.run(rank_main, data, profile_dir, timeout=None)[0]
+        def start(attempt: int) -> dict[str, Any]:
+            env = {"PYTHONUNBUFFERED": "1", "MOETRAIN_ATTEMPT": str(attempt)}
+            with LocalRanks(cfg.world_size, ranks_per_node=cfg.cluster.ranks_per_node, timeout=None,
+                            collective_timeout_s=cfg.cluster.collective_timeout_s, env=env) as pool:
+                return pool.run(rank_main, data, profile_dir, timeout=None)[0]
+
+        summary = _with_restarts(cfg, start, (RankFailure,))
+    elif launcher == "ray":
+        from launch.ray_launcher import run_ray
+
+        summary = run_ray(cfg, data, profile_dir)
     elif launcher in ("mpi", "env"):
         from dist.env import detect
 
@@ -109,10 +158,9 @@ def run_job(cfg: JobConfig, summary_path: Optional[str] = None, profile_dir: Opt
             summary = rank_main(data, profile_dir)
         finally:
             dist.destroy_process_group()
+        summary["restarts"] = attempt_number()  # torchrun --max-restarts / the scheduler restarts us
         if env.rank != 0:
             return summary
-    else:
-        raise JobError("cluster.launcher=ray is not available yet in this build (see the Ray launcher issue)")
     _write_summary(summary, summary_path)
     return summary
 

@@ -43,7 +43,7 @@ from parallel.model import SwiGLU, Transformer, TransformerArgs
 from parallel.pipeline import PipelineRunner, partition_layers
 from parallel.zero import ShardedAdamW
 
-__all__ = ["Trainer", "train", "TrainError"]
+__all__ = ["Trainer", "train", "TrainError", "CollectiveFailure"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -90,6 +90,13 @@ class ModelChunks(torch.nn.Module):
 
 class TrainError(RuntimeError):
     """The job cannot train as configured (reported to the user without a traceback)."""
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective failed or timed out (a peer died or hung); names this rank, the step and the phase."""
+
+
+_COMM_ERROR_HINTS = ("gloo", "timed out", "timeout", "connection", "nccl", "socket", "peer")
 
 
 class InjectedFault(RuntimeError):
@@ -419,6 +426,10 @@ class Trainer:
         inj = self.cfg.fault.inject
         if inj.kind is None or inj.step != step or inj.rank != self.rank:
             return
+        from launch.job import attempt_number
+
+        if attempt_number() > 0:  # a restarted job runs on: the fault was injected into the first attempt
+            return
         print(f"[moetrain] rank {self.rank}: injected fault '{inj.kind}' at step {step}", file=sys.stderr, flush=True)
         if inj.kind == "exit":
             os._exit(17)
@@ -426,6 +437,13 @@ class Trainer:
             raise InjectedFault(f"injected exception on rank {self.rank} at step {step}")
         while True:  # hang
             time.sleep(1)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """A named part of the step: profiler range, and the phase a failed collective is reported in."""
+        self.phase = name
+        with record_function(name):
+            yield
 
     def _amp(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
@@ -442,7 +460,7 @@ class Trainer:
             sync = contextlib.nullcontext() if micro == accum - 1 else self.reducer.no_sync()
             amp = self._amp()
             saved = SavedBytes(self.params) if micro == 0 else contextlib.nullcontext()
-            with sync, record_function("forward_backward"):
+            with sync, self._phase("forward_backward"):
                 with amp, saved:
                     loss = self.model(tokens, targets) / accum
                 loss.backward()
@@ -480,7 +498,7 @@ class Trainer:
                 total += out.detach().to(torch.float64).cpu()
             return out
 
-        with self.reducer.no_sync(), record_function("pipeline_schedule"):
+        with self.reducer.no_sync(), self._phase("pipeline_schedule"):
             self.runner.run(accum, forward, before)
         return total, saved_bytes[0]
 
@@ -508,7 +526,7 @@ class Trainer:
         moe_stats: list[dict] = []
         step_fn = self._local_step if self.runner is None else self._pipeline_step
         total, activation_bytes = step_fn(step, accum, moe_stats)
-        with record_function("dp_grad_reduce"):
+        with self._phase("dp_grad_reduce"):
             self.reducer.finish()
             tp = self.groups.tp if self.groups.size("tp") > 1 else None
             finalize_tp_partial_grads(self.params, tp)
@@ -516,7 +534,7 @@ class Trainer:
                 dist.all_reduce(self.tied[0].grad, group=self.groups.embedding)
             if self.zero_stage == 2:
                 self.optimizer.set_grad_slices(self.reducer.finish_late())
-        with record_function("clip_and_step"):
+        with self._phase("clip_and_step"):
             if self.zero_stage == 2:
                 gnorm = self.optimizer.clip_grad_norm(cfg.train.grad_clip, self.replicas)
             else:
@@ -568,7 +586,18 @@ class Trainer:
             self._inject_fault(self.step)
             t0 = time.perf_counter()
             profiling = self.profiling
-            out = self.train_step()
+            try:
+                out = self.train_step()
+            except RuntimeError as exc:
+                text = str(exc)
+                if isinstance(exc, (InjectedFault, TrainError)) or \
+                        not any(h in text.lower() for h in _COMM_ERROR_HINTS):
+                    raise
+                first = text.strip().splitlines()[0] if text.strip() else exc.__class__.__name__
+                raise CollectiveFailure(
+                    f"rank {self.rank}: a collective in phase '{getattr(self, 'phase', '?')}' of step {self.step} "
+                    f"failed after at most cluster.collective_timeout_s={self.cfg.cluster.collective_timeout_s:g}s "
+                    f"({first[:300]}); a peer rank died or hung") from exc
             dt = time.perf_counter() - t0
             self.step_spans.append((self.step - 1, t0, t0 + dt, profiling))
             step_times.append(dt)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from launch.local import LocalRanks
+
+# Ray started by tests (local instances, ray.cluster_utils.Cluster) binds 127.0.0.1 only; Ray reads this
+# when it is first imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 _POOLS: dict[tuple[int, int], LocalRanks] = {}
 

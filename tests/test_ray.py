@@ -1,0 +1,111 @@
+"""cluster.launcher=ray: equals the local launcher, restarts after failures, node-contiguous ranks on a
+2-node Ray cluster (ray.cluster_utils on 127.0.0.1), pre-flight errors. Launcher-level failure tests
+(restart after an injected exit, a hang becoming an error) for the local launcher too."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.config import load_config
+from launch.job import JobError, run_job
+from launch.local import RankFailure
+
+pytestmark = pytest.mark.launcher
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["parallel.tp=2", "parallel.ep=1", "moe.num_experts=0", "parallel.sp=false", "model.layers=2",
+         "model.d_model=32", "model.d_ffn=64", "model.seq_len=16", "train.micro_batch_size=2",
+         "train.global_batch_size=4", "train.dtype=float64", "logging.every=1000", "cluster.nodes=2",
+         "cluster.ranks_per_node=2", "cluster.collective_timeout_s=20"]
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    return load_config(str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"),
+                       SMALL + [f"logging.run_dir={tmp_path / 'run'}", *extra])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The local launcher's run of the small job: 6 steps, TP=2 x DP=2."""
+    tmp = tmp_path_factory.mktemp("local")
+    return run_job(_cfg(tmp, "train.steps=6"))
+
+
+def test_local_launcher_restarts_after_an_injected_exit(tmp_path, uninterrupted):
+    out = run_job(_cfg(tmp_path, "train.steps=6", f"checkpoint.dir={tmp_path / 'ck'}", "checkpoint.every=1",
+                       "fault.max_restarts=1", "fault.inject={rank: 3, step: 2, kind: exit}"))
+    assert out["restarts"] == 1 and out["resumed_from"].endswith("step_00000002")
+    assert out["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-12)
+
+
+def test_hang_becomes_an_error_naming_ranks_and_phase(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(RankFailure) as info:
+        run_job(_cfg(tmp_path, "train.steps=3", "cluster.collective_timeout_s=5",
+                     "fault.inject={rank: 1, step: 1, kind: hang}"))
+    assert time.monotonic() - t0 < 90
+    text = str(info.value)
+    assert "--- rank 1: hung ---" in text and "CollectiveFailure: rank 0: a collective in phase" in text
+    assert "of step 1 failed after at most cluster.collective_timeout_s=5s" in text
+
+
+def test_ray_local_instance_equals_local_launcher_and_restarts(tmp_path, uninterrupted):
+    out = run_job(_cfg(tmp_path, "train.steps=6", "cluster.launcher=ray"))
+    assert out["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-12)
+    assert out["restarts"] == 0 and out["node_of_rank"] == [0, 0, 1, 1] and set(out["ray"]["ips"]) == {"127.0.0.1"}
+    out = run_job(_cfg(tmp_path, "train.steps=6", "cluster.launcher=ray", f"checkpoint.dir={tmp_path / 'ck'}",
+                       "checkpoint.every=1", "fault.max_restarts=2", "fault.inject={rank: 1, step: 2, kind: exit}"))
+    assert out["restarts"] == 1 and out["resumed_from"].endswith("step_00000002")
+    assert out["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-12)
+
+
+def _rank_nodes(run_dir: Path) -> set[str]:
+    import json
+
+    return {r["node_id"] for r in json.loads((run_dir / "ray_ranks.json").read_text())["ranks"]}
+
+
+def test_ray_two_nodes_contiguous_ranks_and_node_loss(tmp_path, uninterrupted):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        addr = cluster.address
+        first = cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        # pre-flight: one node of 2 CPU slots cannot hold 2 nodes x 2 ranks
+        t0 = time.monotonic()
+        with pytest.raises(JobError, match=r"needs 2 node\(s\) x 2 CPU slot\(s\) = 4 ranks .* but the Ray cluster "
+                                           r"has 2 node\(s\) with CPU \[2, 0\]"):
+            run_job(_cfg(tmp_path, "cluster.launcher=ray", f"cluster.ray_address={addr}"))
+        assert time.monotonic() - t0 < 30
+        nodes = [first, cluster.add_node(num_cpus=2), cluster.add_node(num_cpus=2)]  # one spare
+        cluster.wait_for_nodes()
+        ck = tmp_path / "ck"
+        lost: list[str] = []
+
+        def lose_a_node():  # after the second checkpoint, a node holding ranks dies with its processes
+            deadline = time.monotonic() + 240
+            while not (ck / "step_00000002").is_dir() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            used = _rank_nodes(tmp_path / "run")
+            victim = next(n for n in nodes if n.node_id in used)
+            lost.append(victim.node_id)
+            cluster.remove_node(victim, allow_graceful=False)
+
+        killer = threading.Thread(target=lose_a_node, daemon=True)
+        killer.start()
+        out = run_job(_cfg(tmp_path, "train.steps=6", "cluster.launcher=ray", f"cluster.ray_address={addr}",
+                           f"checkpoint.dir={ck}", "checkpoint.every=1", "fault.max_restarts=1"))
+        killer.join(timeout=5)
+    finally:
+        cluster.shutdown()
+    placed = out["ray"]["nodes"]  # the restarted attempt's placement
+    assert placed[0] == placed[1] and placed[2] == placed[3] and placed[0] != placed[2]  # contiguous per node
+    assert lost and lost[0] not in placed
+    assert out["node_of_rank"] == [0, 0, 1, 1] and out["restarts"] == 1
+    assert out["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-12)
