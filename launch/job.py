@@ -68,6 +68,8 @@ def setup_groups(cfg: JobConfig):
         )
     layout = Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.dp, ep=cfg.parallel.ep, etp=cfg.parallel.etp)
     node_of = _gather_node_map()
+    if cfg.cluster.device == "cuda":
+        node_of = _nvlink_islands(node_of)
     return create_groups(build_rank_grid(layout, node_of=node_of),
                          timeout=timedelta(seconds=cfg.cluster.collective_timeout_s))
 
@@ -80,6 +82,20 @@ def _gather_node_map() -> list[int]:
     out: list[Optional[int]] = [None] * dist.get_world_size()
     dist.all_gather_object(out, node)
     return [int(n) for n in out]  # type: ignore[arg-type]
+
+
+def _nvlink_islands(node_of: list[int]) -> list[int]:
+    """On GPU nodes, "intra-node" groups follow NVLink connectivity found through NVML (collective)."""
+    import torch
+    import torch.distributed as dist
+
+    from launch.gpu_monitor import GpuMonitor, nvlink_node_map
+
+    local = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
+    mon = GpuMonitor.create(torch.device("cuda", local))
+    links: list = [None] * dist.get_world_size()
+    dist.all_gather_object(links, mon.island() if mon is not None else None)
+    return nvlink_node_map(node_of, links)
 
 
 def _write_summary(summary: dict, path: Optional[str]) -> None:
@@ -111,15 +127,18 @@ def _with_restarts(cfg: JobConfig, start: Callable[[int], dict[str, Any]], retry
     ``fault.max_restarts`` times, resuming from the newest complete checkpoint. ``restarts`` in the
     summary counts them."""
     attempt = 0
+    failures: list[float] = []
     while True:
         t0 = time.perf_counter()
         try:
             summary = start(attempt)
             summary["restarts"] = attempt
+            summary["failures_wall"] = failures  # when each failed attempt was given up (time.time())
             return summary
         except retry_on as exc:
             if _is_user_error(exc) or attempt >= cfg.fault.max_restarts:
                 raise
+            failures.append(time.time())
             attempt += 1
             first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
             print(f"[moetrain] attempt {attempt} failed after {time.perf_counter() - t0:.1f}s ({first}); "

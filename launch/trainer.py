@@ -608,6 +608,7 @@ class Trainer:
                 raise TrainError(f"loss became {out['loss']} at step {self.step - 1}")
             self._log(out, dt, tokens_per_step)
             if self.step == start_step + 1:
+                self.first_step_wall = time.time()  # start-up figures: launch -> first step done
                 self.memory = self._memory_report(out["saved_activation_bytes"])
             if progress is not None:
                 progress.update(progress.task_ids[0], completed=self.step, loss=out["loss"])
@@ -652,6 +653,7 @@ class Trainer:
             "peak_flops_per_rank": self.peak_flops,
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "memory": getattr(self, "memory", None),
+            "first_step_wall": getattr(self, "first_step_wall", None),
             "moe_degrees": {layer.layer: list(layer.tuner.chosen or (layer.tuner.fwd, layer.tuner.bwd))
                             for layer in self.moe_layers if layer.tuner is not None},
         }
@@ -696,6 +698,8 @@ class Trainer:
         tflops = tps * self.flops_per_token / dist.get_world_size() / 1e12
         mfu = tflops * 1e12 / self.peak_flops if self.peak_flops else float("nan")
         mem = peak_memory_bytes(self.device)
+        if self.device.type == "cuda" and step % self.cfg.logging.every == 0:  # every rank: a collective
+            self._log_gpus(step)
         if self.writer:
             for k, v in (("loss", out["loss"]), ("lr", out["lr"]), ("grad_norm", out["grad_norm"]),
                          ("tokens_per_s", tps), ("tflops_per_rank", tflops), ("mfu", mfu),
@@ -710,6 +714,21 @@ class Trainer:
                   f"gnorm {out['grad_norm']:.3f} | {tps:,.0f} tok/s | {tflops * 1e3:.2f} GFLOP/s/rank | "
                   f"MFU {mfu:.1%} | mem {mem / 2**20:.0f} MiB | act {out['saved_activation_bytes'] / 2**20:.1f} MiB",
                   flush=True)
+
+
+    def _log_gpus(self, step: int) -> None:
+        """Every rank's NVML sample (utilisation, memory, power) to TensorBoard as gpu/<metric>/rank<r>."""
+        if not hasattr(self, "gpu_monitor"):
+            from launch.gpu_monitor import GpuMonitor
+
+            self.gpu_monitor = GpuMonitor.create(self.device)
+        mine = self.gpu_monitor.sample() if self.gpu_monitor is not None else {}
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        if self.writer:
+            for r, sample in enumerate(every):
+                for k, v in (sample or {}).items():
+                    self.writer.add_scalar(f"{k}/rank{r}", v, step)
 
 
 def train(cfg: JobConfig, groups: ParallelGroups, profile_dir: str | None = None) -> dict[str, Any]:

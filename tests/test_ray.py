@@ -53,7 +53,17 @@ def test_hang_becomes_an_error_naming_ranks_and_phase(tmp_path):
     assert "of step 1 failed after at most cluster.collective_timeout_s=5s" in text
 
 
-def test_ray_local_instance_equals_local_launcher_and_restarts(tmp_path, uninterrupted):
+@pytest.fixture()
+def local_ray():
+    """One local Ray instance for both runs of a test (run_job reuses a connected driver)."""
+    import ray
+
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def test_ray_local_instance_equals_local_launcher_and_restarts(tmp_path, uninterrupted, local_ray):
     out = run_job(_cfg(tmp_path, "train.steps=6", "cluster.launcher=ray"))
     assert out["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-12)
     assert out["restarts"] == 0 and out["node_of_rank"] == [0, 0, 1, 1] and set(out["ray"]["ips"]) == {"127.0.0.1"}
