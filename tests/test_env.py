@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,26 @@ def test_mpiexec_rank_environment_and_training_job(tmp_path):
     data = json.loads(summary.read_text())
     assert data["world_size"] == 4 and data["layout"] == {"tp": 2, "pp": 1, "ep": 4, "dp": 2}  # MoE, EP=4
     assert data["steps"] == 2 and len(data["losses"]) == 2
+    # the same job under the local launcher: the same losses
+    from launch.config import load_config
+    from launch.job import run_job
+
+    local = run_job(load_config(str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"), [
+        "cluster.nodes=1", "cluster.ranks_per_node=4", "train.steps=2", "train.global_batch_size=8",
+        f"logging.run_dir={tmp_path / 'local'}"]))
+    assert data["losses"] == pytest.approx(local["losses"], rel=1e-6)
+
+
+@pytest.mark.launcher
+@pytest.mark.skipif(_mpiexec() is None, reason="mpiexec not installed")
+def test_mpiexec_exception_on_one_rank_aborts_the_job(tmp_path):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
+    t0 = time.monotonic()
+    job = subprocess.run(
+        [_mpiexec(), "-n", "4", sys.executable, "-m", "mpi4py", "-m", "launch.cli", "train",
+         str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"), "cluster.launcher=mpi", "cluster.nodes=1",
+         "cluster.ranks_per_node=4", "train.steps=4", "train.global_batch_size=8", f"logging.run_dir={tmp_path}",
+         "fault.inject={rank: 2, step: 1, kind: exception}"],
+        env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert job.returncode != 0 and time.monotonic() - t0 < 120  # aborted, not left waiting in a collective
+    assert "injected exception on rank 2 at step 1" in job.stderr
