@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray instance on 127.0.0.1
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 JOB = ["parallel.tp=2", "parallel.ep=1", "moe.num_experts=0", "parallel.sp=false", "model.layers=2",
        "model.d_model=32", "model.d_ffn=64", "model.seq_len=16", "train.micro_batch_size=2",

@@ -36,6 +36,7 @@ from launch.local import RankFailure, RankReport, _describe_exc
 __all__ = ["run_ray", "preflight"]
 
 _LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # a local instance binds 127.0.0.1 only
+_ALWAYS_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}  # never phone home from a training job
 
 
 class _Prefixed:
@@ -275,9 +276,8 @@ def _collect(refs: list, where: list[dict]) -> list[Any]:
 
 
 def run_ray(cfg: JobConfig, data: dict, profile_dir: Optional[str] = None) -> dict[str, Any]:
-    if not cfg.cluster.ray_address:  # read by Ray when it is first imported
-        for k, v in _LOCAL_ENV.items():
-            os.environ.setdefault(k, v)
+    for k, v in {**_ALWAYS_ENV, **({} if cfg.cluster.ray_address else _LOCAL_ENV)}.items():
+        os.environ.setdefault(k, v)  # read by Ray when it is first imported
     import ray
 
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ from launch.local import LocalRanks
 # Ray started by tests (local instances, ray.cluster_utils.Cluster) binds 127.0.0.1 only; Ray reads this
 # when it is first imported.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 _POOLS: dict[tuple[int, int], LocalRanks] = {}
 
