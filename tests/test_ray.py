@@ -109,8 +109,11 @@ def test_ray_two_nodes_contiguous_ranks_and_node_loss(tmp_path, uninterrupted):
 
         killer = threading.Thread(target=lose_a_node, daemon=True)
         killer.start()
+        # rank 0 stalls at step 3 (first attempt only), so the job cannot finish before the node is gone;
+        # the collective timeout is long enough that the node loss, not the stall, ends the attempt
         out = run_job(_cfg(tmp_path, "train.steps=6", "cluster.launcher=ray", f"cluster.ray_address={addr}",
-                           f"checkpoint.dir={ck}", "checkpoint.every=1", "fault.max_restarts=1"))
+                           f"checkpoint.dir={ck}", "checkpoint.every=1", "fault.max_restarts=1",
+                           "fault.inject={rank: 0, step: 3, kind: hang}", "cluster.collective_timeout_s=90"))
         killer.join(timeout=5)
     finally:
         cluster.shutdown()
