@@ -84,13 +84,6 @@ class Checkpointer:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def _any(self, flag: bool) -> bool:
-        if not dist.is_initialized():
-            return flag
-        t = torch.tensor([1 if flag else 0])
-        dist.all_reduce(t)
-        return bool(t.item())
-
     def candidates(self) -> list[Path]:
         if not self.dir.is_dir():
             return []
@@ -160,16 +153,6 @@ class Checkpointer:
                 return None, f"{name} has {f.stat().st_size} bytes, manifest says {info.get('bytes')}"
         return manifest, ""
 
-    def _verify_and_load(self, path: Path, manifest: dict) -> tuple[dict | None, str]:
-        name = _rank_file(self.rank)
-        f = path / name
-        if sha256_file(f) != manifest["files"][name]["sha256"]:
-            return None, f"{name} fails its checksum"
-        try:
-            return torch.load(f, map_location="cpu", weights_only=False), ""
-        except Exception as exc:  # a corrupt pickle is a corrupt checkpoint
-            return None, f"{name} cannot be read ({exc.__class__.__name__})"
-
     def find(self, resume: str) -> tuple[Path, dict] | None:
         """The newest usable checkpoint for ``checkpoint.resume`` (auto | never | PATH) at any world size:
         its manifest is complete and every file has its recorded size and checksum (each rank hashes a
@@ -207,42 +190,17 @@ class Checkpointer:
         return None
 
     def load(self, resume: str) -> Loaded | None:
-        """Find and load a checkpoint for ``checkpoint.resume`` (auto | never | PATH); None = fresh start."""
-        if resume == "never":
+        """:meth:`find`, then this rank's own file (a checkpoint saved by the same number of ranks)."""
+        found = self.find(resume)
+        if found is None:
             return None
-        explicit = resume != "auto"
-        paths = [Path(resume)] if explicit else self.candidates()
-        if explicit and not paths[0].is_dir():
-            raise CheckpointError(f"checkpoint.resume: {resume} is not a checkpoint directory")
-        for path in paths:
-            manifest, why = self._check_manifest(path) if self.rank == 0 else (None, "")
-            manifest, why = self._broadcast((manifest, why))
-            if manifest is not None and manifest["world_size"] != self.world:
-                raise CheckpointError(
-                    f"checkpoint {path} was saved by {manifest['world_size']} ranks but this job has "
-                    f"{self.world}; load it by logical tensor names (CheckpointReader) instead")
-            state = None
-            if manifest is not None:
-                state, why_local = self._verify_and_load(path, manifest)
-                bad = self._any(state is None)
-                if bad:
-                    whys = [None] * self.world
-                    if dist.is_initialized():
-                        dist.all_gather_object(whys, why_local)
-                    else:
-                        whys = [why_local]
-                    why = "; ".join(w for w in whys if w)
-                    state = None
-            if state is not None:
-                return Loaded(path=path, state=state, manifest=manifest)
-            if self.rank == 0:
-                self.log(f"[moetrain] checkpoint {path} is unusable: {why}"
-                         + ("" if explicit else "; trying the previous one"))
-            if explicit:
-                raise CheckpointError(f"checkpoint {path} is unusable: {why}")
-        if paths and self.rank == 0:
-            self.log(f"[moetrain] no usable checkpoint in {self.dir}; starting from scratch")
-        return None
+        path, manifest = found
+        if manifest["world_size"] != self.world:
+            raise CheckpointError(
+                f"checkpoint {path} was saved by {manifest['world_size']} ranks but this job has "
+                f"{self.world}; load it by logical tensor names (CheckpointReader) instead")
+        state = torch.load(path / _rank_file(self.rank), map_location="cpu", weights_only=False)
+        return Loaded(path=path, state=state, manifest=manifest)
 
 
 class CheckpointReader:

@@ -34,7 +34,7 @@ def _param_states(optimizer, lps: list[LogicalParam]) -> dict[int, dict[str, tor
     return out
 
 
-def _writers(lps: list[LogicalParam], world_rank: int) -> dict[str, int]:
+def _writers(lps: list[LogicalParam]) -> dict[str, int]:
     """The rank that writes each logical tensor: the least-loaded rank holding it (same on every rank)."""
     mine = []
     for lp in lps:
@@ -62,7 +62,7 @@ def _writers(lps: list[LogicalParam], world_rank: int) -> dict[str, int]:
 def logical_state(params_of: list, optimizer, rank_state: dict[str, Any]) -> dict[str, Any]:
     """This rank's checkpoint file: the logical tensors it writes and its own RNG state (collective)."""
     lps = logical_params(params_of)
-    writers = _writers(lps, dist.get_rank() if dist.is_initialized() else 0)
+    writers = _writers(lps)
     me = dist.get_rank() if dist.is_initialized() else 0
     states = _param_states(optimizer, lps)
     tensors: dict[str, torch.Tensor] = {}
