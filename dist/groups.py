@@ -1,14 +1,16 @@
 """Process groups created from a :class:`~dist.topology.RankGrid`, handed to components explicitly.
 
 ``torch.distributed.new_group`` is collective over the whole world: every rank creates every group
-in the same order and keeps the ones it belongs to. Identical rank lists share one group object.
+in the same order and keeps the ones it belongs to. Identical rank lists share one group object, and
+so do later calls in the same process (a process that builds several trainers, like a pool of
+simulated ranks, reuses its groups instead of piling up gloo groups, each with its own I/O thread).
+Every rank makes the same calls, so every rank reuses the same groups.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -41,6 +43,20 @@ class ParallelGroups:
         return self.members[family].index(self.rank)
 
 
+_REUSED: dict = {"world": None, "groups": {}}
+
+
+def _subgroup(ranks: tuple[int, ...], backend: str | None, timeout: timedelta | None) -> dist.ProcessGroup:
+    """``new_group(ranks)``, or the one this process made before for the same world, ranks and settings."""
+    if _REUSED["world"] is not dist.group.WORLD:  # a new (re-initialised) world: old groups are gone
+        _REUSED.update(world=dist.group.WORLD, groups={})
+    key = (ranks, backend, timeout)
+    if key not in _REUSED["groups"]:
+        _REUSED["groups"][key] = dist.new_group(list(ranks), backend=backend, timeout=timeout,
+                                                use_local_synchronization=False)
+    return _REUSED["groups"][key]
+
+
 def create_groups(grid: RankGrid, backend: str | None = None, timeout: timedelta | None = None) -> ParallelGroups:
     """Create every group family of ``grid``; must be called by all ranks of the default group.
 
@@ -61,8 +77,7 @@ def create_groups(grid: RankGrid, backend: str | None = None, timeout: timedelta
                 if len(ranks) == world:
                     cache[ranks] = dist.group.WORLD
                 else:
-                    cache[ranks] = dist.new_group(list(ranks), backend=backend, timeout=timeout,
-                                                 use_local_synchronization=False)
+                    cache[ranks] = _subgroup(ranks, backend, timeout)
             if rank in ranks:
                 mine[family] = cache[ranks]
                 members[family] = ranks
