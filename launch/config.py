@@ -139,6 +139,9 @@ class MoEConfig(_Section):
     """sigmoid router: aux-loss-free expert-bias update rate (0 = off)."""
     xmoe_dim: int = Field(16, ge=1)
     slots_per_expert: int = Field(1, ge=1)
+    kernels: Literal["auto", "torch", "cuda"] = "auto"
+    """Routing / packing / combine ops: ``cuda`` = the csrc kernels (error if they cannot build), ``torch`` =
+    torch ops, ``auto`` = the kernels on CUDA devices when they build, torch ops otherwise."""
 
 
 class OptimizerConfig(_Section):
@@ -568,6 +571,8 @@ def check_consistency(cfg: JobConfig) -> None:
             raise ConfigError(
                 "cluster.ranks_per_node", f"{c.ranks_per_node} ranks per node but only {have} CUDA devices"
             )
+    if cfg.moe.kernels == "cuda" and c.device != "cuda":
+        raise ConfigError("moe.kernels", "cuda kernels need cluster.device=cuda (use auto or torch on CPU)")
     if c.launcher == "local" and c.ray_address:
         raise ConfigError("cluster.ray_address", "only used with cluster.launcher=ray")
 

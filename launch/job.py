@@ -29,8 +29,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from dist.env import LaunchEnvError
     from launch.data import DataError
     from launch.trainer import TrainError
+    from moe.kernels import KernelError
 
-    return (JobError, LaunchEnvError, CheckpointError, DataError, TrainError)
+    return (JobError, LaunchEnvError, CheckpointError, DataError, TrainError, KernelError)
 
 
 def _init_distributed(cfg: JobConfig, env) -> None:

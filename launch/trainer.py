@@ -322,7 +322,8 @@ class Trainer:
                         aux_loss_coef=moe.aux_loss_coef, seq_aux_loss_coef=moe.seq_aux_loss_coef,
                         z_loss_coef=moe.z_loss_coef, n_groups=moe.n_groups, topk_groups=moe.topk_groups,
                         bias_update_rate=moe.bias_update_rate, xmoe_dim=moe.xmoe_dim,
-                        slots_per_expert=moe.slots_per_expert, seed=cfg.train.seed, num_layers=m.layers)
+                        slots_per_expert=moe.slots_per_expert, seed=cfg.train.seed, num_layers=m.layers,
+                        kernels=self._moe_kernels(moe.kernels))
 
         def build(layer: int):
             if (layer + 1) % moe.every:
@@ -337,6 +338,17 @@ class Trainer:
             return MoELayer(margs, layer, groups, sp=cfg.parallel.sp, dtype=self.param_dtype, shared_factory=shared)
 
         return build
+
+    def _moe_kernels(self, choice: str) -> str:
+        """``moe.kernels`` -> the layer's ops: the csrc kernels need a CUDA device and a successful build."""
+        from moe import kernels
+
+        if choice == "torch" or self.device.type != "cuda":
+            return "torch"
+        if choice == "cuda":
+            kernels.require()  # KernelError naming the build failure
+            return "fused"
+        return "fused" if kernels.load() is not None else "torch"  # auto: a failed build is logged once
 
     def _make_optimizer(self, kwargs: dict) -> torch.optim.Optimizer:
         import importlib.util

@@ -11,55 +11,63 @@ Contracts (T tokens, E experts, K choices, assignment (t, k)):
   y[t] = sum_k gate[t,k] rows[pos[t,k]] (fp32 accumulation); pos -1 = dropped.
 
 The kernels are built on first use on CUDA machines (:func:`load`); everywhere else, and when the
-build fails (said once), the torch reference runs. Wiring into the MoE layer and the GPU checks are
-issue #8's remaining work.
+build fails (said once), the torch reference runs. :func:`pack_rows` and :func:`combine_rows` are the
+autograd functions the MoE layer's fused order / inverse-order stages call (``moe.kernels``); each
+call takes the kernel when the extension is loaded and its tensors are CUDA fp32/fp16/bf16, the
+reference otherwise, so the same layer code runs (and is tested) on CPU.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from pathlib import Path
-
 import torch
 
-__all__ = ["load", "route_topk_ref", "rank_in_expert_ref", "pack_rows_ref", "combine_rows_ref", "positions_ref",
-           "CSRC"]
+from parallel.cuda_ext import CSRC, Extension
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_log = logging.getLogger("moetrain.kernels")
-_ext = None
-_failed: str | None = None
+__all__ = ["load", "route_topk_ref", "rank_in_expert_ref", "pack_rows_ref", "combine_rows_ref", "positions_ref",
+           "CSRC", "KernelError", "require", "select_experts", "positions", "pack_rows", "combine_rows"]
+
+_EXT = Extension("moetrain_moe_ops", ["moe_ops.cpp", "moe_kernels.cu"])
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class KernelError(RuntimeError):
+    """The CUDA kernels were asked for (``moe.kernels: cuda``) but cannot be used."""
+
+
+def require():
+    """The extension, or :class:`KernelError` saying why it is unavailable."""
+    ext = load()
+    if ext is None:
+        raise KernelError(f"moe.kernels=cuda but the csrc kernels are unavailable ({_EXT.reason}); "
+                          "use moe.kernels=auto to fall back to the torch path")
+    return ext
+
+
+def _ext_for(*tensors: torch.Tensor):
+    """The extension when every tensor is a CUDA tensor the kernels take, else None (reference path)."""
+    if not all(t.is_cuda for t in tensors):
+        return None
+    if any(t.is_floating_point() and t.dtype not in _KERNEL_DTYPES for t in tensors):
+        return None
+    return load()
 
 
 def load():
     """The compiled extension, or None (no CUDA, no toolkit, or a failed build: reason logged once)."""
-    global _ext, _failed
-    if _ext is not None or _failed is not None:
-        return _ext
-    if not torch.cuda.is_available():
-        _failed = "no CUDA device"
-        return None
-    try:
-        from torch.utils.cpp_extension import load as build
-
-        arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-        if not arch:
-            major, minor = torch.cuda.get_device_capability()
-            os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
-        _ext = build(name="moetrain_moe_ops", sources=[str(CSRC / "moe_ops.cpp"), str(CSRC / "moe_kernels.cu")],
-                     extra_cuda_cflags=["-O3", "--use_fast_math"], verbose=False)
-    except Exception as exc:  # a missing toolkit or a compile error: fall back, say why once
-        _failed = f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-        _log.warning("moetrain CUDA kernels unavailable (%s); using the torch reference path", _failed)
-    return _ext
+    return _EXT.get()
 
 
 # ------------------------------------------------------------------------------ torch references
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for fp32/fp16/bf16 (the kernels' math), float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def route_topk_ref(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int, sigmoid: bool,
                    renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    scores = logits_TE.float().sigmoid() if sigmoid else logits_TE.float().softmax(dim=-1)
-    key = scores if bias_E is None else scores + bias_E.float()
+    acc = _acc(logits_TE.dtype)
+    scores = logits_TE.to(acc).sigmoid() if sigmoid else logits_TE.to(acc).softmax(dim=-1)
+    key = scores if bias_E is None else scores + bias_E.to(acc)
     expert = torch.sort(-key, dim=-1, stable=True).indices[:, :k]  # lower expert id first on ties
     gate = scores.gather(1, expert)
     if renormalize:
@@ -102,8 +110,106 @@ def pack_rows_ref(x_TD: torch.Tensor, pos_TK: torch.Tensor, rows: int) -> torch.
     return out
 
 
+def pack_rows_backward_ref(d_rows: torch.Tensor, pos_TK: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """dx[t] = sum_k d_rows[pos[t, k]] (accumulated in fp32, or float64 for float64)."""
+    return combine_rows_ref(d_rows, pos_TK, torch.ones(pos_TK.shape, dtype=_acc(d_rows.dtype), device=d_rows.device))
+
+
 def combine_rows_ref(rows: torch.Tensor, pos_TK: torch.Tensor, gate_TK: torch.Tensor) -> torch.Tensor:
+    acc = _acc(rows.dtype)
+    if rows.shape[0] == 0:  # nothing routed here: every position is -1
+        return rows.new_zeros(pos_TK.shape[0], rows.shape[1])
     pos = pos_TK.long()
     kept = (pos >= 0).unsqueeze(-1)
-    picked = rows.float()[pos.clamp(min=0)] * kept  # [T, K, D]
-    return (picked * gate_TK.float().unsqueeze(-1)).sum(1).to(rows.dtype)
+    picked = rows.to(acc)[pos.clamp(min=0)] * kept  # [T, K, D]
+    return (picked * gate_TK.to(acc).unsqueeze(-1)).sum(1).to(rows.dtype)
+
+
+def combine_rows_backward_ref(dy_TD: torch.Tensor, rows: torch.Tensor, pos_TK: torch.Tensor,
+                              gate_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d_rows[pos[t, k]] = gate[t, k] dy[t] (rows nobody reads: 0); d_gate[t, k] = <dy[t], rows[pos[t, k]]>."""
+    acc = _acc(rows.dtype)
+    pos = pos_TK.reshape(-1).long()
+    kept = pos >= 0
+    K = pos_TK.shape[1]
+    token = torch.arange(pos.numel(), device=rows.device) // K
+    g = gate_TK.reshape(-1).to(acc)
+    d_rows = torch.zeros_like(rows)
+    d_rows[pos[kept]] = (dy_TD.to(acc)[token[kept]] * g[kept].unsqueeze(1)).to(rows.dtype)
+    d_gate = torch.zeros(pos.numel(), dtype=acc, device=rows.device)
+    d_gate[kept] = (dy_TD.to(acc)[token[kept]] * rows.to(acc)[pos[kept]]).sum(-1)
+    return d_rows, d_gate.view(pos_TK.shape)
+
+
+# ------------------------------------------------------------------------------ what the MoE layer calls
+def select_experts(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int, sigmoid: bool) -> torch.Tensor:
+    """Top-k expert ids ``[T, k]`` (int64) of softmax/sigmoid scores + selection bias (no gradient)."""
+    logits = logits_TE.detach().contiguous()
+    ext = _ext_for(logits)
+    if ext is not None and logits.shape[1] <= 256 and k <= 8:  # the kernel's limits (a warp holds <= 8 per lane)
+        bias = None if bias_E is None else bias_E.detach().float().contiguous()
+        return ext.route_topk(logits, bias, k, sigmoid, False)[0].long()
+    return route_topk_ref(logits, bias_E, k, sigmoid, False)[0].long()
+
+
+def positions(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """(pos_TK int32, counts_E int64): each kept assignment's row in the expert-sorted buffer (token-major
+    within an expert, the stable sort's order), -1 elsewhere; rows per expert."""
+    expert = expert_TK.to(torch.int32).contiguous()
+    ext = _ext_for(expert)
+    if ext is None:
+        pos, total = positions_ref(expert, keep_TK, num_experts)
+        return pos, total.long()
+    keep = None if keep_TK is None else keep_TK.contiguous()
+    rank, total = ext.rank_in_expert(expert, keep, num_experts, 0)
+    start = (torch.cumsum(total, 0) - total).to(torch.int32)
+    pos = torch.where(rank >= 0, rank + start[expert.long()], rank)
+    return pos.contiguous(), total.long()
+
+
+class _PackRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, pos_TK, rows: int):
+        ctx.save_for_backward(pos_TK)
+        ctx.num_tokens = x_TD.shape[0]
+        x = x_TD.contiguous()
+        ext = _ext_for(x, pos_TK)
+        return ext.pack_rows(x, pos_TK, rows) if ext is not None else pack_rows_ref(x, pos_TK, rows)
+
+    @staticmethod
+    def backward(ctx, d_rows):
+        (pos_TK,) = ctx.saved_tensors
+        d = d_rows.contiguous()
+        ext = _ext_for(d, pos_TK)
+        dx = (ext.pack_rows_backward(d, pos_TK, ctx.num_tokens) if ext is not None
+              else pack_rows_backward_ref(d, pos_TK, ctx.num_tokens))
+        return dx, None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, pos_TK, gate_TK):
+        rows, gate = rows.contiguous(), gate_TK.contiguous()
+        ctx.save_for_backward(rows, pos_TK, gate)
+        ext = _ext_for(rows, pos_TK)
+        return ext.combine_rows(rows, pos_TK, gate) if ext is not None else combine_rows_ref(rows, pos_TK, gate)
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        rows, pos_TK, gate = ctx.saved_tensors
+        dy = dy_TD.contiguous()
+        ext = _ext_for(dy, rows, pos_TK)
+        d_rows, d_gate = (ext.combine_rows_backward(dy, rows, pos_TK, gate) if ext is not None
+                          else combine_rows_backward_ref(dy, rows, pos_TK, gate))
+        return d_rows, None, d_gate.to(gate.dtype)
+
+
+def pack_rows(x_TD: torch.Tensor, pos_TK: torch.Tensor, rows: int) -> torch.Tensor:
+    """``out[pos[t, k]] = x[t]`` with autograd (backward sums each token's rows)."""
+    return _PackRows.apply(x_TD, pos_TK, rows)
+
+
+def combine_rows(rows: torch.Tensor, pos_TK: torch.Tensor, gate_TK: torch.Tensor) -> torch.Tensor:
+    """``y[t] = sum_k gate[t, k] rows[pos[t, k]]`` with autograd for rows and gates."""
+    return _CombineRows.apply(rows, pos_TK, gate_TK)

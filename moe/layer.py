@@ -26,10 +26,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe import kernels
 from moe.dispatch import build_plan, exchange_counts, segments_perm
 from moe.experts import GroupedExperts
 from moe.overlap import SectionTimes, pipelined_experts
-from moe.routers import RouterConfig, Routing, build_router
+from moe.routers import RouterConfig, Routing, SparseRouting, build_router
 from parallel.layers import tp_rank_size
 from parallel.mappings import copy_to_tp, gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
 
@@ -58,6 +59,9 @@ class MoEArgs:
     slots_per_expert: int = 1
     seed: int = 0
     num_layers: int = 1
+    kernels: str = "torch"
+    """``torch``: sort / index_select / index_add stages; ``fused``: the csrc routing, packing and combine
+    kernels (each call takes the torch reference where the kernel cannot run: CPU, float64)."""
 
 
 @dataclass
@@ -112,6 +116,50 @@ class Order(nn.Module):
         perm = torch.argsort(expert_A, stable=True)
         counts_E = torch.bincount(expert_A, minlength=self.num_experts)
         return rows_AD.index_select(0, perm), counts_E, perm
+
+
+def _assignment_table(routing: SparseRouting, num_experts: int) -> tuple[torch.Tensor, int]:
+    """Flat slot ``t * K + k`` of each assignment, and K (the expert id stands in for k when the router
+    gives no choice index: expert choice, where a token meets each expert at most once)."""
+    if routing.choice_A is None:
+        K, choice = num_experts, routing.expert_A
+    else:
+        K, choice = routing.num_choices, routing.choice_A
+    return routing.token_A * K + choice, K
+
+
+class FusedOrder(nn.Module):
+    """Order through the csrc kernels: each kept assignment's row in the expert-sorted buffer (the stable
+    sort's order) from a per-expert rank, then one packing pass ``rows[pos[t, k]] = x[t]``."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+
+    def forward(self, x_TD: torch.Tensor, routing: SparseRouting):
+        T = x_TD.shape[0]
+        slot_A, K = _assignment_table(routing, self.num_experts)
+        expert_TK = torch.zeros(T * K, dtype=torch.int32, device=x_TD.device)
+        expert_TK[slot_A] = routing.expert_A.to(torch.int32)
+        keep_TK = torch.zeros(T * K, dtype=torch.bool, device=x_TD.device)
+        keep_TK[slot_A] = True
+        pos_TK, counts_E = kernels.positions(expert_TK.view(T, K), keep_TK.view(T, K), self.num_experts)
+        rows_sorted = kernels.pack_rows(x_TD, pos_TK, routing.expert_A.numel())
+        return rows_sorted, counts_E, pos_TK
+
+
+class FusedInverseOrder(nn.Module):
+    """``y[t] = sum_k gate[t, k] y_sorted[pos[t, k]]`` in one pass (gradients for rows and gates)."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+
+    def forward(self, y_sorted: torch.Tensor, pos_TK: torch.Tensor, routing: SparseRouting,
+                num_tokens: int) -> torch.Tensor:
+        slot_A, K = _assignment_table(routing, self.num_experts)
+        gate_TK = routing.gate_A.new_zeros(num_tokens * K).index_put((slot_A,), routing.gate_A)
+        return kernels.combine_rows(y_sorted, pos_TK, gate_TK.view(num_tokens, K))
 
 
 class Dispatch(nn.Module):
@@ -190,14 +238,19 @@ class MoELayer(nn.Module):
         for p in router.parameters():
             p.tp_partial_grad = self.tp_size > 1
         self.gate = Gate(router)
-        self.order = Order(args.num_experts)
+        if args.kernels not in ("torch", "fused"):
+            raise ValueError(f"MoEArgs.kernels must be 'torch' or 'fused', got {args.kernels!r}")
+        # soft MoE mixes tokens into slots: nothing to pack, it keeps the torch stages
+        self.fused = args.kernels == "fused" and args.router != "softmoe"
+        router.fused_select = self.fused
+        self.order = FusedOrder(args.num_experts) if self.fused else Order(args.num_experts)
         experts = GroupedExperts(args.num_experts, args.d_model, args.d_expert, ep_rank=ep_rank, ep_size=ep_size,
                                  seed=args.seed, name=f"{name}.experts", activation=args.activation,
                                  etp_group=groups.etp, ep_group=groups.ep, dtype=dtype, num_layers=args.num_layers)
         self.dispatch = Dispatch(args.dispatch, groups, experts.num_local)
         self.experts = ExpertStage(experts)
         self.combine = Combine()
-        self.unorder = InverseOrder()
+        self.unorder = FusedInverseOrder(args.num_experts) if self.fused else InverseOrder()
         self.shared = shared_factory() if (shared_factory and args.shared_experts) else None
         self.aux_scale = 1.0  # the trainer sets 1/accum so aux losses weigh like the main loss
         self.last_stats: dict = {}
@@ -257,6 +310,14 @@ class MoELayer(nn.Module):
                                  degrees=degrees, tag=f"moe{self.layer}", times=self.section_times,
                                  release_grads=self.release_grads)
 
+    def _sorted_weights(self, mine: SparseRouting, order: torch.Tensor) -> torch.Tensor:
+        """The WTA-CRS weight of each row of the expert-sorted buffer."""
+        if not self.fused:
+            return mine.sample_w_A.index_select(0, order)
+        slot_A, _ = _assignment_table(mine, self.args.num_experts)
+        pos_A = order.reshape(-1)[slot_A].long()
+        return mine.sample_w_A.new_empty(pos_A.numel()).index_copy(0, pos_A, mine.sample_w_A)
+
     @property
     def router(self) -> nn.Module:
         return self.gate.router
@@ -271,17 +332,20 @@ class MoELayer(nn.Module):
         if self.wtacrs is not None and torch.is_grad_enabled():
             routing.sample_w_A = self._sample_assignments(routing, x_TD)
         mine = routing.subset(self.tp_rank, self.tp_size)
-        rows_sorted, counts_E, perm = self.order(mine.rows(x_TD), mine.expert_A)
+        if self.fused:  # order = (pos_TK: row of each (token, choice) in the sorted buffer)
+            rows_sorted, counts_E, order = self.order(x_TD, mine)
+        else:  # order = perm: the assignment behind each sorted row
+            rows_sorted, counts_E, order = self.order(mine.rows(x_TD), mine.expert_A)
         if self.engine is not None:
             y_sorted = self._pipelined(rows_sorted, counts_E, tuple(x_TD.shape))
         else:
             recv, plan = self.dispatch(rows_sorted, counts_E)
             recv_w = None
             if getattr(mine, "sample_w_A", None) is not None:  # the weights travel with their rows
-                recv_w = plan.dispatch(mine.sample_w_A.index_select(0, perm).unsqueeze(-1)).squeeze(-1)
+                recv_w = plan.dispatch(self._sorted_weights(mine, order).unsqueeze(-1)).squeeze(-1)
             y_recv = self.experts(recv, plan, recv_w)
             y_sorted = self.combine(y_recv, plan)
-        out = self.unorder(y_sorted, perm, mine, T).view(s, b, d)
+        out = self.unorder(y_sorted, order, mine, T).view(s, b, d)
         out = reduce_scatter_to_sp(out, tp) if self.sp else reduce_from_tp(out, tp)
         if self.shared is not None:
             out = out + self.shared(x)

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.kernels import select_experts
 from parallel.layers import init_normal, stream_seed
 from parallel.recompute import is_recomputing
 
@@ -120,6 +121,8 @@ class SparseRouting(Routing):
     aux_loss: torch.Tensor
     stats: dict = field(default_factory=dict)
     sample_w_A: torch.Tensor | None = None  # WTA-CRS weight per assignment (experts' weight gradients)
+    choice_A: torch.Tensor | None = None  # which of its token's k choices each assignment is (None: the expert id)
+    num_choices: int = 0  # k of the token-choice routers (0: use the expert id, k = E)
 
     def rows(self, x_TD: torch.Tensor) -> torch.Tensor:
         return x_TD.index_select(0, self.token_A)
@@ -137,7 +140,9 @@ class SparseRouting(Routing):
         keep = (self.token_A >= lo) & (self.token_A < hi)
         idx = keep.nonzero().squeeze(-1)
         w = None if self.sample_w_A is None else self.sample_w_A[idx]
-        return SparseRouting(self.token_A[idx], self.expert_A[idx], self.gate_A[idx], self.aux_loss, self.stats, w)
+        choice = None if self.choice_A is None else self.choice_A[idx]
+        return SparseRouting(self.token_A[idx], self.expert_A[idx], self.gate_A[idx], self.aux_loss, self.stats, w,
+                             choice, self.num_choices)
 
 
 @dataclass
@@ -223,6 +228,8 @@ class Router(nn.Module):
         self.weight.tp_sharded = False
         # per-token random numbers for stochastic routers; the model replaces this with its step streams
         self.streams: TokenStreams = StaticStreams(cfg.seed)
+        # top-k selection by the csrc routing kernel (moe.kernels); gates stay torch ops, for autograd
+        self.fused_select = False
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         return x_TD.to(self.dtype) @ self.weight.t()
@@ -275,13 +282,15 @@ class Router(nn.Module):
             keep = fits if valid_TK is None else fits & valid_TK
         aux, values = self._losses(logits, prob_TE, expert_TK, batch)
         token_TK = torch.arange(T, device=expert_TK.device).unsqueeze(1).expand_as(expert_TK)
+        choice_TK = torch.arange(expert_TK.shape[1], device=expert_TK.device).expand_as(expert_TK)
         if keep is None:
             token_A, expert_A, gate_A = token_TK.reshape(-1), expert_TK.reshape(-1), gate_TK.reshape(-1)
+            choice_A = choice_TK.reshape(-1)
         else:
-            token_A, expert_A, gate_A = token_TK[keep], expert_TK[keep], gate_TK[keep]
+            token_A, expert_A, gate_A, choice_A = token_TK[keep], expert_TK[keep], gate_TK[keep], choice_TK[keep]
         stats = self._stats(T, expert_TK, keep, valid_TK)
         stats.update(values)
-        return SparseRouting(token_A, expert_A, gate_A, aux, stats)
+        return SparseRouting(token_A, expert_A, gate_A, aux, stats, choice_A=choice_A, num_choices=expert_TK.shape[1])
 
     def forward(self, x_TD: torch.Tensor, batch: int) -> Routing:
         raise NotImplementedError
@@ -314,7 +323,11 @@ class TopKRouter(Router):
     def forward(self, x_TD: torch.Tensor, batch: int) -> Routing:
         logits = self.logits(x_TD)
         prob = logits.softmax(dim=-1)
-        top_p, top_e = prob.topk(self.cfg.topk, dim=-1)
+        if self.fused_select:
+            top_e = select_experts(logits, None, self.cfg.topk, sigmoid=False)
+            top_p = prob.gather(1, top_e)
+        else:
+            top_p, top_e = prob.topk(self.cfg.topk, dim=-1)
         gates = top_p / top_p.sum(dim=-1, keepdim=True) if self.renormalize else top_p
         return self._finish(x_TD.shape[0], top_e, gates, prob, logits, batch)
 
@@ -351,7 +364,10 @@ class SigmoidRouter(Router):
             mask = torch.zeros(T, c.n_groups, dtype=torch.bool, device=x_TD.device)
             mask.scatter_(1, top_groups, True)
             biased = biased.masked_fill(~mask.repeat_interleave(E // c.n_groups, dim=1), float("-inf"))
-        top_e = biased.topk(c.topk, dim=-1).indices
+        if self.fused_select and c.n_groups == 1:
+            top_e = select_experts(logits, self.expert_bias, c.topk, sigmoid=True)
+        else:
+            top_e = biased.topk(c.topk, dim=-1).indices
         top_s = scores.gather(1, top_e)
         gates = top_s / top_s.sum(dim=-1, keepdim=True) if c.topk > 1 else top_s
         prob = scores / scores.sum(dim=-1, keepdim=True)

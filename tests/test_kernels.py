@@ -16,8 +16,8 @@ from moe.routers import capacity_keep
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_kernels_compile_with_plain_nvcc_for_hopper(tmp_path):
     for cu in sorted(CSRC.glob("*.cu")):
-        out = subprocess.run(["nvcc", "-arch=sm_90", "-O3", "-std=c++17", "-c", str(cu), "-o", str(tmp_path / "k.o")],
-                             capture_output=True, text=True, timeout=600)
+        out = subprocess.run(["nvcc", "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", "-c", str(cu),
+                              "-o", str(tmp_path / "k.o")], capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, f"{cu.name}:\n{out.stderr[-4000:]}"
         assert (tmp_path / "k.o").stat().st_size > 10_000
 
@@ -115,3 +115,134 @@ def test_kernels_equal_reference_on_gpu(T, E, K, D, dtype):
     x_ref = x.detach().float().requires_grad_()
     pack_rows_ref(x_ref, pos, int(counts.sum())).backward(rows.float())
     torch.testing.assert_close(dx.float(), x_ref.grad, rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------- the fused stages in the MoE layer (CPU: reference ops)
+def test_pack_and_combine_autograd_pass_gradcheck():
+    from moe.kernels import combine_rows, pack_rows
+
+    g = torch.Generator().manual_seed(5)
+    expert = torch.randint(0, 4, (7, 2), generator=g).to(torch.int32)
+    expert[:, 1] = (expert[:, 0] + 1) % 4  # k distinct experts per token
+    keep = torch.rand(7, 2, generator=g) < 0.7
+    pos, counts = positions_ref(expert, keep, 4)
+    rows = int(counts.sum())
+    x = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    r = torch.randn(rows, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    gate = torch.rand(7, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: pack_rows(t, pos, rows), (x,))
+    assert torch.autograd.gradcheck(lambda a, b: combine_rows(a, pos, b), (r, gate))
+
+
+def test_cuda_kernels_refused_without_a_device_and_auto_falls_back():
+    from launch.config import ConfigError, load_config
+    from moe.kernels import KernelError, require
+
+    with pytest.raises(ConfigError, match="cluster.device=cuda"):
+        load_config(None, ["moe.num_experts=4", "moe.kernels=cuda"])
+    assert load_config(None, ["moe.num_experts=4"]).moe.kernels == "auto"
+    if not torch.cuda.is_available():
+        with pytest.raises(KernelError, match="no CUDA device.*moe.kernels=auto"):
+            require()
+
+
+ROUTERS_SPARSE = ["topk", "switch", "gshard", "sigmoid", "xmoe", "expert_choice"]
+
+
+@pytest.mark.parametrize("capacity_factor,policy", [(None, "probs"), (1.0, "probs"), (0.75, "position")])
+def test_fused_stages_equal_torch_stages_for_every_router(capacity_factor, policy):
+    from moe.layer import FusedInverseOrder, FusedOrder, MoEArgs, MoEGroups, MoELayer
+
+    for router in ROUTERS_SPARSE:
+        outs = []
+        for kern in ("torch", "fused"):
+            args = MoEArgs(num_experts=8, topk=1 if router == "switch" else 3, d_model=16, d_expert=12, router=router,
+                           capacity_factor=capacity_factor, drop_policy=policy, aux_loss_coef=0.1, z_loss_coef=0.01,
+                           n_groups=1, kernels=kern)
+            layer = MoELayer(args, 0, MoEGroups(), sp=False, dtype=torch.float64)
+            fused = kern == "fused"
+            assert isinstance(layer.order, FusedOrder) == isinstance(layer.unorder, FusedInverseOrder) == fused
+            x = torch.randn(6, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1),
+                            requires_grad=True)
+            y = layer(x)
+            y.backward(torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
+            outs.append((y.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}))
+        (y0, gx0, gp0), (y1, gx1, gp1) = outs
+        torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12, msg=router)
+        torch.testing.assert_close(gx1, gx0, rtol=1e-12, atol=1e-12, msg=router)
+        assert gp0.keys() == gp1.keys() and any("router" in n for n in gp0), router
+        for n in gp0:
+            torch.testing.assert_close(gp1[n], gp0[n], rtol=1e-11, atol=1e-12, msg=f"{router} {n}")
+
+
+def _fused_layer_case(router, forced, k, cf, dispatch):
+    from tests.test_moe_dispatch import _layer_case
+
+    return _layer_case(router, forced, k, cf, dispatch, kernels="fused")
+
+
+def test_fused_stages_under_expert_parallelism_and_degenerate_routings(ranks):
+    pool = ranks(4, 2)
+    cases = [(r, None, 2, None, "flat") for r in ROUTERS_SPARSE] + [
+        ("topk", "all_to_one", 1, None, "hier2d"), ("topk", "empty_rank", 1, None, "hier1d"),
+        ("topk", None, 8, 0.25, "flat")]
+    for case in cases:
+        for rank, ok in enumerate(pool.run(_fused_layer_case, *case)):
+            assert all(ok.values()), (case, rank, {n: v for n, v in ok.items() if not v})
+
+
+def _train_fused(overrides: list[str]) -> dict | None:
+    """The whole trainer with the layer's fused stages on CPU (reference ops), counting packing calls."""
+    from launch import trainer as trainer_mod
+    from moe import kernels
+    from tests.test_model_parallel import _train
+
+    calls = {"pack": 0}
+    pack, choose = kernels.pack_rows, trainer_mod.Trainer._moe_kernels
+
+    def counting_pack(*a):
+        calls["pack"] += 1
+        return pack(*a)
+
+    kernels.pack_rows, trainer_mod.Trainer._moe_kernels = counting_pack, lambda self, choice: "fused"
+    try:
+        out = _train(overrides)
+    finally:
+        kernels.pack_rows, trainer_mod.Trainer._moe_kernels = pack, choose
+    return out if out is None else {**out, "pack_calls": calls["pack"]}
+
+
+def test_fused_stages_in_the_whole_model_under_tp_sp_ep_capacity_and_wtacrs(ranks):
+    from tests.test_model_parallel import _compare
+    from tests.test_moe_model import MOE, POOL, _layout, _reference
+
+    extra = ("moe.capacity_factor=1.0", "moe.drop_policy=position", "wtacrs.enabled=true", "wtacrs.keep_ratio=0.3",
+             "wtacrs.min_rows=2", "wtacrs.layers=[mlp_up,mlp_down]")
+    got = ranks(*POOL[8]).run(_train_fused, _layout(2, 4, 4, True) + MOE + list(extra))[0]
+    assert got.pop("pack_calls") > 0
+    _compare(got, _reference(extra))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("router", ["topk", "sigmoid", "expert_choice"])
+def test_fused_layer_equals_torch_layer_on_gpu(router):
+    """The layer with the csrc kernels (fp32 on CUDA) against its torch stages: output and every gradient."""
+    from moe.kernels import load
+    from moe.layer import MoEArgs, MoEGroups, MoELayer
+
+    assert load() is not None, "CUDA present but the kernels did not build"
+    outs = []
+    for kern in ("torch", "fused"):
+        args = MoEArgs(num_experts=64, topk=8, d_model=256, d_expert=128, router=router, capacity_factor=1.25,
+                       aux_loss_coef=0.01, kernels=kern)
+        layer = MoELayer(args, 0, MoEGroups(), sp=False, dtype=torch.float32).cuda()
+        x = torch.randn(512, 4, 256, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3),
+                        requires_grad=True)
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+        outs.append((y.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}))
+    (y0, gx0, gp0), (y1, gx1, gp1) = outs
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-5)
+    for n in gp0:
+        torch.testing.assert_close(gp1[n], gp0[n], rtol=1e-4, atol=1e-5, msg=n)

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -88,7 +90,8 @@ def _forced(kind: str, num_tokens: int, E: int, rank: int):
     return SparseRouting(tok, exp, gate, torch.zeros((), dtype=torch.float64), {"num_tokens": num_tokens})
 
 
-def _layer_case(router: str, forced: str | None, k: int, capacity_factor, dispatch: str):
+def _layer_case(router: str, forced: str | None, k: int, capacity_factor, dispatch: str, kernels: str = "torch"):
+    """The EP layer (with ``kernels`` stages) against the all-local torch layer on the same tokens."""
     world, rank = dist.get_world_size(), dist.get_rank()
     g = _groups(world, 2)
     E = 2 * world
@@ -96,8 +99,8 @@ def _layer_case(router: str, forced: str | None, k: int, capacity_factor, dispat
     args = MoEArgs(num_experts=E, topk=extra.pop("topk", k), d_model=8, d_expert=6, router=router,
                    capacity_factor=capacity_factor, aux_loss_coef=0.1, z_loss_coef=0.01, seed=3, dispatch=dispatch,
                    **extra)
-    ep_layer = MoELayer(args, 0, MoEGroups(ep=g.ep, ep_intra=g.ep_intra, ep_inter=g.ep_inter), sp=False,
-                        dtype=torch.float64)
+    ep_layer = MoELayer(dataclasses.replace(args, kernels=kernels), 0,
+                        MoEGroups(ep=g.ep, ep_intra=g.ep_intra, ep_inter=g.ep_inter), sp=False, dtype=torch.float64)
     ref_layer = MoELayer(args, 0, MoEGroups(), sp=False, dtype=torch.float64)
     if forced:
         for layer in (ep_layer, ref_layer):

@@ -76,3 +76,21 @@ def test_uneven_all_to_all_in_ep_group(ranks, world, rpn, layout, family):
     for me, recv_counts, rows in ranks(world, rpn).run(_uneven_all_to_all, layout, rpn, family):
         expect = [[float(src), float(me), float(k)] for src, c in enumerate(recv_counts) for k in range(c)]
         assert rows == expect
+
+
+def _reuse_case() -> dict:
+    from datetime import timedelta
+
+    grid = build_rank_grid(Layout(tp=2, dp=2), ranks_per_node=2)
+    a, b = create_groups(grid), create_groups(grid)
+    c = create_groups(grid, timeout=timedelta(seconds=77))
+    t = torch.ones(1) * (dist.get_rank() + 1)
+    dist.all_reduce(t, group=b.groups["tp"])  # a reused group still works
+    return {"same": all(a.groups[f] is b.groups[f] for f in a.groups),
+            "new_for_other_timeout": a.groups["tp"] is not c.groups["tp"], "tp_sum": float(t)}
+
+
+def test_groups_are_reused_across_calls_in_one_process(ranks):
+    for rank, out in enumerate(ranks(4, 2).run(_reuse_case)):
+        assert out["same"] and out["new_for_other_timeout"], out
+        assert out["tp_sum"] == (3.0 if rank < 2 else 7.0)
