@@ -14,26 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from benchmarks.gpu_timing import cuda_time  # noqa: E402
+
 
 def _time(fn, repeats: int = 50, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
+    return cuda_time(fn, repeats, warmup)
 
 
 def _copy_bandwidth() -> float:
@@ -110,6 +101,25 @@ def main() -> None:
     nbytes = (T * K * D + T * D) * 2
     print(f"| combine T={T} k={K} D={D} | {t_torch * 1e3:.3f} | {t_kern * 1e3:.3f} | {t_torch / t_kern:.2f}x | "
           f"{nbytes / t_kern / 1e9:.0f} | {nbytes / t_kern / copy_bw:.0%} |")
+    _layer_rows(T, E, K, D)
+
+
+def _layer_rows(T: int, E: int, K: int, D: int) -> None:
+    """The whole MoE layer (one rank, bf16), forward + backward: torch stages vs the fused kernel stages."""
+    from moe.layer import MoEArgs, MoEGroups, MoELayer
+
+    times = {}
+    for kern in ("torch", "fused"):
+        args = MoEArgs(num_experts=E, topk=K, d_model=D, d_expert=D // 4, router="topk", kernels=kern)
+        layer = MoELayer(args, 0, MoEGroups(), sp=False, dtype=torch.bfloat16).cuda()
+        x = torch.randn(T // 4, 4, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+        def step(layer=layer, x=x):
+            layer(x).sum().backward()
+
+        times[kern] = _time(step, repeats=20, warmup=5)
+    print(f"| MoE layer fwd+bwd T={T} E={E} k={K} D={D} | {times['torch'] * 1e3:.3f} | {times['fused'] * 1e3:.3f} | "
+          f"{times['torch'] / times['fused']:.2f}x | | |")
 
 
 if __name__ == "__main__":

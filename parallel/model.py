@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel import fused_attention
 from parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -174,6 +175,8 @@ class Attention(nn.Module):
         cos, sin = self.cos[:s], self.sin[:s]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        if self.kind == "fused":  # csrc kernel (GQA inside, k and v not repeated); SDPA where it cannot run
+            return fused_attention.attention(q, k, v, causal=True)
         if self.kv_heads != self.heads:
             rep = self.heads // self.kv_heads
             k = k.repeat_interleave(rep, dim=1)
@@ -182,7 +185,7 @@ class Attention(nn.Module):
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.hd)
             causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
             o = scores.masked_fill(causal, float("-inf")).softmax(dim=-1) @ v
-        else:  # sdpa; "fused" arrives with the CUDA kernel and uses sdpa until then
+        else:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return o
 

@@ -1,0 +1,95 @@
+"""Fused (flash) attention from csrc/flash_attn.cu, with torch SDPA wherever the kernel does not apply.
+
+``attention(q, k, v)`` takes ``q [b, h, s, d]`` and ``k, v [b, h_kv, s, d]`` (grouped-query attention
+is handled inside the kernel, so k and v are never repeated). The kernel runs for CUDA fp16 / bf16
+tensors with head dim 64 or 128 and equal query / key lengths; anything else (CPU, float32/64, other
+head dims) runs torch's SDPA on repeated k, v, and the reason is logged once per process.
+Backward recomputes the probabilities from the saved log-sum-exp, so the T x T matrix is never stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from parallel.cuda_ext import Extension
+
+__all__ = ["attention", "attention_ref", "unsupported", "load"]
+
+_EXT = Extension("moetrain_attn_ops", ["attn_ops.cpp", "flash_attn.cu"])
+_log = logging.getLogger("moetrain.attention")
+_said: set[str] = set()
+HEAD_DIMS = (64, 128)
+
+
+def load():
+    """The compiled extension or None (reason in the log, once)."""
+    return _EXT.get()
+
+
+def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the kernel cannot take these inputs, or None when it can."""
+    if not (q.is_cuda and k.is_cuda and v.is_cuda):
+        return "tensors are not on a CUDA device"
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype} (the kernel takes float16 / bfloat16)"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (the kernel takes {' or '.join(map(str, HEAD_DIMS))})"
+    if k.shape[2] != q.shape[2] or k.shape != v.shape or k.shape[0] != q.shape[0]:
+        return f"query {tuple(q.shape)} and key/value {tuple(k.shape)} lengths differ"
+    if q.shape[1] % k.shape[1]:
+        return f"{q.shape[1]} heads are not a multiple of {k.shape[1]} kv heads"
+    if load() is None:
+        return f"the kernel is unavailable ({_EXT.reason})"
+    return None
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o, lse = _EXT.get().forward(q, k, v, causal, False)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal = causal
+        return o
+
+    @staticmethod
+    def backward(ctx, d_o):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _EXT.get().backward(q, k, v, o, lse, d_o.contiguous(), ctx.causal, False)
+        return dq, dk, dv, None
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) [causal mask]) v, through the fused kernel when it applies."""
+    why = unsupported(q, k, v)
+    if why is None:
+        return _FlashAttention.apply(q, k, v, causal)
+    if why not in _said:
+        _said.add(why)
+        _log.info("model.attention=fused: torch SDPA runs instead of the kernel: %s", why)
+    return _sdpa(q, k, v, causal)
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor,
+                                                                                           torch.Tensor]:
+    """(o, lse) in float64 with the T x T matrix materialised: what the kernel must equal."""
+    q, k, v = q.double(), k.double(), v.double()
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if causal:
+        T = q.shape[2]
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    return (s - lse.unsqueeze(-1)).exp() @ v, lse

@@ -1,0 +1,108 @@
+"""Fused attention (csrc/flash_attn.cu): the model's ``attention: fused`` path, its reference, and (GPU,
+skipped without CUDA) the kernel against a float64 reference: output, log-sum-exp, every gradient, causal and
+not, grouped-query, lengths that are not a multiple of the 64-row tile, NaN-poisoned outputs."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from parallel.fused_attention import attention, attention_ref, unsupported
+
+
+def test_reference_equals_the_eager_softmax_and_sdpa():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 37, 16, dtype=torch.float64, generator=g)
+    k = torch.randn(2, 3, 37, 16, dtype=torch.float64, generator=g)
+    v = torch.randn(2, 3, 37, 16, dtype=torch.float64, generator=g)
+    for causal in (True, False):
+        o, lse = attention_ref(q, k, v, causal)
+        kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        s = q @ kk.transpose(-1, -2) / 4.0
+        if causal:
+            s = s + torch.full((37, 37), float("-inf"), dtype=torch.float64).triu(1)
+        torch.testing.assert_close(o, s.softmax(-1) @ vv, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(attention(q, k, v, causal), o, rtol=1e-12, atol=1e-12)
+
+
+def test_unsupported_inputs_are_named():
+    q = torch.zeros(1, 4, 8, 64)
+    assert "CUDA" in unsupported(q, q[:, :2], q[:, :2])
+    if torch.cuda.is_available():
+        c = q.cuda()
+        assert "dtype" in unsupported(c, c, c)
+        h = torch.zeros(1, 4, 8, 96, device="cuda", dtype=torch.bfloat16)
+        assert "head dim 96" in unsupported(h, h, h)
+
+
+def test_fused_setting_runs_sdpa_on_cpu_identically_and_says_why_once(caplog):
+    from parallel.model import Attention, TransformerArgs
+
+    outs = []
+    for kind in ("sdpa", "fused"):
+        args = TransformerArgs(layers=2, d_model=32, heads=4, kv_heads=2, d_ffn=48, vocab_size=64, seq_len=11,
+                               attention=kind, seed=7)
+        attn = Attention(args, 0, tp_group=None, sp=False, dtype=torch.float64)
+        x = torch.randn(11, 3, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with caplog.at_level(logging.INFO, logger="moetrain.attention"):
+            y = attn(x)
+            attn(x)
+        y.square().sum().backward()
+        outs.append((y.detach(), x.grad, [p.grad for p in attn.parameters()]))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2]))
+    said = [r.getMessage() for r in caplog.records if "SDPA runs instead" in r.getMessage()]
+    assert len(said) <= 1 and all("CUDA" in m for m in said)  # once per process (an earlier test may have said it)
+
+
+# ------------------------------------------------------------------ GPU: kernel == float64 reference
+def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-6))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("T,H,Hkv", [(1, 4, 4), (63, 8, 2), (200, 4, 1), (1000, 6, 3), (64, 2, 2)])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_fused_attention_equals_float64_reference_on_gpu(dtype, D, T, H, Hkv, causal):
+    from parallel.fused_attention import load
+
+    ext = load()
+    assert ext is not None, "CUDA present but the attention kernel did not build"
+    g = torch.Generator(device="cuda").manual_seed(T * D + H)
+    B = 2
+    q = torch.randn(B, H, T, D, device="cuda", generator=g).to(dtype)
+    k = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(dtype)
+    v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(dtype)
+    d_o = torch.randn(B, H, T, D, device="cuda", generator=g).to(dtype)
+
+    o, lse = ext.forward(q, k, v, causal, True)  # outputs poisoned with NaN first: every element must be written
+    dq, dk, dv = ext.backward(q, k, v, o, lse, d_o, causal, True)
+    for name, t in (("o", o), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert bool(torch.isfinite(t).all()), f"{name} has NaN/inf (unwritten or overflowed)"
+
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o_ref, lse_ref = attention_ref(qr, kr, vr, causal)
+    o_ref.backward(d_o.double())
+    # bf16 / fp16 expectation: the same computation by torch SDPA in this dtype, against the same reference
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    rep = H // Hkv
+    o_sdpa = torch.nn.functional.scaled_dot_product_attention(qs, ks.repeat_interleave(rep, 1),
+                                                              vs.repeat_interleave(rep, 1), is_causal=causal)
+    o_sdpa.backward(d_o)
+    tol = {"o": _err(o_sdpa, o_ref), "dq": _err(qs.grad, qr.grad), "dk": _err(ks.grad, kr.grad),
+           "dv": _err(vs.grad, vr.grad)}
+    got = {"o": _err(o, o_ref), "dq": _err(dq, qr.grad), "dk": _err(dk, kr.grad), "dv": _err(dv, vr.grad)}
+    for name in got:
+        assert got[name] <= 3 * tol[name] + 2e-3, (name, got[name], tol[name])
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-4, atol=1e-3)  # fp32 scores of the same inputs
+
+    # the autograd function the model calls gives the same tensors
+    qa, ka, va = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    oa = attention(qa, ka, va, causal)
+    oa.backward(d_o)
+    assert torch.equal(oa, o) and torch.equal(qa.grad, dq) and torch.equal(ka.grad, dk) and torch.equal(va.grad, dv)
