@@ -68,7 +68,7 @@ def write_rank_records(trainer, out_dir: str) -> dict[str, Any]:
     for step, a, b, prof in steps:
         span(f"step {step}" + (" (profiling)" if prof else ""), "steps", a, b)
     for layer in trainer.moe_layers:
-        for phase, rows, secs, start in layer.section_times.compute:
+        for phase, rows, secs, start, _ in layer.section_times.compute:
             span(f"moe{layer.layer} experts {phase}", "compute", start, start + secs, rows=rows)
     spans = eng.spans if eng is not None else []
     for sp in spans:
@@ -87,11 +87,11 @@ def write_rank_records(trainer, out_dir: str) -> dict[str, Any]:
         comm_s += _length(busy)
         exposed_s += _intersect(busy, wait)
         step_times.append(b - a)
-        sec = sum(e - s for layer in trainer.moe_layers for _, s, e in layer.section_times.sections if a <= s < b)
+        sec = sum(e - s for layer in trainer.moe_layers for _, s, e, *_ in layer.section_times.sections if a <= s < b)
         model = 0.0
         for layer in trainer.moe_layers:
             rep = getattr(layer, "overlap_report", None)
-            calls = [p for p, s, _ in layer.section_times.sections if a <= s < b]
+            calls = [p for p, s, *_ in layer.section_times.sections if a <= s < b]
             if rep:
                 model += sum(rep["modeled_fwd_s"] if p == "fwd" else rep["modeled_bwd_s"] for p in calls)
         modeled.append(b - a - sec + model if any(getattr(m, "overlap_report", None) for m in trainer.moe_layers)

@@ -80,10 +80,11 @@ class ChunkLayout:
 
 @dataclass
 class SectionTimes:
-    """Measured expert compute: (phase, rows, seconds, start) per chunk; whole calls: (phase, start, end)."""
+    """Measured expert compute: (phase, rows, seconds, start, expert calls) per chunk; whole calls:
+    (phase, start, end, degree, micro-chunks)."""
 
-    compute: list[tuple[str, int, float, float]] = field(default_factory=list)
-    sections: list[tuple[str, float, float]] = field(default_factory=list)
+    compute: list[tuple[str, int, float, float, int]] = field(default_factory=list)
+    sections: list[tuple[str, float, float, int, int]] = field(default_factory=list)
     shape: object = None  # moe.perf_model.SectionShape of the latest call
 
 
@@ -151,12 +152,12 @@ class _Section:
             recv = jobs[i].wait()
             t0 = time.perf_counter()
             result = compute(mic, recv)
-            self.times.compute.append((phase, recv.shape[0], time.perf_counter() - t0, t0))
+            self.times.compute.append((phase, recv.shape[0], time.perf_counter() - t0, t0, len(mic)))
             back.append(eng.submit(result, _steps(eng, plans[i], False, f"{self.tag}/{back_tag}{i}")))
         out = x.new_zeros(x.shape)
         for job, ix in zip(back, sends):
             out.index_copy_(0, ix, job.wait())
-        self.times.sections.append((phase, start, time.perf_counter()))
+        self.times.sections.append((phase, start, time.perf_counter(), len(chunks), lay.G))
         return out
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:

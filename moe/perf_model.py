@@ -9,18 +9,22 @@ chunk's experts when its rows arrive and the previous chunk's experts are done, 
 It also returns the inter link's idle time, the window the data-parallel gradient buckets can use.
 
 :func:`choose_degree` minimises the modeled makespan over r = 1..max (any integer, not only powers of
-two); forward and backward are solved separately because backward compute costs about twice the
-forward while the transfers stay the same, so their best degrees differ. Unlike FSMoE's closed-form
+two) for one direction; :func:`choose_degrees` picks the (forward, backward) pair jointly, because
+backward compute costs about twice the forward while the transfers stay the same (so the best degrees
+differ) but the runtime splits rows into lcm(forward, backward) micro-chunks that both directions pay
+one expert call each for, plus a fitted per-chunk overhead the links and experts do not show. Unlike FSMoE's closed-form
 regimes, the simulation covers hierarchical plans (several steps per direction) without new cases.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["AlphaBeta", "fit_alpha_beta", "makespan", "choose_degree", "SectionShape"]
+__all__ = ["AlphaBeta", "fit_alpha_beta", "fit_per_call", "makespan", "choose_degree", "choose_degrees",
+           "pair_time", "SectionShape"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,34 @@ def fit_alpha_beta(sizes: Sequence[float], times: Sequence[float]) -> AlphaBeta:
         sxx0 = sum(x * x for x in sizes)
         return AlphaBeta(0.0, sxt / sxx0 if sxx0 else 0.0)
     return AlphaBeta(alpha, beta)
+
+
+def fit_per_call(calls: Sequence[float], rows: Sequence[float], times: Sequence[float]) -> AlphaBeta:
+    """Least squares ``t = α·calls + β·rows`` with α, β ≥ 0: α per expert call, β per row.
+
+    A chunk of the pipelined section runs one expert call per micro-chunk it holds (``calls``); when
+    every sample has the same number of calls per sample this is :func:`fit_alpha_beta` scaled."""
+    n = len(times)
+    if n == 0:
+        return AlphaBeta(0.0, 0.0)
+    saa = sum(a * a for a in calls)
+    sab = sum(a * b for a, b in zip(calls, rows))
+    sbb = sum(b * b for b in rows)
+    sat = sum(a * t for a, t in zip(calls, times))
+    sbt = sum(b * t for b, t in zip(rows, times))
+    det = saa * sbb - sab * sab
+    if det > 1e-12 * max(saa * sbb, 1e-30):
+        alpha, beta = (sat * sbb - sbt * sab) / det, (sbt * saa - sat * sab) / det
+        if alpha >= 0 and beta >= 0:
+            return AlphaBeta(alpha, beta)
+    if len(set(calls)) == 1 and calls[0] > 0:  # collinear-free case: fit per call on rows per call
+        ab = fit_alpha_beta([b / calls[0] for b in rows], [t / calls[0] for t in times])
+        return AlphaBeta(ab.alpha, ab.beta)
+    only_rows = sbt / sbb if sbb else 0.0
+    only_calls = sat / saa if saa else 0.0
+    err_rows = sum((t - only_rows * b) ** 2 for b, t in zip(rows, times))
+    err_calls = sum((t - only_calls * a) ** 2 for a, t in zip(calls, times))
+    return AlphaBeta(0.0, only_rows) if err_rows <= err_calls else AlphaBeta(only_calls, 0.0)
 
 
 @dataclass(frozen=True)
@@ -130,4 +162,31 @@ def choose_degree(shape: SectionShape, links: dict[str, AlphaBeta], compute: Alp
     cap = max(1, min(max_degree, int(shape.rows) if shape.rows >= 1 else 1))
     times = {r: makespan(r, shape, links, compute, coschedule)[0] for r in range(1, cap + 1)}
     best = min(times, key=lambda r: (round(times[r], 12), r))
+    return best, times
+
+
+def pair_time(rf: int, rb: int, shape: SectionShape, links: dict[str, AlphaBeta], fwd: AlphaBeta, bwd: AlphaBeta,
+              overhead: tuple[float, float] = (0.0, 0.0), coschedule: bool = True) -> float:
+    """Modeled forward + backward time of a section at degrees (rf, rb).
+
+    The runtime splits the rows into lcm(rf, rb) micro-chunks so both directions can regroup them;
+    a chunk of degree r holds lcm/r of them and runs one expert call per micro-chunk, so each chunk's
+    compute is ``α·lcm/r + β·rows/r`` with α, β per call and per row. ``overhead`` is the fitted
+    per-chunk cost outside links and experts (plans, job hand-offs, autograd), per direction."""
+    g = math.lcm(rf, rb)
+    t_f = makespan(rf, shape, links, AlphaBeta(fwd.alpha * g / rf, fwd.beta), coschedule)[0]
+    t_b = makespan(rb, shape, links, AlphaBeta(bwd.alpha * g / rb, bwd.beta), coschedule)[0]
+    return t_f + t_b + overhead[0] * rf + overhead[1] * rb
+
+
+def choose_degrees(shape: SectionShape, links: dict[str, AlphaBeta], fwd: AlphaBeta, bwd: AlphaBeta, *,
+                   overhead: tuple[float, float] = (0.0, 0.0), max_degree: int = 8, coschedule: bool = True,
+                   fixed: tuple[int | None, int | None] = (None, None)) -> tuple[tuple[int, int], dict]:
+    """The (forward, backward) degrees with the smallest :func:`pair_time` (ties: smaller degrees), and
+    the modeled time of every pair tried. ``fixed`` pins a direction the user set."""
+    cap = max(1, min(max_degree, int(shape.rows) if shape.rows >= 1 else 1))
+    fs = [fixed[0]] if fixed[0] else range(1, cap + 1)
+    bs = [fixed[1]] if fixed[1] else range(1, cap + 1)
+    times = {(rf, rb): pair_time(rf, rb, shape, links, fwd, bwd, overhead, coschedule) for rf in fs for rb in bs}
+    best = min(times, key=lambda k: (round(times[k], 12), k[0] + k[1], k))
     return best, times

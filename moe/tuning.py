@@ -1,27 +1,31 @@
 """Online profiling of the chunk-pipelined MoE sections and the choice of their degrees.
 
-For ``auto`` degrees a layer runs its first ``moe.profile_steps`` steps at degrees 1, 2, 4, ... (so
-chunk sizes vary and α separates from β), timing every transfer (the link engine's spans) and every
-chunk's expert compute (the section's times). :func:`fit_and_choose` then fits α-β per link class and
-per layer's forward / backward compute, averages the fitted numbers over all ranks (one all-reduce,
-so every member of an EP group picks the same degrees: the chunk structure is part of the collective
-sequence), and picks each layer's forward and backward degree with :func:`moe.perf_model.choose_degree`.
+For ``auto`` degrees a layer runs its first ``moe.profile_steps`` steps at degrees 2, 4, 1, ... (so
+chunk sizes vary and α separates from β), timing every transfer (the link engine's spans), every
+chunk's expert compute and every whole section call. :func:`fit_and_choose` then fits α-β per link
+class, per layer's forward / backward expert call (α per call, β per row), and the per-chunk cost the
+model does not otherwise see (section time minus modeled time, against the degree); averages the
+fitted numbers over all ranks (one all-reduce, so every member of an EP group picks the same degrees:
+the chunk structure is part of the collective sequence); and picks each layer's (forward, backward)
+pair jointly with :func:`moe.perf_model.choose_degrees` (the pair decides the micro-chunk count,
+lcm(forward, backward), which both directions pay for).
 A layer whose token count changes (another micro-batch or sequence length) profiles again.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from moe.perf_model import AlphaBeta, SectionShape, choose_degree, fit_alpha_beta, makespan
+from moe.perf_model import AlphaBeta, SectionShape, choose_degrees, fit_alpha_beta, fit_per_call, makespan
 
 __all__ = ["DegreeTuner", "fit_and_choose"]
 
-PROFILE_DEGREES = (1, 2, 4, 3, 6, 8)
+PROFILE_DEGREES = (2, 4, 1, 3, 6, 8)  # the first step's warm-up noise lands on a middle degree
 
 
 @dataclass
@@ -71,6 +75,20 @@ def _fit_links(spans) -> dict[str, AlphaBeta]:
     return out
 
 
+def _overhead(sections, phase: str, shape, links: dict[str, AlphaBeta], compute: AlphaBeta, cos: bool) -> float:
+    """Per-chunk cost the model does not see (plans, job hand-offs, autograd): the slope, over the profiled
+    degrees, of measured section time minus the modeled one (≥ 0)."""
+    degrees, residual = [], []
+    for ph, start, end, r, g in sections:
+        if ph == phase:
+            degrees.append(float(r))
+            residual.append(end - start - makespan(r, shape, links, AlphaBeta(compute.alpha * g / r, compute.beta),
+                                                   cos)[0])
+    if len(set(degrees)) < 2:
+        return 0.0
+    return fit_alpha_beta(degrees, [x - min(residual) for x in residual]).beta
+
+
 def fit_and_choose(layers: list, engine, group=None, max_degree: int = 8) -> dict[int, dict[str, Any]]:
     """Fit the model from what was recorded, agree over ``group`` (all ranks), choose every layer's degrees.
 
@@ -80,12 +98,15 @@ def fit_and_choose(layers: list, engine, group=None, max_degree: int = 8) -> dic
     grads = [s for s in engine.spans if s.op == "allreduce"]
     local: list[float] = [links["intra"].alpha, links["intra"].beta, links["inter"].alpha, links["inter"].beta]
     shapes = []
+    cos = engine.coschedule
     for layer in layers:
-        t = layer.section_times.compute
-        fw = fit_alpha_beta([e[1] for e in t if e[0] == "fwd"], [e[2] for e in t if e[0] == "fwd"])
-        bw = fit_alpha_beta([e[1] for e in t if e[0] == "bwd"], [e[2] for e in t if e[0] == "bwd"])
-        local += [fw.alpha, fw.beta, bw.alpha, bw.beta]
-        shapes.append(layer.section_times.shape)
+        st = layer.section_times
+        fw, bw = (fit_per_call([e[4] for e in st.compute if e[0] == ph], [e[1] for e in st.compute if e[0] == ph],
+                               [e[2] for e in st.compute if e[0] == ph]) for ph in ("fwd", "bwd"))
+        over = [0.0, 0.0] if st.shape is None else [
+            _overhead(st.sections, ph, st.shape, links, ab, cos) for ph, ab in (("fwd", fw), ("bwd", bw))]
+        local += [fw.alpha, fw.beta, bw.alpha, bw.beta, *over]
+        shapes.append(st.shape)
     coeffs = torch.tensor(local, dtype=torch.float64)
     # volumes: the slowest rank's (max), padded to a common step count
     n_steps = max((len(s.steps) for s in shapes if s is not None), default=0)
@@ -103,25 +124,27 @@ def fit_and_choose(layers: list, engine, group=None, max_degree: int = 8) -> dic
     link_ab = {"intra": AlphaBeta(c[0], c[1]), "inter": AlphaBeta(c[2], c[3])}
     out = {}
     for i, layer in enumerate(layers):
-        fw = AlphaBeta(*c[4 + 4 * i: 6 + 4 * i])
-        bw = AlphaBeta(*c[6 + 4 * i: 8 + 4 * i])
+        base = 4 + 6 * i
+        fw, bw = AlphaBeta(*c[base: base + 2]), AlphaBeta(*c[base + 2: base + 4])
+        over = (c[base + 4], c[base + 5])
         s = shapes[i]
         if s is None:
             continue
         shape = SectionShape(tuple((link, float(vol[i, k + 1])) for k, (link, _) in enumerate(s.steps)),
                              float(vol[i, 0]))
-        cos = engine.coschedule
         tuner = layer.tuner
-        rf, ft = choose_degree(shape, link_ab, fw, max_degree=max_degree, coschedule=cos)
-        rb, bt = choose_degree(shape, link_ab, bw, max_degree=max_degree, coschedule=cos)
-        if tuner is not None:
-            rf = rf if tuner.fwd == "auto" else int(tuner.fwd)
-            rb = rb if tuner.bwd == "auto" else int(tuner.bwd)
-        idle = makespan(rb, shape, link_ab, bw, cos)[1]
+        fixed = (None, None) if tuner is None else (None if tuner.fwd == "auto" else int(tuner.fwd),
+                                                     None if tuner.bwd == "auto" else int(tuner.bwd))
+        (rf, rb), table = choose_degrees(shape, link_ab, fw, bw, overhead=over, max_degree=max_degree,
+                                         coschedule=cos, fixed=fixed)
+        g = math.lcm(rf, rb)
+        t_f = makespan(rf, shape, link_ab, AlphaBeta(fw.alpha * g / rf, fw.beta), cos)[0] + over[0] * rf
+        t_b, idle = makespan(rb, shape, link_ab, AlphaBeta(bw.alpha * g / rb, bw.beta), cos)
         report = {"links": {k: vars(v) for k, v in link_ab.items()}, "compute_fwd": vars(fw),
-                  "compute_bwd": vars(bw), "shape": {"steps": [list(x) for x in shape.steps], "rows": shape.rows},
-                  "degrees": [rf, rb], "modeled_fwd_s": ft[rf], "modeled_bwd_s": bt[rb],
-                  "modeled_fwd_by_degree": ft, "modeled_bwd_by_degree": bt, "bwd_inter_idle_s": idle,
+                  "compute_bwd": vars(bw), "chunk_overhead_s": list(over),
+                  "shape": {"steps": [list(x) for x in shape.steps], "rows": shape.rows},
+                  "degrees": [rf, rb], "modeled_fwd_s": t_f, "modeled_bwd_s": t_b + over[1] * rb,
+                  "modeled_by_degrees": {f"{a},{b}": t for (a, b), t in table.items()}, "bwd_inter_idle_s": idle,
                   "grad_allreduce_samples": len(grads)}
         if tuner is not None:
             tuner.chosen = (rf, rb)

@@ -9,12 +9,22 @@ and hier2d, for forward / backward degrees that differ.
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
 
 from moe.overlap import ChunkLayout
-from moe.perf_model import AlphaBeta, SectionShape, choose_degree, fit_alpha_beta, makespan
+from moe.perf_model import (
+    AlphaBeta,
+    SectionShape,
+    choose_degree,
+    choose_degrees,
+    fit_alpha_beta,
+    fit_per_call,
+    makespan,
+    pair_time,
+)
 from tests.test_model_parallel import _compare, _train
 
 BASE = [
@@ -128,6 +138,29 @@ def test_degree_solver_known_optima():
         picked.append(choose_degree(s, {"intra": AlphaBeta(1e-3, 1e-9), "inter": AlphaBeta(1e-3, 1e-8)},
                                     AlphaBeta(1e-3, 1e-4), max_degree=16)[0])
     assert picked[0] == 1 and picked == sorted(picked) and picked[-1] >= 4
+
+
+def test_per_call_fit_and_joint_choice_pay_for_micro_chunks_and_chunk_overhead():
+    # chunk time = 2 ms per expert call + 1 us per row, recovered from chunks of different call counts
+    calls, rows = [1, 1, 2, 3, 6], [4000, 2000, 2000, 1000, 3000]
+    ab = fit_per_call(calls, rows, [2e-3 * c + 1e-6 * n for c, n in zip(calls, rows)])
+    assert ab.alpha == pytest.approx(2e-3) and ab.beta == pytest.approx(1e-6)
+    links = {"intra": AlphaBeta(1e-3, 1e-9), "inter": AlphaBeta(5e-3, 1e-8)}
+    shape = SectionShape(steps=(("inter", 2e6),), rows=2e3)
+    fw, bw = AlphaBeta(1e-4, 1e-6), AlphaBeta(1e-4, 2e-5)
+    rf, rb = choose_degree(shape, links, fw)[0], choose_degree(shape, links, bw)[0]
+    assert rf != rb  # solved apart, the directions want different degrees ...
+    free = choose_degrees(shape, links, fw, bw)[0]
+    assert free == (rf, rb)  # ... and with cheap expert calls the joint choice agrees
+    # expensive calls: lcm(rf, rb) micro-chunks cost too much, the pair moves to a common multiple
+    (jf, jb), table = choose_degrees(shape, links, AlphaBeta(2e-2, 1e-6), AlphaBeta(2e-2, 2e-5))
+    assert math.lcm(jf, jb) < math.lcm(rf, rb) and table[(jf, jb)] < table[(rf, rb)]
+    # a per-chunk overhead the links and experts do not show pulls both degrees down
+    low = choose_degrees(shape, links, fw, bw, overhead=(5e-2, 5e-2))[0]
+    assert low[0] <= rf and low[1] <= rb and low != (rf, rb)
+    assert pair_time(2, 3, shape, links, fw, bw, (1.0, 0.0)) == pytest.approx(pair_time(2, 3, shape, links, fw, bw)
+                                                                                + 2.0)
+    assert choose_degrees(shape, links, fw, bw, fixed=(None, 5))[0][1] == 5  # a user-set direction stays
 
 
 def test_backward_degree_differs_when_compute_doubles():
@@ -257,9 +290,9 @@ def test_degree_tuner_profiles_then_keeps_the_choice_and_reprofiles_on_new_shape
     for _ in range(3):
         seen.append(tuner.degrees((64, 32)))
         tuner.end_step()
-    assert seen == [(1, 3), (2, 3), (4, 3)] and tuner.profiling
+    assert seen == [(2, 3), (4, 3), (1, 3)] and tuner.profiling  # the warm-up step at a middle degree
     tuner.chosen = (2, 3)
     assert tuner.degrees((64, 32)) == (2, 3) and not tuner.profiling
-    assert tuner.degrees((128, 32)) == (1, 3) and tuner.profiling  # another token count: profile again
+    assert tuner.degrees((128, 32)) == (2, 3) and tuner.profiling  # another token count: profile again
     fixed = DegreeTuner(2, 4)
     assert fixed.degrees((64, 32)) == (2, 4) and not fixed.profiling
