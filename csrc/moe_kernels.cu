@@ -43,19 +43,16 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // ------------------------------------------------------------------------------------ routing
-// One warp per token; lane l holds experts l, l+32, ... (up to kMaxExpertsPerLane of them).
-// score_fn 0: softmax(logits); 1: sigmoid(logits). Selection uses score + bias[e] (bias may be null:
-// the aux-loss-free expert bias changes which experts win, never the gate values). Ties go to the
-// lower expert id, as torch.topk on CUDA does for equal values in practice and as our reference sorts.
+// One warp per token (warps stride over tokens); lane l holds experts l, l+32, ... (up to
+// kMaxExpertsPerLane of them). score_fn 0: softmax(logits); 1: sigmoid(logits). Selection uses
+// score + bias[e] (bias may be null: the aux-loss-free expert bias changes which experts win, never the
+// gate values). Ties go to the lower expert id, as our reference sorts. Per-expert score sums are
+// gathered in shared memory per block, then added to prob_sum_E once per block and expert.
 template <typename T>
-__global__ void route_topk_kernel(const T* __restrict__ logits, const float* __restrict__ bias, int num_tokens,
-                                  int E, int K, int score_fn, int renormalize, int32_t* __restrict__ expert_TK,
-                                  float* __restrict__ gate_TK, float* __restrict__ prob_sum_E) {
-  const int warps_per_block = blockDim.x / kWarp;
-  const int t = blockIdx.x * warps_per_block + threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (t >= num_tokens) return;
-  const T* row = logits + static_cast<int64_t>(t) * E;
+__device__ __forceinline__ void route_one_token(const T* __restrict__ row, const float* __restrict__ bias, int t,
+                                                int lane, int E, int K, int score_fn, int renormalize,
+                                                int32_t* __restrict__ expert_TK, float* __restrict__ gate_TK,
+                                                float* block_sum) {
   float score[kMaxExpertsPerLane];
   float mx = -INFINITY;
 #pragma unroll
@@ -83,11 +80,11 @@ __global__ void route_topk_kernel(const T* __restrict__ logits, const float* __r
       score[i] = e < E ? 1.f / (1.f + expf(-score[i])) : 0.f;
     }
   }
-  if (prob_sum_E != nullptr) {
+  if (block_sum != nullptr) {
 #pragma unroll
     for (int i = 0; i < kMaxExpertsPerLane; ++i) {
       int e = lane + i * kWarp;
-      if (e < E) atomicAdd(prob_sum_E + e, score[i]);
+      if (e < E) atomicAdd(block_sum + e, score[i]);  // shared-memory atomics
     }
   }
   // k rounds of warp arg-max over (score + bias), lowest expert id on ties
@@ -126,6 +123,26 @@ __global__ void route_topk_kernel(const T* __restrict__ logits, const float* __r
     }
   }
 }
+
+template <typename T>
+__global__ void route_topk_kernel(const T* __restrict__ logits, const float* __restrict__ bias, int num_tokens,
+                                  int E, int K, int score_fn, int renormalize, int32_t* __restrict__ expert_TK,
+                                  float* __restrict__ gate_TK, float* __restrict__ prob_sum_E) {
+  __shared__ float block_sum[kWarp * kMaxExpertsPerLane];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) block_sum[e] = 0.f;
+  __syncthreads();
+  const int warps_per_block = blockDim.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  for (int t = blockIdx.x * warps_per_block + threadIdx.x / kWarp; t < num_tokens;
+       t += gridDim.x * warps_per_block) {
+    route_one_token<T>(logits + static_cast<int64_t>(t) * E, bias, t, lane, E, K, score_fn, renormalize, expert_TK,
+                       gate_TK, prob_sum_E != nullptr ? block_sum : nullptr);
+  }
+  __syncthreads();
+  if (prob_sum_E != nullptr)
+    for (int e = threadIdx.x; e < E; e += blockDim.x) atomicAdd(prob_sum_E + e, block_sum[e]);
+}
+
 
 // ------------------------------------------------------------------------------------ ranking
 // Order 0 visits assignment i as (t = i / K, k = i % K); order 1 (choice-major) as (k = i / T, t = i % T).
@@ -307,8 +324,9 @@ int grid_for(int64_t n, int cap = 65535 * 8) { return static_cast<int>(n < cap ?
 template <typename T> struct Route {
   static cudaError_t run(const void* logits, const float* bias, int T_, int E, int K, int score_fn, int renorm,
                          int32_t* expert_TK, float* gate_TK, float* prob_sum_E, cudaStream_t s) {
-    constexpr int warps = 4;
+    constexpr int warps = 8;
     int blocks = (T_ + warps - 1) / warps;
+    blocks = blocks < 1024 ? blocks : 1024;  // warps stride over tokens: fewer blocks, fewer global atomics
     if (blocks > 0)
       moetrain::route_topk_kernel<T><<<blocks, warps * 32, 0, s>>>(static_cast<const T*>(logits), bias, T_, E, K,
                                                                     score_fn, renorm, expert_TK, gate_TK, prob_sum_E);

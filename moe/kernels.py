@@ -26,7 +26,7 @@ from parallel.cuda_ext import CSRC, Extension
 __all__ = ["load", "route_topk_ref", "rank_in_expert_ref", "pack_rows_ref", "combine_rows_ref", "positions_ref",
            "CSRC", "KernelError", "require", "select_experts", "positions", "pack_rows", "combine_rows"]
 
-_EXT = Extension("moetrain_moe_ops", ["moe_ops.cpp", "moe_kernels.cu"])
+_EXT = Extension("moetrain_moe_ops", ["moe_ops.cpp", "moe_kernels.cu"])  # precise expf: selection = reference
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

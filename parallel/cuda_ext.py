@@ -25,8 +25,8 @@ class Extension:
     """``get()`` returns the compiled module, or None (no CUDA device, no toolkit, a compile error) with
     :attr:`reason` set and logged once; the callers then run their torch path."""
 
-    def __init__(self, name: str, sources: list[str]):
-        self.name, self.sources = name, sources
+    def __init__(self, name: str, sources: list[str], *, fast_math: bool = False):
+        self.name, self.sources, self.fast_math = name, sources, fast_math
         self._module = None
         self.reason: str | None = None
 
@@ -40,8 +40,9 @@ class Extension:
             from torch.utils.cpp_extension import load as build
 
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _arch_list())
+            flags = ["-O3", "-std=c++17"] + (["--use_fast_math"] if self.fast_math else [])
             self._module = build(name=self.name, sources=[str(CSRC / s) for s in self.sources],
-                                 extra_cuda_cflags=["-O3", "--use_fast_math", "-std=c++17"], verbose=False)
+                                 extra_cuda_cflags=flags, verbose=False)
         except Exception as exc:  # a missing toolkit or a compile error: fall back, say why once
             text = str(exc).strip()
             self.reason = f"{exc.__class__.__name__}: {text.splitlines()[-1] if text else ''}"

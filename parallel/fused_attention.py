@@ -19,7 +19,7 @@ from parallel.cuda_ext import Extension
 
 __all__ = ["attention", "attention_ref", "unsupported", "load"]
 
-_EXT = Extension("moetrain_attn_ops", ["attn_ops.cpp", "flash_attn.cu"])
+_EXT = Extension("moetrain_attn_ops", ["attn_ops.cpp", "flash_attn.cu"], fast_math=True)  # exp2f -> ex2.approx
 _log = logging.getLogger("moetrain.attention")
 _said: set[str] = set()
 HEAD_DIMS = (64, 128)

@@ -90,7 +90,13 @@ def test_kernels_equal_reference_on_gpu(T, E, K, D, dtype):
     for sigmoid, bias in ((False, None), (True, torch.randn(E, device="cuda", generator=g) * 0.1)):
         e, gt, ps = ext.route_topk(logits, bias, K, sigmoid, True)
         re, rg, rps = route_topk_ref(logits, bias, K, sigmoid, True)
-        assert torch.equal(e, re)
+        # the same experts, except where two keys tie to float rounding (then the same key values)
+        scores = logits.float().sigmoid() if sigmoid else logits.float().softmax(-1)
+        key = scores if bias is None else scores + bias
+        differ = (e != re).any(1)
+        assert float(differ.float().mean()) < 1e-3, f"{int(differ.sum())} tokens chose other experts"
+        torch.testing.assert_close(key.gather(1, e.long()), key.gather(1, re.long()), rtol=1e-6, atol=1e-7)
+        gt, rg = gt[~differ], rg[~differ]
         torch.testing.assert_close(gt, rg, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ps, rps, rtol=1e-4, atol=1e-3)
     for order in (0, 1):
