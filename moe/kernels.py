@@ -26,7 +26,50 @@ from parallel.cuda_ext import CSRC, Extension
 __all__ = ["load", "route_topk_ref", "rank_in_expert_ref", "pack_rows_ref", "combine_rows_ref", "positions_ref",
            "CSRC", "KernelError", "require", "select_experts", "positions", "pack_rows", "combine_rows"]
 
-_EXT = Extension("moetrain_moe_ops", ["moe_ops.cpp", "moe_kernels.cu"])  # precise expf: selection = reference
+
+
+def self_check(ext, device: str) -> str | None:
+    """Every kernel of ``ext`` once on small random inputs against its reference: the first that
+    disagrees (bit-exact indices, positions and packing; float tolerance for gates and sums), or None."""
+    g = torch.Generator(device=device).manual_seed(0)
+    T, E, K, D = 257, 16, 4, 72
+    logits = torch.randn(T, E, device=device, generator=g)
+    bias = torch.randn(E, device=device, generator=g) * 0.1
+
+    def close(a, b, tol=1e-4):
+        return a.shape == b.shape and bool(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol))
+
+    for sigmoid, b in ((False, None), (True, bias)):
+        e, gate, psum = ext.route_topk(logits, b, K, sigmoid, True)
+        re, rg, rps = route_topk_ref(logits, b, K, sigmoid, True)
+        if not (torch.equal(e, re) and close(gate, rg) and close(psum, rps)):
+            return f"route_topk (sigmoid={sigmoid})"
+    keep = torch.rand(T, K, device=device, generator=g) < 0.8
+    for order in (0, 1):
+        rank, total = ext.rank_in_expert(e, keep, E, order)
+        if not all(torch.equal(a, b) for a, b in zip((rank, total), rank_in_expert_ref(e, keep, E, order))):
+            return f"rank_in_expert (order={order})"
+    pos, counts = positions_ref(e, keep, E)
+    n = int(counts.sum())
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(T, D, device=device, generator=g).to(dtype)
+        rows = ext.pack_rows(x, pos, n)
+        if not torch.equal(rows, pack_rows_ref(x, pos, n)):
+            return f"pack_rows ({dtype})"
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        if not close(ext.combine_rows(rows, pos, gate), combine_rows_ref(rows, pos, gate), tol):
+            return f"combine_rows ({dtype})"
+        dy = torch.randn(T, D, device=device, generator=g).to(dtype)
+        got, want = ext.combine_rows_backward(dy, rows, pos, gate), combine_rows_backward_ref(dy, rows, pos, gate)
+        if not (close(got[0], want[0], tol) and close(got[1], want[1], tol)):
+            return f"combine_rows_backward ({dtype})"
+        if not close(ext.pack_rows_backward(rows, pos, T), pack_rows_backward_ref(rows, pos, T), tol):
+            return f"pack_rows_backward ({dtype})"
+    return None
+
+
+_EXT = Extension("moetrain_moe_ops", ["moe_ops.cpp", "moe_kernels.cu"],  # precise expf: selection = reference
+                 check=self_check)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -17,9 +17,37 @@ import torch.nn.functional as F
 
 from parallel.cuda_ext import Extension
 
-__all__ = ["attention", "attention_ref", "unsupported", "load"]
+__all__ = ["attention", "attention_ref", "unsupported", "load", "self_check"]
 
-_EXT = Extension("moetrain_attn_ops", ["attn_ops.cpp", "flash_attn.cu"], fast_math=True)  # exp2f -> ex2.approx
+
+
+def self_check(ext, device: str) -> str | None:
+    """The kernel once per supported head dim, causal and not, with GQA and a length that is not a tile
+    multiple, against the float64 reference (output, log-sum-exp, gradients; outputs NaN-poisoned
+    first): the first case that fails, or None."""
+    g = torch.Generator(device=device).manual_seed(0)
+    for D in HEAD_DIMS:
+        for causal in (True, False):
+            q = torch.randn(1, 4, 70, D, device=device, generator=g).to(torch.bfloat16)
+            k = torch.randn(1, 2, 70, D, device=device, generator=g).to(torch.bfloat16)
+            v = torch.randn(1, 2, 70, D, device=device, generator=g).to(torch.bfloat16)
+            d_o = torch.randn(1, 4, 70, D, device=device, generator=g).to(torch.bfloat16)
+            o, lse = ext.forward(q, k, v, causal, True)
+            dq, dk, dv = ext.backward(q, k, v, o, lse, d_o, causal, True)
+            qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+            o_ref, lse_ref = attention_ref(qr, kr, vr, causal)
+            o_ref.backward(d_o.double())
+            for name, got, want, tol in (("output", o, o_ref, 2e-2), ("lse", lse, lse_ref, 1e-3),
+                                         ("dq", dq, qr.grad, 5e-2), ("dk", dk, kr.grad, 5e-2),
+                                         ("dv", dv, vr.grad, 5e-2)):
+                err = (got.double() - want.detach()).abs().max() / want.detach().abs().max().clamp(min=1e-6)
+                if not bool(torch.isfinite(got).all()) or float(err) > tol:
+                    return f"head dim {D}, causal={causal}: {name} (relative error {float(err):.3g})"
+    return None
+
+
+_EXT = Extension("moetrain_attn_ops", ["attn_ops.cpp", "flash_attn.cu"], fast_math=True,  # exp2f -> ex2.approx
+                 check=self_check)
 _log = logging.getLogger("moetrain.attention")
 _said: set[str] = set()
 HEAD_DIMS = (64, 128)

@@ -106,3 +106,26 @@ def test_fused_attention_equals_float64_reference_on_gpu(dtype, D, T, H, Hkv, ca
     oa = attention(qa, ka, va, causal)
     oa.backward(d_o)
     assert torch.equal(oa, o) and torch.equal(qa.grad, dq) and torch.equal(ka.grad, dk) and torch.equal(va.grad, dv)
+
+
+def _reference_attention_ext(scale_out: float = 1.0):
+    from types import SimpleNamespace
+
+    def forward(q, k, v, causal, poison):
+        o, lse = attention_ref(q, k, v, causal)
+        return (o * scale_out).to(q.dtype), lse.float()
+
+    def backward(q, k, v, o, lse, d_o, causal, poison):
+        qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+        attention_ref(qr, kr, vr, causal)[0].backward(d_o.double())
+        return qr.grad.to(q.dtype), kr.grad.to(k.dtype), vr.grad.to(v.dtype)
+
+    return SimpleNamespace(forward=forward, backward=backward)
+
+
+def test_attention_self_check_accepts_the_reference_and_names_a_wrong_output():
+    from parallel.fused_attention import self_check
+
+    assert self_check(_reference_attention_ext(), "cpu") is None
+    failed = self_check(_reference_attention_ext(scale_out=1.1), "cpu")
+    assert failed.startswith("head dim 64, causal=True: output")

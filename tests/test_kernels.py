@@ -252,3 +252,61 @@ def test_fused_layer_equals_torch_layer_on_gpu(router):
     torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-5)
     for n in gp0:
         torch.testing.assert_close(gp1[n], gp0[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+# ------------------------------------------------------- the first-use self-check (CPU: stand-in extensions)
+def _reference_ext(**broken):
+    from types import SimpleNamespace
+
+    from moe.kernels import combine_rows_backward_ref, pack_rows_backward_ref
+
+    ops = dict(route_topk=route_topk_ref, rank_in_expert=rank_in_expert_ref, pack_rows=pack_rows_ref,
+               pack_rows_backward=pack_rows_backward_ref, combine_rows=combine_rows_ref,
+               combine_rows_backward=combine_rows_backward_ref)
+    ops.update(broken)
+    return SimpleNamespace(**ops)
+
+
+def test_self_check_passes_the_contract_and_names_the_first_broken_kernel():
+    from moe.kernels import self_check
+
+    assert self_check(_reference_ext(), "cpu") is None
+
+    def swapped_rows(x, pos, rows):
+        out = pack_rows_ref(x, pos, rows)
+        return out[torch.arange(rows).roll(1)]
+
+    def ties_to_higher_id(logits, bias, k, sigmoid, renorm):
+        e, g, s = route_topk_ref(logits, bias, k, sigmoid, renorm)
+        return e.flip(1), g.flip(1), s  # same set, other order: positions would differ
+
+    def off_by_one_rank(e, keep, E, order):
+        r, t = rank_in_expert_ref(e, keep, E, order)
+        return torch.where(r >= 0, r + 1, r), t
+
+    assert self_check(_reference_ext(pack_rows=swapped_rows), "cpu") == "pack_rows (torch.float32)"
+    assert self_check(_reference_ext(route_topk=ties_to_higher_id), "cpu").startswith("route_topk")
+    assert self_check(_reference_ext(rank_in_expert=off_by_one_rank), "cpu").startswith("rank_in_expert")
+
+
+def test_a_failed_self_check_keeps_the_torch_path_and_says_why(monkeypatch, caplog):
+    import logging
+
+    import torch.utils.cpp_extension as cpp
+
+    from moe.kernels import self_check
+    from parallel.cuda_ext import Extension
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    broken = _reference_ext(combine_rows=lambda rows, pos, gate: 2 * combine_rows_ref(rows, pos, gate))
+    monkeypatch.setattr(cpp, "load", lambda **kw: broken)
+    ext = Extension("stand_in", ["x.cu"], check=lambda module, device: self_check(module, "cpu"))
+    with caplog.at_level(logging.WARNING, logger="moetrain.kernels"):
+        assert ext.get() is None and ext.get() is None
+    assert ext.reason == "self-check failed: combine_rows (torch.float32)"
+    assert sum("self-check failed" in r.getMessage() for r in caplog.records) == 1
+    monkeypatch.setattr(cpp, "load", lambda **kw: _reference_ext())
+    good = Extension("stand_in_ok", ["x.cu"], check=lambda module, device: self_check(module, "cpu"))
+    assert good.get() is not None and good.reason is None
