@@ -141,7 +141,8 @@ class MoEConfig(_Section):
     slots_per_expert: int = Field(1, ge=1)
     kernels: Literal["auto", "torch", "cuda"] = "auto"
     """Routing / packing / combine ops: ``cuda`` = the csrc kernels (error if they cannot build), ``torch`` =
-    torch ops, ``auto`` = the kernels on CUDA devices when they build, torch ops otherwise."""
+    torch ops, ``auto`` = the kernels on CUDA devices when they build and pass their self-check, torch ops
+    otherwise."""
 
 
 class OptimizerConfig(_Section):
