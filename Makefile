@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.moetrain-installed
 # build against torch (deepspeed) from pulling a second, CUDA torch into an isolated build env.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean gpu-check
 
 setup: $(STAMP)
 
@@ -27,6 +27,12 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# On a CUDA machine whose python3 has torch (no venv needed): the GPU tests, then the GPU benchmarks.
+gpu-check:
+	python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_attention.py
+	python3 benchmarks/kernels.py
+	python3 benchmarks/attention.py --seqs 1024,4096,16384
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
