@@ -402,7 +402,7 @@ extern "C" {
 cudaError_t moe_flash_attn_fwd(int dtype, const void* q, const void* k, const void* v, void* o, float* lse, int B,
                                int H, int Hkv, int seqlen, int D, int causal, float scale, cudaStream_t stream) {
   using namespace moetrain_attn;
-  if (Hkv < 1 || H % Hkv != 0 || seqlen < 1 || B < 1) return cudaErrorInvalidValue;
+  if (Hkv < 1 || H % Hkv != 0 || seqlen < 1 || B < 1 || B * H > 65535) return cudaErrorInvalidValue;
   if (dtype == 1 && D == 64) return forward<__half, 64>(q, k, v, o, lse, B, H, Hkv, seqlen, causal, scale, stream);
   if (dtype == 1 && D == 128) return forward<__half, 128>(q, k, v, o, lse, B, H, Hkv, seqlen, causal, scale, stream);
   if (dtype == 2 && D == 64)
@@ -417,7 +417,7 @@ cudaError_t moe_flash_attn_bwd(int dtype, const void* q, const void* k, const vo
                                const float* lse, float* delta, float* dq_acc, void* dq, void* dk, void* dv, int B, int H,
                                int Hkv, int seqlen, int D, int causal, float scale, cudaStream_t stream) {
   using namespace moetrain_attn;
-  if (Hkv < 1 || H % Hkv != 0 || seqlen < 1 || B < 1) return cudaErrorInvalidValue;
+  if (Hkv < 1 || H % Hkv != 0 || seqlen < 1 || B < 1 || B * H > 65535) return cudaErrorInvalidValue;
   if (dtype == 1 && D == 64)
     return backward<__half, 64>(q, k, v, o, d_o, lse, delta, dq_acc, dq, dk, dv, B, H, Hkv, seqlen, causal, scale, stream);
   if (dtype == 1 && D == 128)

@@ -70,6 +70,8 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
         return f"query {tuple(q.shape)} and key/value {tuple(k.shape)} lengths differ"
     if q.shape[1] % k.shape[1]:
         return f"{q.shape[1]} heads are not a multiple of {k.shape[1]} kv heads"
+    if q.shape[0] * q.shape[1] > 65535:  # one grid row per (batch, head)
+        return f"batch x heads = {q.shape[0] * q.shape[1]} exceeds 65535"
     if load() is None:
         return f"the kernel is unavailable ({_EXT.reason})"
     return None
