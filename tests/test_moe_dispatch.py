@@ -156,7 +156,8 @@ def test_grouped_mm_paths_agree_with_per_expert_matmuls():
 
     gen = torch.Generator().manual_seed(0)
     counts = [3, 0, 5, 1, 0]
-    for dtype, d, f in ((torch.float64, 6, 4), (torch.float32, 6, 4), (torch.float32, 8, 12)):
+    # d = 64: segments of <= 4 rows take the CPU skinny path ((w @ x^T)^T), the 5-row one the plain one
+    for dtype, d, f in ((torch.float64, 6, 4), (torch.float32, 6, 4), (torch.float32, 8, 12), (torch.float64, 64, 24)):
         x = torch.randn(9, d, generator=gen, dtype=dtype, requires_grad=True)
         w = torch.randn(5, f, d, generator=gen, dtype=dtype, requires_grad=True)  # [E, out, in]
         g = torch.randn(9, f, generator=gen, dtype=dtype)
