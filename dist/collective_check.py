@@ -24,6 +24,7 @@ _OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all_single
         "reduce_scatter_tensor", "barrier", "all_gather_object", "reduce")
 _saved: dict[str, object] = {}
 _state: dict = {}
+_epochs = [0]  # enable() calls in this process: the same count on every rank, so keys of two runs never mix
 _lock = threading.Lock()
 
 
@@ -64,7 +65,7 @@ def _check(op: str, args, kwargs) -> None:
         _state["seq"][ranks] = seq + 1
         _state["last"][ranks] = (seq, sig)
     store, timeout = _state["store"], _state["timeout"]
-    key = f"moetrain/cc/{','.join(map(str, ranks))}/{seq}"
+    key = f"moetrain/cc/{_state['epoch']}/{','.join(map(str, ranks))}/{seq}"
     store.set(f"{key}/{me}", sig)
     for other in ranks:
         if other == me:
@@ -96,7 +97,8 @@ def enable(timeout_s: float = 60.0) -> None:
         return
     from torch.distributed import distributed_c10d
 
-    _state.update(store=distributed_c10d._get_default_store(), timeout=timeout_s, seq={}, last={})
+    _epochs[0] += 1
+    _state.update(store=distributed_c10d._get_default_store(), timeout=timeout_s, seq={}, last={}, epoch=_epochs[0])
     for op in _OPS:
         _saved[op] = getattr(dist, op)
         setattr(dist, op, _wrap(op, _saved[op]))

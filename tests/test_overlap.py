@@ -204,11 +204,34 @@ def _diverge() -> str:
         collective_check.disable()
 
 
+def _agree() -> str:
+    import torch.distributed as dist
+
+    from dist import collective_check
+
+    collective_check.enable(timeout_s=20)
+    try:
+        import time
+
+        t = torch.ones(3)
+        dist.all_reduce(t)
+        if dist.get_rank() == 1:
+            time.sleep(0.5)  # rank 0 looks for rank 1's entry of call #1 before rank 1 has written it
+        dist.all_reduce(t)
+        return "no error"
+    except collective_check.CollectiveMismatch as exc:
+        return str(exc)
+    finally:
+        collective_check.disable()
+
+
 def test_collective_order_checker_catches_divergence(ranks):
     out = ranks(2, 2).run(_diverge)
     for msg in out:
         assert "collective #1 of group [0, 1] diverges" in msg
         assert "all_reduce((3,):float32)" in msg and "all_gather(2x(3,), (3,):float32)" in msg
+    # a later checked run in the same processes does not read the first run's entries
+    assert ranks(2, 2).run(_agree) == ["no error", "no error"]
 
 
 # ------------------------------------------------------------------ simulated links: what is overlapped
