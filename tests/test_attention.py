@@ -23,9 +23,13 @@ def test_reference_equals_the_eager_softmax_and_sdpa():
         s = q @ kk.transpose(-1, -2) / 4.0
         if causal:
             s = s + torch.full((37, 37), float("-inf"), dtype=torch.float64).triu(1)
-        torch.testing.assert_close(o, s.softmax(-1) @ vv, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(attention(q, k, v, causal), o, rtol=1e-12, atol=1e-12)
+        # float64 throughout, but torch's softmax / SDPA kernels may take exp approximations good to ~1e-9
+        # (one CI run saw 9e-10 where other runs see 1e-15): 1e-7 still fails any masking or GQA mistake
+        torch.testing.assert_close(o, s.softmax(-1) @ vv, rtol=1e-7, atol=1e-7)
+        torch.testing.assert_close(lse, torch.logsumexp(s, -1), rtol=1e-7, atol=1e-7)
+        torch.testing.assert_close(attention(q, k, v, causal), o, rtol=1e-7, atol=1e-7)
+    # and the mask matters: a non-causal result is far from the causal one
+    assert (attention_ref(q, k, v, True)[0] - attention_ref(q, k, v, False)[0]).abs().max() > 0.1
 
 
 def test_unsupported_inputs_are_named():
