@@ -68,17 +68,13 @@ def create_groups(grid: RankGrid, backend: str | None = None, timeout: timedelta
     if world != grid.world_size:
         raise ValueError(f"the rank grid is for {grid.world_size} ranks but the process group has {world}")
     rank = dist.get_rank()
-    cache: dict[tuple[int, ...], dist.ProcessGroup] = {}
     mine: dict[str, dist.ProcessGroup] = {}
     members: dict[str, tuple[int, ...]] = {}
     for family in FAMILIES:
         for ranks in grid.groups[family]:
-            if ranks not in cache:
-                if len(ranks) == world:
-                    cache[ranks] = dist.group.WORLD
-                else:
-                    cache[ranks] = _subgroup(ranks, backend, timeout)
+            # every rank creates every group, in the same order (_subgroup returns repeats)
+            group = dist.group.WORLD if len(ranks) == world else _subgroup(ranks, backend, timeout)
             if rank in ranks:
-                mine[family] = cache[ranks]
+                mine[family] = group
                 members[family] = ranks
     return ParallelGroups(grid=grid, rank=rank, groups=mine, members=members)

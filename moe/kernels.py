@@ -138,9 +138,13 @@ def positions_ref(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_exp
     """Each kept assignment's row in the expert-sorted buffer (token-major within an expert), and the
     per-expert counts: the permutation the expert stage's stable sort produces."""
     rank, total = rank_in_expert_ref(expert_TK, keep_TK, num_experts, 0)
-    start = torch.cumsum(total, 0) - total
-    pos = torch.where(rank >= 0, rank + start[expert_TK.long()].to(torch.int32), rank)
-    return pos, total
+    return _rows_from_ranks(rank, total, expert_TK), total
+
+
+def _rows_from_ranks(rank_TK: torch.Tensor, total_E: torch.Tensor, expert_TK: torch.Tensor) -> torch.Tensor:
+    """Row in the expert-sorted buffer = the expert's first row + the rank inside it (-1 stays -1)."""
+    start = (torch.cumsum(total_E, 0) - total_E).to(torch.int32)
+    return torch.where(rank_TK >= 0, rank_TK + start[expert_TK.long()], rank_TK).contiguous()
 
 
 def pack_rows_ref(x_TD: torch.Tensor, pos_TK: torch.Tensor, rows: int) -> torch.Tensor:
@@ -206,9 +210,7 @@ def positions(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts
         return pos, total.long()
     keep = None if keep_TK is None else keep_TK.contiguous()
     rank, total = ext.rank_in_expert(expert, keep, num_experts, 0)
-    start = (torch.cumsum(total, 0) - total).to(torch.int32)
-    pos = torch.where(rank >= 0, rank + start[expert.long()], rank)
-    return pos.contiguous(), total.long()
+    return _rows_from_ranks(rank, total, expert), total.long()
 
 
 class _PackRows(torch.autograd.Function):
