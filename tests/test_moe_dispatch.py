@@ -176,3 +176,60 @@ def test_grouped_mm_paths_agree_with_per_expert_matmuls():
     assert x.grad is not None and x.grad.shape == (9, 8)
     empty = torch.zeros(0, 8, dtype=torch.float64, requires_grad=True)
     assert grouped_mm(empty, w.detach().double(), [0] * 5).grad_fn is not None
+
+
+def test_blocked_input_grad_equals_one_matmul():
+    """The CPU fp32 input gradient summed over 32/64-row weight slices (incl. a ragged last slice) is the
+    same product as one GEMM, alone and inside grouped_mm's backward."""
+    from moe.experts import _input_grad, grouped_mm
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(300, 1024, generator=gen)  # [O, I]: I >= 1024 and O >= 256 take the sliced path
+    for rows in (5, 32, 40, 128, 200):  # 5-32 rows: 32-row slices; 40-128: 64-row slices; 200: one GEMM
+        g = torch.randn(rows, 300, generator=gen)
+        out = torch.empty(rows, 1024)
+        _input_grad(g, w, out)
+        torch.testing.assert_close(out.double(), g.double() @ w.double(), rtol=1e-5, atol=1e-4)
+    counts = [40, 0, 20, 200]
+    x = torch.randn(sum(counts), 1024, generator=gen, requires_grad=True)
+    we = torch.randn(4, 300, 1024, generator=gen, requires_grad=True)  # [E, out, in]
+    gy = torch.randn(sum(counts), 300, generator=gen)
+    (gx,) = torch.autograd.grad(grouped_mm(x, we, counts), x, gy)
+    ref = torch.cat([s.double() @ we[e].detach().double() for e, s in enumerate(gy.split(counts))])
+    torch.testing.assert_close(gx.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_expert_weight_grad_storage_reused_only_when_free():
+    """The stacked expert weight's gradient reuses last step's storage after zero_grad(set_to_none=True),
+    never while the old gradient is still referenced (accumulation, a kept reference)."""
+    from moe.experts import grouped_mm
+
+    gen = torch.Generator().manual_seed(2)
+    w = torch.nn.Parameter(torch.randn(3, 5, 4, generator=gen, dtype=torch.float64))
+    counts = [2, 0, 3]
+    xs = [torch.randn(5, 4, generator=gen, dtype=torch.float64) for _ in range(3)]
+
+    def ref_grad(x):
+        wr = w.detach().clone().requires_grad_()
+        torch.cat([s @ wr[e].t() for e, s in enumerate(x.split(counts))]).pow(2).sum().backward()
+        return wr.grad
+
+    def step(x):
+        grouped_mm(x, w, counts).pow(2).sum().backward()
+
+    step(xs[0])
+    ptr = w.grad.untyped_storage().data_ptr()
+    torch.testing.assert_close(w.grad, ref_grad(xs[0]))
+    w.grad = None
+    step(xs[1])  # reused storage, right values (expert 1 has no rows: its slice must be zeroed)
+    assert w.grad.untyped_storage().data_ptr() == ptr
+    torch.testing.assert_close(w.grad, ref_grad(xs[1]))
+    kept = w.grad
+    w.grad = None
+    step(xs[2])  # the old gradient is still referenced: a new block, the old values untouched
+    assert w.grad.untyped_storage().data_ptr() != ptr
+    torch.testing.assert_close(kept, ref_grad(xs[1]))
+    torch.testing.assert_close(w.grad, ref_grad(xs[2]))
+    step(xs[0])  # accumulation into a live .grad
+    torch.testing.assert_close(w.grad, ref_grad(xs[2]) + ref_grad(xs[0]))
+    torch.testing.assert_close(kept, ref_grad(xs[1]))
