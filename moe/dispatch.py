@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_to_all", "Plan", "build_plan", "exchange_counts", "segments_perm", "DISPATCHERS"]
+__all__ = ["all_to_all", "Plan", "build_plan", "exchange_counts", "segments_perm", "permute_rows", "DISPATCHERS"]
 
 DISPATCHERS = ("flat", "hier2d", "hier1d")
 
@@ -44,6 +44,27 @@ class _AllToAll(torch.autograd.Function):
         dist.all_to_all_single(out, g.contiguous(), output_split_sizes=ctx.send, input_split_sizes=ctx.recv,
                                group=ctx.group)
         return out, None, None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, perm):
+        ctx.save_for_backward(perm)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, g):
+        (perm,) = ctx.saved_tensors
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return g.index_select(0, inverse), None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x[perm]`` for a permutation ``perm`` of the rows. Its backward gathers by the inverse
+    permutation, where ``index_select``'s own backward zero-fills a buffer and scatter-adds into it."""
+    assert perm.numel() == x.shape[0], "permute_rows needs a permutation of all rows"
+    return _PermuteRows.apply(x, perm.to(x.device))
 
 
 def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
@@ -104,7 +125,7 @@ class Plan:
             if st.kind == "a2a":
                 x = all_to_all(x, st.send, st.recv, st.group)
             else:
-                x = x.index_select(0, st.index.to(x.device))
+                x = permute_rows(x, st.index)
         return x
 
     def combine(self, y: torch.Tensor) -> torch.Tensor:
@@ -114,7 +135,7 @@ class Plan:
             else:
                 inverse = torch.empty_like(st.index)
                 inverse[st.index] = torch.arange(st.index.numel())
-                y = y.index_select(0, inverse.to(y.device))
+                y = permute_rows(y, inverse)
         return y
 
 

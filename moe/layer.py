@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe import kernels
-from moe.dispatch import build_plan, exchange_counts, segments_perm
+from moe.dispatch import build_plan, exchange_counts, permute_rows, segments_perm
 from moe.experts import GroupedExperts
 from moe.overlap import SectionTimes, pipelined_experts
 from moe.routers import RouterConfig, Routing, SparseRouting, build_router
@@ -112,10 +112,12 @@ class Order(nn.Module):
         super().__init__()
         self.num_experts = num_experts
 
-    def forward(self, rows_AD: torch.Tensor, expert_A: torch.Tensor):
-        perm = torch.argsort(expert_A, stable=True)
-        counts_E = torch.bincount(expert_A, minlength=self.num_experts)
-        return rows_AD.index_select(0, perm), counts_E, perm
+    def forward(self, x_TD: torch.Tensor, routing: Routing):
+        perm = torch.argsort(routing.expert_A, stable=True)
+        counts_E = torch.bincount(routing.expert_A, minlength=self.num_experts)
+        if isinstance(routing, SparseRouting):  # one gather of the tokens, straight into sorted order
+            return x_TD.index_select(0, routing.token_A.index_select(0, perm)), counts_E, perm
+        return permute_rows(routing.rows(x_TD), perm), counts_E, perm
 
 
 def _assignment_table(routing: SparseRouting, num_experts: int) -> tuple[torch.Tensor, int]:
@@ -193,12 +195,14 @@ class ExpertStage(nn.Module):
         rc = plan.recv_counts.tolist()  # [source][local expert]
         n_src, n_loc = len(rc), self.experts.num_local
         by_expert = segments_perm(rc, [(s, e) for e in range(n_loc) for s in range(n_src)])
+        counts = [sum(rc[s][e] for s in range(n_src)) for e in range(n_loc)]
+        if n_src == 1 or n_loc == 1:  # (source, expert) order is already expert order
+            return self.experts(recv, counts, sample_w)
         w = None if sample_w is None else sample_w.index_select(0, by_expert)
-        y = self.experts(recv.index_select(0, by_expert), [sum(rc[s][e] for s in range(n_src)) for e in range(n_loc)],
-                         w)
+        y = self.experts(permute_rows(recv, by_expert), counts, w)
         back = torch.empty_like(by_expert)
         back[by_expert] = torch.arange(by_expert.numel())
-        return y.index_select(0, back)
+        return permute_rows(y, back)
 
 
 @dataclasses.dataclass
@@ -215,9 +219,13 @@ class InverseOrder(nn.Module):
     """Undo the expert sort and sum each token's expert outputs with their gate weights."""
 
     def forward(self, y_sorted: torch.Tensor, perm: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:
+        if isinstance(routing, SparseRouting):  # weigh and sum straight from sorted order
+            out = y_sorted.new_zeros(num_tokens, y_sorted.shape[-1])
+            gate = routing.gate_A.index_select(0, perm).to(y_sorted.dtype).unsqueeze(-1)
+            return out.index_add(0, routing.token_A.index_select(0, perm), y_sorted * gate)
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        return routing.combine(y_sorted.index_select(0, inverse), num_tokens)
+        return routing.combine(permute_rows(y_sorted, inverse), num_tokens)
 
 
 class MoELayer(nn.Module):
@@ -335,7 +343,7 @@ class MoELayer(nn.Module):
         if self.fused:  # order = (pos_TK: row of each (token, choice) in the sorted buffer)
             rows_sorted, counts_E, order = self.order(x_TD, mine)
         else:  # order = perm: the assignment behind each sorted row
-            rows_sorted, counts_E, order = self.order(mine.rows(x_TD), mine.expert_A)
+            rows_sorted, counts_E, order = self.order(x_TD, mine)
         if self.engine is not None:
             y_sorted = self._pipelined(rows_sorted, counts_E, tuple(x_TD.shape))
         else:

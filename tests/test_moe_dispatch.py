@@ -233,3 +233,17 @@ def test_expert_weight_grad_storage_reused_only_when_free():
     step(xs[0])  # accumulation into a live .grad
     torch.testing.assert_close(w.grad, ref_grad(xs[2]) + ref_grad(xs[0]))
     torch.testing.assert_close(kept, ref_grad(xs[1]))
+
+
+def test_permute_rows_matches_index_select_with_gradient():
+    from moe.dispatch import permute_rows
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    perm = torch.randperm(7, generator=gen)
+    g = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    (ref,) = torch.autograd.grad(x.index_select(0, perm), x, g)
+    y = permute_rows(x, perm)
+    assert torch.equal(y, x[perm])
+    (gx,) = torch.autograd.grad(y, x, g)
+    assert torch.equal(gx, ref)

@@ -172,7 +172,8 @@ def test_order_then_inverse_order_is_identity_and_matches_dense_einsum(T, E, k, 
     gate_TK = torch.rand(T, k, generator=gen, dtype=torch.float64)
     routing = SparseRouting(torch.arange(T).repeat_interleave(k), expert_TK.reshape(-1), gate_TK.reshape(-1),
                             torch.zeros(()), {"num_tokens": T})
-    rows_sorted, counts, perm = Order(E)(routing.rows(x), routing.expert_A)
+    rows_sorted, counts, perm = Order(E)(x, routing)
+    torch.testing.assert_close(rows_sorted, routing.rows(x)[perm])
     assert torch.equal(counts, torch.bincount(expert_TK.reshape(-1), minlength=E))
     # rows arrive grouped by expert
     assert torch.equal(routing.expert_A[perm], torch.sort(routing.expert_A, stable=True).values)
