@@ -10,7 +10,11 @@ expert), each segment in the sender's order.
 - ``flat``: one all-to-all in the EP group.
 - ``hier2d`` (Tutel's 2D): regroup rows by destination local index, all-to-all inside the node
   (``ep_intra``), regroup by destination node, all-to-all among same-local-index peers (``ep_inter``).
-  Needs the same number of EP members on every node.
+  Needs the same number of EP members on every node. ``inter_first`` runs the two phases the other way
+  round (same volumes and message counts): all-to-all among same-local-index peers first, then inside
+  the destination node. Alone the order changes nothing; chunk-pipelined it decides which link idles
+  while the first chunk's first phase and the last chunk's last phase run, so the pipelined path puts
+  the slower link first (moe/tuning.py).
 - ``hier1d``: gather everything to the node leader (``ep_intra``), exchange among leaders
   (``ep_inter`` of local index 0), scatter from the leader.
 
@@ -140,8 +144,10 @@ class Plan:
 
 
 def build_plan(algo: str, counts: torch.Tensor, me: int, *, local_experts: int, ep_group, intra_group=None,
-               inter_group=None, ranks_per_node: int = 0) -> Plan:
-    """The plan for member ``me`` given ``counts[src, e]`` (all members' per-expert send counts)."""
+               inter_group=None, ranks_per_node: int = 0, inter_first: bool = False) -> Plan:
+    """The plan for member ``me`` given ``counts[src, e]`` (all members' per-expert send counts).
+
+    ``inter_first`` (hier2d only): the inter-node phase before the intra-node one."""
     n = counts.shape[0]
     c = counts.view(n, n, local_experts).sum(-1).tolist()  # c[src][dst] rows
     recv_counts = counts[:, me * local_experts:(me + 1) * local_experts]
@@ -158,6 +164,21 @@ def build_plan(algo: str, counts: torch.Tensor, me: int, *, local_experts: int, 
     def m(node: int, local: int) -> int:
         return node * L + local
 
+    if algo == "hier2d" and inter_first:
+        steps = [
+            # my rows are [dst node][dst local]: each node's block goes to my same-local-index peer there
+            _Step("a2a", inter_group, [sum(c[me][m(nn, j)] for j in range(L)) for nn in range(N)],
+                  [sum(c[m(src_node, i)][m(a, j)] for j in range(L)) for src_node in range(N)]),
+            # received [src node][dst local]; regroup to [dst local][src node]
+            _Step("perm", index=segments_perm([[c[m(sn, i)][m(a, j)] for j in range(L)] for sn in range(N)],
+                                               [(sn, j) for j in range(L) for sn in range(N)])),
+            _Step("a2a", intra_group, [sum(c[m(sn, i)][m(a, j)] for sn in range(N)) for j in range(L)],
+                  [sum(c[m(sn, s)][me] for sn in range(N)) for s in range(L)]),
+            # received [src local][src node]; regroup to member order [src node][src local]
+            _Step("perm", index=segments_perm([[c[m(sn, s)][me] for sn in range(N)] for s in range(L)],
+                                               [(s, sn) for sn in range(N) for s in range(L)])),
+        ]
+        return Plan(steps, recv_counts)
     if algo == "hier2d":
         steps = [
             # my rows are [dst node][dst local]; regroup to [dst local][dst node]

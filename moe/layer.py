@@ -20,6 +20,7 @@ needs (dropless sends no padding).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -173,11 +174,12 @@ class Dispatch(nn.Module):
         self.me = 0 if groups.ep is None else dist.get_rank(groups.ep)
         self.per_node = 1 if groups.ep_intra is None else dist.get_world_size(groups.ep_intra)
 
-    def plan_for(self, counts: torch.Tensor):
-        """The plan that moves rows with count matrix ``counts[src, e]`` (all EP members)."""
+    def plan_for(self, counts: torch.Tensor, inter_first: bool = False):
+        """The plan that moves rows with count matrix ``counts[src, e]`` (all EP members); ``inter_first``:
+        hier2d's inter-node phase first (the chunk-pipelined path, when the inter link is the slower)."""
         return build_plan(self.algo, counts, self.me, local_experts=self.local_experts, ep_group=self.groups.ep,
                           intra_group=self.groups.ep_intra, inter_group=self.groups.ep_inter,
-                          ranks_per_node=self.per_node)
+                          ranks_per_node=self.per_node, inter_first=inter_first)
 
     def forward(self, rows_sorted: torch.Tensor, counts_E: torch.Tensor):
         plan = self.plan_for(exchange_counts(counts_E, self.groups.ep))
@@ -309,12 +311,14 @@ class MoELayer(nn.Module):
         """dispatch -> experts -> combine chunked and overlapped on the link channels (moe/overlap.py)."""
         counts = exchange_counts(counts_E, self.groups.ep)
         degrees = self.tuner.degrees(shape) if self.tuner is not None else self.degrees
+        inter_first = self.tuner is not None and self.tuner.inter_first  # read after degrees(): it may reset
 
         def expert_fn(x: torch.Tensor, recv_counts: list[list[int]]) -> torch.Tensor:
             return self.experts(x, _RecvCounts(torch.tensor(recv_counts, dtype=torch.long)))
 
         return pipelined_experts(rows_sorted, counts, me=self.dispatch.me, local_experts=self.dispatch.local_experts,
-                                 plan_for=self.dispatch.plan_for, engine=self.engine, expert_fn=expert_fn,
+                                 plan_for=functools.partial(self.dispatch.plan_for, inter_first=inter_first),
+                                 engine=self.engine, expert_fn=expert_fn,
                                  degrees=degrees, tag=f"moe{self.layer}", times=self.section_times,
                                  release_grads=self.release_grads)
 

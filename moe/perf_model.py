@@ -14,6 +14,9 @@ backward compute costs about twice the forward while the transfers stay the same
 differ) but the runtime splits rows into lcm(forward, backward) micro-chunks that both directions pay
 one expert call each for, plus a fitted per-chunk overhead the links and experts do not show. Unlike FSMoE's closed-form
 regimes, the simulation covers hierarchical plans (several steps per direction) without new cases.
+:func:`choose_schedule` also tries a two-phase plan's phases in the other order (hier2d inter-node
+first): the link a chunk crosses first idles at the start of each direction until the first chunk's
+first phase is done, and the one it crosses last at the end, so the slower link should come first.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["AlphaBeta", "fit_alpha_beta", "fit_per_call", "makespan", "choose_degree", "choose_degrees",
-           "pair_time", "SectionShape"]
+           "choose_schedule", "pair_time", "SectionShape"]
 
 
 @dataclass(frozen=True)
@@ -190,3 +193,17 @@ def choose_degrees(shape: SectionShape, links: dict[str, AlphaBeta], fwd: AlphaB
     times = {(rf, rb): pair_time(rf, rb, shape, links, fwd, bwd, overhead, coschedule) for rf in fs for rb in bs}
     best = min(times, key=lambda k: (round(times[k], 12), k[0] + k[1], k))
     return best, times
+
+
+def choose_schedule(shape: SectionShape, links: dict[str, AlphaBeta], fwd: AlphaBeta, bwd: AlphaBeta, *,
+                    reorder: bool, **kwargs) -> tuple[tuple[int, int], bool, dict]:
+    """:func:`choose_degrees` for the plan's transfer order and, with ``reorder`` (a two-phase plan that
+    can run its phases the other way round), for the reversed order. Returns (degrees, reversed, times
+    of the winning order); ties keep the recorded order."""
+    best = None
+    for rev in ((False, True) if reorder and len(shape.steps) == 2 else (False,)):
+        s = SectionShape(tuple(reversed(shape.steps)), shape.rows) if rev else shape
+        degrees, table = choose_degrees(s, links, fwd, bwd, **kwargs)
+        if best is None or table[degrees] < best[0] - 1e-12:
+            best = (table[degrees], degrees, rev, table)
+    return best[1], best[2], best[3]

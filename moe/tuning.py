@@ -7,8 +7,8 @@ class, per layer's forward / backward expert call (α per call, β per row), and
 model does not otherwise see (section time minus modeled time, against the degree); averages the
 fitted numbers over all ranks (one all-reduce, so every member of an EP group picks the same degrees:
 the chunk structure is part of the collective sequence); and picks each layer's (forward, backward)
-pair jointly with :func:`moe.perf_model.choose_degrees` (the pair decides the micro-chunk count,
-lcm(forward, backward), which both directions pay for).
+pair jointly with :func:`moe.perf_model.choose_schedule` (the pair decides the micro-chunk count,
+lcm(forward, backward), which both directions pay for; for hier2d also which phase goes first).
 A layer whose token count changes (another micro-batch or sequence length) profiles again.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe.perf_model import AlphaBeta, SectionShape, choose_degrees, fit_alpha_beta, fit_per_call, makespan
+from moe.perf_model import AlphaBeta, SectionShape, choose_schedule, fit_alpha_beta, fit_per_call, makespan
 
 __all__ = ["DegreeTuner", "fit_and_choose"]
 
@@ -37,6 +37,8 @@ class DegreeTuner:
     profile_steps: int = 3
     step: int = 0
     chosen: tuple[int, int] | None = None
+    inter_first: bool = False
+    """hier2d: the inter-node phase first in the pipelined dispatch (chosen with the degrees)."""
     shape_key: tuple | None = None
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -48,7 +50,7 @@ class DegreeTuner:
         """This step's degrees for a layer input of ``shape`` (tokens, d)."""
         key = tuple(shape)
         if self.shape_key is not None and key != self.shape_key and "auto" in (self.fwd, self.bwd):
-            self.chosen, self.step = None, 0  # shapes changed: profile again
+            self.chosen, self.step, self.inter_first = None, 0, False  # shapes changed: profile again
         self.shape_key = key
         if self.chosen is not None:
             return self.chosen
@@ -135,19 +137,26 @@ def fit_and_choose(layers: list, engine, group=None, max_degree: int = 8) -> dic
         tuner = layer.tuner
         fixed = (None, None) if tuner is None else (None if tuner.fwd == "auto" else int(tuner.fwd),
                                                      None if tuner.bwd == "auto" else int(tuner.bwd))
-        (rf, rb), table = choose_degrees(shape, link_ab, fw, bw, overhead=over, max_degree=max_degree,
-                                         coschedule=cos, fixed=fixed)
+        # hier2d's two phases may run inter-node first (moe/dispatch.py); the recorded order is intra first
+        reorder = (getattr(getattr(layer, "dispatch", None), "algo", None) == "hier2d"
+                   and [link for link, _ in shape.steps] == ["intra", "inter"])
+        (rf, rb), rev, table = choose_schedule(shape, link_ab, fw, bw, reorder=reorder, overhead=over,
+                                               max_degree=max_degree, coschedule=cos, fixed=fixed)
+        if rev:
+            shape = SectionShape(tuple(reversed(shape.steps)), shape.rows)
         g = math.lcm(rf, rb)
         t_f = makespan(rf, shape, link_ab, AlphaBeta(fw.alpha * g / rf, fw.beta), cos)[0] + over[0] * rf
         t_b, idle = makespan(rb, shape, link_ab, AlphaBeta(bw.alpha * g / rb, bw.beta), cos)
         report = {"links": {k: vars(v) for k, v in link_ab.items()}, "compute_fwd": vars(fw),
                   "compute_bwd": vars(bw), "chunk_overhead_s": list(over),
                   "shape": {"steps": [list(x) for x in shape.steps], "rows": shape.rows},
-                  "degrees": [rf, rb], "modeled_fwd_s": t_f, "modeled_bwd_s": t_b + over[1] * rb,
+                  "degrees": [rf, rb], "dispatch_order": "inter_first" if rev else "intra_first",
+                  "modeled_fwd_s": t_f, "modeled_bwd_s": t_b + over[1] * rb,
                   "modeled_by_degrees": {f"{a},{b}": t for (a, b), t in table.items()}, "bwd_inter_idle_s": idle,
                   "grad_allreduce_samples": len(grads)}
         if tuner is not None:
             tuner.chosen = (rf, rb)
+            tuner.inter_first = rev
             tuner.report = report
         layer.overlap_report = report
         out[layer.layer] = report

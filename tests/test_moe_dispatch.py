@@ -1,6 +1,7 @@
 """Dispatch algorithms and the MoE layer under expert parallelism, on gloo ranks.
 
-- hier2d and hier1d deliver byte-identical receive buffers to flat (8 ranks = 2 simulated nodes x 4),
+- hier2d (both phase orders) and hier1d deliver byte-identical receive buffers to flat (8 ranks = 2
+  simulated nodes x 4),
   for equal and uneven splits with empty segments; combine(dispatch(x)) is the identity, gradient too.
 - The layer at EP = world equals the same layer with every expert local, for every router, and under
   degenerate routings (all tokens to one expert, a rank with no tokens, k = E).
@@ -44,9 +45,10 @@ def _dispatch_case(pattern: str, rpn: int):
     rows = torch.tensor(tags, dtype=torch.float64).reshape(-1, 3)
     counts = exchange_counts(counts_E, g.ep)
     out = {}
-    for algo in ("flat", "hier2d", "hier1d"):
-        plan = build_plan(algo, counts, g.index("ep"), local_experts=2, ep_group=g.ep, intra_group=g.ep_intra,
-                          inter_group=g.ep_inter, ranks_per_node=g.size("ep_intra"))
+    for algo in ("flat", "hier2d", "hier1d", "hier2d_inter_first"):
+        plan = build_plan(algo.removesuffix("_inter_first"), counts, g.index("ep"), local_experts=2, ep_group=g.ep,
+                          intra_group=g.ep_intra, inter_group=g.ep_inter, ranks_per_node=g.size("ep_intra"),
+                          inter_first=algo.endswith("_inter_first"))
         x = rows.clone().requires_grad_()
         recv = plan.dispatch(x)
         back = plan.combine(recv * 2.0)
@@ -64,9 +66,9 @@ def test_hierarchical_dispatch_is_byte_identical_to_flat(ranks, pattern):
         srcs = flat[:, 0].tolist()
         assert srcs == sorted(srcs) and set(flat[:, 1].long().tolist()) <= {2 * rank, 2 * rank + 1}
         assert flat.shape[0] == int(res["flat"]["recv_counts"].sum())
-        for algo in ("hier2d", "hier1d"):
+        for algo in ("hier2d", "hier1d", "hier2d_inter_first"):
             assert torch.equal(res[algo]["recv"], flat), (rank, algo)
-        for algo in ("flat", "hier2d", "hier1d"):
+        for algo in ("flat", "hier2d", "hier1d", "hier2d_inter_first"):
             assert res[algo]["round_trip"] and res[algo]["grad"], (rank, algo)
 
 

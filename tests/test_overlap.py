@@ -20,6 +20,7 @@ from moe.perf_model import (
     SectionShape,
     choose_degree,
     choose_degrees,
+    choose_schedule,
     fit_alpha_beta,
     fit_per_call,
     makespan,
@@ -110,6 +111,68 @@ def test_partitioned_gradient_reduction_is_bit_identical_and_never_early(ranks):
             assert b in held["times"]["ready"] and held["times"]["ready"][b] <= t
     assert {e[3] for e in held["events"] if e[0] == "launch"} <= {"window", "finish"}  # never at once
     assert {e[3] for e in plain["events"] if e[0] == "launch"} <= {"ready", "finish"}
+
+
+def _pipelined_layer(degrees, inter_first: bool) -> dict | None:
+    """One MoE layer (hier2d, dropless, float64) on 2 nodes x 2: output and every gradient, chunk-pipelined
+    on the link engine at ``degrees`` with hier2d's phases in either order, or unchunked (degrees None)."""
+    import torch.distributed as dist
+
+    from dist.groups import create_groups
+    from dist.links import LinkEngine
+    from dist.topology import Layout, build_rank_grid
+    from moe.layer import MoEArgs, MoEGroups, MoELayer
+    from moe.tuning import DegreeTuner
+
+    world = dist.get_world_size()
+    grid = build_rank_grid(Layout(dp=world, ep=world), ranks_per_node=2)
+    groups = create_groups(grid)
+    args = MoEArgs(num_experts=8, topk=2, d_model=12, d_expert=10, dispatch="hier2d", activation="swiglu", seed=3)
+    layer = MoELayer(args, 0, MoEGroups.from_parallel(groups), sp=False, dtype=torch.float64)
+    engine = None
+    if degrees is not None:
+        engine = LinkEngine(node_of=[grid.node_of(r) for r in range(world)], coschedule=True)
+        engine.record = True
+        layer.engine = engine
+        layer.tuner = DegreeTuner(*degrees, inter_first=inter_first)
+    x = torch.randn(9, 2, 12, generator=torch.Generator().manual_seed(dist.get_rank()), dtype=torch.float64,
+                    requires_grad=True)
+    y = layer(x)
+    y.pow(2).sum().backward()
+    out = {"y": y.detach(), "gx": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    if engine is not None:
+        out["first_link"] = min((sp.start, sp.link) for sp in engine.spans if sp.tag.endswith("/fd0"))[1]
+        engine.close()
+    return out
+
+
+def test_pipelined_hier2d_inter_first_equals_unchunked(ranks):
+    pool = ranks(4, 2)
+    ref = pool.run(_pipelined_layer, None, False)
+    for degrees in ((2, 3), (3, 1)):
+        for inter_first in (False, True):
+            got = pool.run(_pipelined_layer, degrees, inter_first)
+            for r, (a, b) in enumerate(zip(got, ref)):
+                assert a.pop("first_link") == ("inter" if inter_first else "intra")
+                assert a.keys() == b.keys()
+                for k in a:
+                    torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-12, msg=f"{degrees} {inter_first} "
+                                                                                       f"rank {r} {k}")
+
+
+def test_schedule_puts_the_slower_link_first():
+    """hier2d's recorded order is intra then inter: the solver reverses it when inter is the slower link
+    (the inter link then starts at once and ends last) and keeps it when intra is."""
+    shape = SectionShape(steps=(("intra", 1e7), ("inter", 1e7)), rows=1e3)
+    compute = AlphaBeta(1e-4, 1e-6)
+    slow_inter = {"intra": AlphaBeta(1e-4, 1e-9), "inter": AlphaBeta(1e-4, 4e-9)}
+    slow_intra = {"intra": AlphaBeta(1e-4, 4e-9), "inter": AlphaBeta(1e-4, 1e-9)}
+    (rf, rb), rev, table = choose_schedule(shape, slow_inter, compute, compute, reorder=True)
+    assert rev and rf > 1
+    reversed_shape = SectionShape(tuple(reversed(shape.steps)), shape.rows)
+    assert makespan(rf, reversed_shape, slow_inter, compute)[0] < makespan(rf, shape, slow_inter, compute)[0]
+    assert not choose_schedule(shape, slow_intra, compute, compute, reorder=True)[1]
+    assert not choose_schedule(shape, slow_inter, compute, compute, reorder=False)[1]
 
 
 # ------------------------------------------------------------------ model and solver (no ranks)
