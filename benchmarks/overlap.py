@@ -114,6 +114,7 @@ def run_setting(name: str, *, tokens: int, d: int, d_expert: int, experts: int, 
     inter_dp = "inter"
     busy[inter_dp] += links[inter_dp][0] + grad_bytes / links[inter_dp][1]
     return {"median_s": statistics.median(times), "degrees": list(chosen), "link_busy_s": busy,
+            "order": "inter-first" if layer.tuner.inter_first else "intra-first",
             "compute_s": statistics.median(compute), "last_timeline": last}
 
 
@@ -132,7 +133,7 @@ def main() -> None:
     print(f"# MoE overlap, {args.ranks} ranks on 2 simulated nodes, hier2d; links: "
           + ", ".join(f"{k} {v[0] * 1e6:.0f} us + {v[1] / 1e9:g} GB/s" for k, v in links.items())
           + f"; {platform.node()}, {os.cpu_count()} cores")
-    print("| tokens/rank | d | E | k | (a) none s | (b) tutel-style s | (c) moetrain s | (c) degrees | "
+    print("| tokens/rank | d | E | k | (a) none s | (b) tutel-style s | (c) moetrain s | (c) degrees, hier2d order | "
           "b/c | a/c | lower bound s | c / bound |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     with LocalRanks(args.ranks, ranks_per_node=args.ranks // 2, timeout=1200, threads=1) as pool:
@@ -142,7 +143,8 @@ def main() -> None:
             res = {name: pool.run(run_setting, name, **shape)[0] for name in ("a", "b", "c")}
             bound = max(max(res["a"]["link_busy_s"].values()), res["a"]["compute_s"])
             a, b, c = (res[k]["median_s"] for k in "abc")
-            print(f"| {tokens} | 128 | 8 | 2 | {a:.3f} | {b:.3f} | {c:.3f} | {res['c']['degrees']} | {b / c:.2f} | "
+            chosen = f"{res['c']['degrees']} {res['c']['order']}"
+            print(f"| {tokens} | 128 | 8 | 2 | {a:.3f} | {b:.3f} | {c:.3f} | {chosen} | {b / c:.2f} | "
                   f"{a / c:.2f} | {bound:.3f} | {c / bound:.2f} |", flush=True)
 
 

@@ -119,9 +119,12 @@ class _Channel:
 class Job:
     """A chain of steps on one buffer; ``wait()`` returns the final buffer (re-raising a step's error)."""
 
-    def __init__(self, engine: LinkEngine, x: torch.Tensor, steps: list[_Step]):
+    def __init__(self, engine: LinkEngine, x: torch.Tensor, steps: list[_Step], ticketed: int):
         self.engine, self.x, self.steps = engine, x, steps
         self.pos = 0
+        self.ticketed = ticketed  # steps [0, ticketed) have their channel turns; the rest wait for release()
+        self.parked = False  # reached an un-ticketed step: release() queues it
+        self.skipped = 0  # turns before this index were given up (failed job)
         self.done = threading.Event()
         self.error: BaseException | None = None
 
@@ -149,6 +152,7 @@ class LinkEngine:
 
     def __post_init__(self):
         self._class_of: dict[int, str] = {}
+        self._lock = threading.Lock()  # job.ticketed / job.parked between the training and channel threads
         self._channels = {name: _Channel(name, self) for name in (("intra", "inter") if self.coschedule else ("all",))}
 
     # ------------------------------------------------------------------ link classes
@@ -172,17 +176,48 @@ class LinkEngine:
     def local_step(fn: Callable[[torch.Tensor], torch.Tensor]) -> _Step:
         return _Step("local", fn=fn)
 
-    def submit(self, x: torch.Tensor, steps: list[_Step]) -> Job:
-        """Start a job now; its steps run on their channels in order."""
-        for step in steps:  # tickets in submission (program) order: the same on every rank
+    def _ticket(self, steps: list[_Step]) -> None:
+        for step in steps:  # tickets in program order: the same on every rank
             if step.kind != "local":
                 step.ticket = next(self._channel(self.link_of(step.group)).tickets)
-        job = Job(self, x, steps)
+
+    def submit(self, x: torch.Tensor, steps: list[_Step], defer_from: int | None = None) -> Job:
+        """Start a job now; its steps run on their channels in order.
+
+        ``defer_from``: steps from that index on take their channel turns only at :meth:`release`, which
+        the training thread calls later in program order, so other jobs submitted in between go first on
+        those channels (the job runs up to there and waits)."""
+        n = len(steps) if defer_from is None else min(defer_from, len(steps))
+        with self._lock:
+            self._ticket(steps[:n])
+        job = Job(self, x, steps, n)
         self._advance(job)
         return job
 
+    def release(self, job: Job) -> None:
+        """Give a job's deferred steps their channel turns now (training thread, program order)."""
+        with self._lock:
+            self._ticket(job.steps[job.ticketed:])
+            job.ticketed = len(job.steps)
+            parked, job.parked = job.parked, False
+        if job.error is not None:
+            self._skip_turns(job)
+        elif parked:
+            self._advance(job)
+
+    def _skip_turns(self, job: Job) -> None:
+        """A failed job's later turns, on every channel, are skipped (else the channel would wait for them);
+        each turn once, whether the failure or a later release() sees it first."""
+        with self._lock:
+            first, job.skipped = max(job.pos + 1, job.skipped), job.ticketed
+            steps = job.steps[first:job.ticketed]
+        for step in steps:
+            if step.kind != "local":
+                self._channel(self.link_of(step.group)).put(step.ticket, None)
+
     def _advance(self, job: Job) -> None:
-        """Run local steps inline until the next collective, then queue it on its channel."""
+        """Run local steps inline until the next collective, then queue it on its channel (or park the job
+        there if that step has no turn yet)."""
         try:
             while job.pos < len(job.steps) and job.steps[job.pos].kind == "local":
                 job.x = job.steps[job.pos].fn(job.x)
@@ -190,12 +225,16 @@ class LinkEngine:
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             job.error = exc
         if job.error is not None:
-            for step in job.steps[job.pos + 1:]:  # give up the failed job's later turns
-                if step.kind != "local":
-                    self._channel(self.link_of(step.group)).put(step.ticket, None)
-        if job.error is not None or job.pos == len(job.steps):
+            self._skip_turns(job)
             job.done.set()
             return
+        if job.pos == len(job.steps):
+            job.done.set()
+            return
+        with self._lock:
+            if job.pos >= job.ticketed:
+                job.parked = True
+                return
         step = job.steps[job.pos]
         self._channel(self.link_of(step.group)).put(step.ticket, job)
 

@@ -7,8 +7,10 @@ every other member's piece sizes from the count matrix it already has. Forward c
 consecutive micro-chunks ``[i*G/r_fwd, (i+1)*G/r_fwd)``; backward chunk j likewise with ``r_bwd``.
 
 Forward: every chunk's dispatch starts at once on the link channels (:mod:`dist.links`; hier2d's
-intra and inter phases of different chunks overlap); as chunk i arrives its experts run, one autograd
-sub-graph per micro-chunk, and its combine starts while chunk i+1 computes. Backward (same
+intra and inter phases of different chunks overlap; a chunk's second phase takes its turn on its link
+just before the previous chunk's experts, so the combine of chunk i is not queued behind the second
+phase of every later dispatch); as chunk i arrives its experts run, one autograd sub-graph per
+micro-chunk, and its combine starts while chunk i+1 computes. Backward (same
 structure, degree ``r_bwd``): the output gradients of every backward chunk travel out like a
 dispatch; as chunk j arrives, ``torch.autograd.backward`` runs its micro-chunks' sub-graphs (so the
 expert gradients, activation derivative included, come from autograd: nothing is hand-derived) and
@@ -143,12 +145,21 @@ class _Section:
         out_tag, back_tag = ("fd", "fc") if phase == "fwd" else ("bc", "bd")
         plans = [self.plan_for(lay.counts(mic)) for mic in chunks]
         sends = [lay.send_index(mic).to(x.device) for mic in chunks]
-        jobs = [eng.submit(x.index_select(0, ix), _steps(eng, plan, True, f"{self.tag}/{out_tag}{i}"))
-                for i, (plan, ix) in enumerate(zip(plans, sends))]
+        # every chunk's first transfer takes its turn now; its later ones (a hierarchical plan's second
+        # phase) just before the previous chunk's experts, so on that link the combine of chunk i goes
+        # ahead of the dispatch of chunk i+2 instead of queueing behind every dispatch
+        jobs = []
+        for i, (plan, ix) in enumerate(zip(plans, sends)):
+            steps = _steps(eng, plan, True, f"{self.tag}/{out_tag}{i}")
+            first = next((k for k, st in enumerate(steps) if st.kind != "local"), len(steps))
+            jobs.append(eng.submit(x.index_select(0, ix), steps, defer_from=first + 1))
+        eng.release(jobs[0])
         if before_compute is not None:
             before_compute()
         back = []
         for i, mic in enumerate(chunks):
+            if i + 1 < len(jobs):
+                eng.release(jobs[i + 1])
             recv = jobs[i].wait()
             t0 = time.perf_counter()
             result = compute(mic, recv)

@@ -3,9 +3,10 @@
 Every operation costs ``α + β·n`` (n: bytes for a transfer on a link class, rows for expert compute).
 With degree r each of the r chunks carries n/r. A section is: the dispatch plan's steps (each on the
 intra or inter link), the experts (compute), the combine steps (the plan reversed). :func:`makespan`
-plays the r chunks through three FIFO resources (intra link, inter link, compute; one shared link
-when intra/inter co-scheduling is off) the way the runtime issues them: all dispatches at once, each
-chunk's experts when its rows arrive and the previous chunk's experts are done, its combine after.
+plays the r chunks through three resources (intra link, inter link, compute; one shared link when
+intra/inter co-scheduling is off), each serving its steps in the runtime's turn order: every chunk's
+first dispatch transfer at once, a chunk's later dispatch transfers just before the previous chunk's
+experts, each chunk's combine after its experts.
 It also returns the inter link's idle time, the window the data-parallel gradient buckets can use.
 
 :func:`choose_degree` minimises the modeled makespan over r = 1..max (any integer, not only powers of
@@ -21,7 +22,6 @@ first phase is done, and the one it crosses last at the end, so the slower link 
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,61 +99,61 @@ class SectionShape:
 
 def makespan(r: int, shape: SectionShape, links: dict[str, AlphaBeta], compute: AlphaBeta,
              coschedule: bool = True) -> tuple[float, float]:
-    """(modeled time, idle time of the inter link) of the section at degree ``r``."""
+    """(modeled time, idle time of the inter link) of the section at degree ``r``.
+
+    Each link resource serves its steps strictly in the runtime's turn order (moe/overlap.py): every
+    chunk's first dispatch transfer at once, chunk 0's later dispatch transfers, then per chunk i: chunk
+    i+1's later dispatch transfers, chunk i's experts, chunk i's combine transfers. A step starts when
+    its turn has come, its resource is free and the step before it in its chunk is done."""
 
     def res(link: str) -> str:
         return link if coschedule else "link"
 
-    stages = [(res(link), links[link].t(nbytes / r)) for link, nbytes in shape.steps]
-    chain = stages + [("compute", compute.t(shape.rows / r))] + list(reversed(stages))
-    n_disp = len(stages)
-    free: dict[str, float] = {}
-    busy: dict[str, float] = {}
-    ready: list[tuple[float, int, int, int]] = []  # (submit time, seq, chunk, stage)
-    seq = 0
+    disp = [(res(link), links[link].t(nbytes / r)) for link, nbytes in shape.steps]
+    comb = list(reversed(disp))
+    t_exp = compute.t(shape.rows / r)
+    # every step as (chunk, index in the chunk's chain); chain: dispatch steps, experts, combine steps
+    n_d = len(disp)
+    chain = disp + [("compute", t_exp)] + comb
+    queues: dict[str, list[tuple[int, int]]] = {}
+
+    def turn(c: int, k: int) -> None:
+        queues.setdefault(chain[k][0], []).append((c, k))
+
     for c in range(r):
-        heapq.heappush(ready, (0.0, seq, c, 0))
-        seq += 1
-    computed = -1  # chunks whose experts have been scheduled, in order
-    waiting: dict[int, float] = {}  # chunk -> time its rows arrived (compute not yet scheduled)
-    end = 0.0
-    while ready or waiting:
-        if ready:
-            # the earliest-starting request on any resource (FIFO by submission within a resource)
-            best = None
-            for sub, s, c, k in ready:
-                name, dur = chain[k]
-                start = max(sub, free.get(name, 0.0))
-                if best is None or (start, s) < best[0]:
-                    best = ((start, s), sub, s, c, k)
-            (start, _), sub, s, c, k = best
-            ready.remove((sub, s, c, k))
-            heapq.heapify(ready)
-            name, dur = chain[k]
-            finish = start + dur
-            free[name] = finish
-            busy[name] = busy.get(name, 0.0) + dur
-            end = max(end, finish)
-            nxt = k + 1
-            if nxt == n_disp:  # rows arrived: experts run in chunk order on the compute resource
-                waiting[c] = finish
-            elif nxt < len(chain):
-                heapq.heappush(ready, (finish, seq, c, nxt))
-                seq += 1
-        while computed + 1 in waiting:
-            c = computed + 1
-            arrived = waiting.pop(c)
-            name, dur = chain[n_disp]
-            start = max(arrived, free.get(name, 0.0))
-            free[name] = start + dur
-            busy[name] = busy.get(name, 0.0) + dur
-            end = max(end, start + dur)
-            computed = c
-            if n_disp + 1 < len(chain):
-                heapq.heappush(ready, (start + dur, seq, c, n_disp + 1))
-                seq += 1
-        if not ready and waiting and computed + 1 not in waiting:
+        if n_d:
+            turn(c, 0)
+    for k in range(1, n_d):
+        turn(0, k)
+    for i in range(r):
+        if i + 1 < r:
+            for k in range(1, n_d):
+                turn(i + 1, k)
+        turn(i, n_d)
+        for k in range(n_d + 1, len(chain)):
+            turn(i, k)
+    finish: dict[tuple[int, int], float] = {}
+    free = {name: 0.0 for name in queues}
+    busy = {name: 0.0 for name in queues}
+    pos = {name: 0 for name in queues}
+    left = sum(len(q) for q in queues.values())
+    while left:
+        progressed = False
+        for name, q in queues.items():
+            while pos[name] < len(q):
+                c, k = q[pos[name]]
+                if k > 0 and (c, k - 1) not in finish:
+                    break
+                start = max(free[name], finish[(c, k - 1)] if k > 0 else 0.0)
+                dur = chain[k][1]
+                finish[(c, k)] = free[name] = start + dur
+                busy[name] += dur
+                pos[name] += 1
+                left -= 1
+                progressed = True
+        if not progressed:
             raise AssertionError("section model stalled")
+    end = max(finish.values(), default=0.0)
     inter = "inter" if coschedule else "link"
     return end, max(end - busy.get(inter, 0.0), 0.0)
 

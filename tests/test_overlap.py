@@ -160,6 +160,47 @@ def test_pipelined_hier2d_inter_first_equals_unchunked(ranks):
                                                                                        f"rank {r} {k}")
 
 
+def _deferred_turns() -> dict:
+    """Two jobs on one channel: A (two all-reduces, the second deferred), then B; A's second step must run
+    after B's. Then a job that fails in a local step before its deferred turn: the channel skips the
+    turn and a later job still runs."""
+    import torch.distributed as dist
+
+    from dist.links import LinkEngine
+
+    engine = LinkEngine(node_of=[0] * dist.get_world_size(), coschedule=True)
+    g = dist.group.WORLD
+    x = torch.ones(3)
+    a = engine.submit(x.clone(), [engine.allreduce_step(g, tag="a0"), engine.allreduce_step(g, tag="a1")],
+                      defer_from=1)
+    b = engine.submit(x.clone(), [engine.allreduce_step(g, tag="b0")])
+    engine.release(a)
+    a_out, b_out = a.wait(), b.wait()
+    order = [sp.tag for sp in engine.spans]
+
+    def boom(_):
+        raise ValueError("local step failed")
+
+    bad = engine.submit(x.clone(), [engine.local_step(boom), engine.allreduce_step(g, tag="bad")], defer_from=0)
+    engine.release(bad)
+    failed = False
+    try:
+        bad.wait()
+    except RuntimeError:
+        failed = True
+    after = engine.submit(x.clone(), [engine.allreduce_step(g, tag="after")]).wait()
+    engine.close()
+    n = dist.get_world_size()
+    return {"order": order, "a": a_out.tolist() == [n * n] * 3, "b": b_out.tolist() == [n] * 3, "failed": failed,
+            "after": after.tolist() == [n] * 3}
+
+
+def test_deferred_turns_run_after_later_jobs_and_failed_jobs_release_them(ranks):
+    for res in ranks(2).run(_deferred_turns):
+        assert res["order"] == ["a0", "b0", "a1"], res["order"]
+        assert res["a"] and res["b"] and res["failed"] and res["after"], res
+
+
 def test_schedule_puts_the_slower_link_first():
     """hier2d's recorded order is intra then inter: the solver reverses it when inter is the slower link
     (the inter link then starts at once and ends last) and keeps it when intra is."""
