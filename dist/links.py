@@ -7,11 +7,13 @@ the same order), while the training thread computes. Work is submitted as a :cla
 steps (an uneven all-to-all, an all-reduce, or a local function such as a row permutation); each
 collective step runs on the channel of its group's link class and hands the job on to the next step's
 channel when done, so the intra-node phase of one chunk and the inter-node phase of another proceed at
-once (co-scheduling). Each collective step gets a ticket on its channel when its job is submitted,
-and a channel runs its steps strictly in ticket order: submission happens in program order on the
-training thread, so every rank runs each group's collectives in the same order however the timing
-falls (a step that is ready early waits for its turn), and tickets follow job order in every
-channel, so the earliest unfinished job can always progress (no deadlock). On GPU the same
+once (co-scheduling). Each collective step gets a ticket on its channel when its job is submitted
+(or, for steps a job defers, when the training thread releases them), and a channel runs its steps
+strictly in ticket order: tickets are taken in program order on the training thread, so every rank
+runs each group's collectives in the same order however the timing falls (a step that is ready early
+waits for its turn), and every step's prerequisites (the earlier turns on its channel, the earlier
+steps of its job) hold earlier tickets, so the earliest-ticketed unfinished step can always progress
+(no deadlock). On GPU the same
 collectives run on NCCL's internal streams; the channel threads only order and overlap their launch.
 
 Simulated links (``network.simulate``): each collective on a channel also takes ``latency +
