@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_to_all", "Plan", "build_plan", "exchange_counts", "segments_perm", "permute_rows", "DISPATCHERS"]
+__all__ = ["all_to_all", "Plan", "build_plan", "exchange_counts", "segments_perm", "permute_rows",
+           "inverse_permutation", "DISPATCHERS"]
 
 DISPATCHERS = ("flat", "hier2d", "hier1d")
 
@@ -50,6 +51,13 @@ class _AllToAll(torch.autograd.Function):
         return out, None, None, None
 
 
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[perm[i]] = i``: gathering by it undoes gathering by ``perm``."""
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inverse
+
+
 class _PermuteRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, perm):
@@ -59,9 +67,7 @@ class _PermuteRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (perm,) = ctx.saved_tensors
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        return g.index_select(0, inverse), None
+        return g.index_select(0, inverse_permutation(perm)), None
 
 
 def permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -137,9 +143,7 @@ class Plan:
             if st.kind == "a2a":
                 y = all_to_all(y, st.recv, st.send, st.group)
             else:
-                inverse = torch.empty_like(st.index)
-                inverse[st.index] = torch.arange(st.index.numel())
-                y = permute_rows(y, inverse)
+                y = permute_rows(y, inverse_permutation(st.index))
         return y
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moe.dispatch import all_to_all, segments_perm
+from moe.dispatch import all_to_all, inverse_permutation, segments_perm
 from parallel.grad_storage import fresh_grad
 from parallel.layers import init_normal
 from parallel.weight_grad import weight_grad
@@ -237,9 +237,7 @@ class GroupedExperts(nn.Module):
         by_expert = segments_perm(pc, [(p, e) for e in range(self.num_local) for p in range(self.etp)])
         y_grouped = self._grouped(x_all.index_select(0, by_expert),
                                   [sum(pc[p][e] for p in range(self.etp)) for e in range(self.num_local)])
-        back = torch.empty_like(by_expert)
-        back[by_expert] = torch.arange(by_expert.numel())
-        y_all = y_grouped.index_select(0, back)  # [peer][expert] again: partial sums over F
+        y_all = y_grouped.index_select(0, inverse_permutation(by_expert))  # [peer][expert] again: partial sums over F
         partial = all_to_all(y_all, sizes, [n_me] * self.etp, self.etp_group)
         return partial.view(self.etp, n_me, -1).sum(0)
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe import kernels
-from moe.dispatch import build_plan, exchange_counts, permute_rows, segments_perm
+from moe.dispatch import build_plan, exchange_counts, inverse_permutation, permute_rows, segments_perm
 from moe.experts import GroupedExperts
 from moe.overlap import SectionTimes, pipelined_experts
 from moe.routers import RouterConfig, Routing, SparseRouting, build_router
@@ -202,9 +202,7 @@ class ExpertStage(nn.Module):
             return self.experts(recv, counts, sample_w)
         w = None if sample_w is None else sample_w.index_select(0, by_expert)
         y = self.experts(permute_rows(recv, by_expert), counts, w)
-        back = torch.empty_like(by_expert)
-        back[by_expert] = torch.arange(by_expert.numel())
-        return permute_rows(y, back)
+        return permute_rows(y, inverse_permutation(by_expert))
 
 
 @dataclasses.dataclass
@@ -225,9 +223,7 @@ class InverseOrder(nn.Module):
             out = y_sorted.new_zeros(num_tokens, y_sorted.shape[-1])
             gate = routing.gate_A.index_select(0, perm).to(y_sorted.dtype).unsqueeze(-1)
             return out.index_add(0, routing.token_A.index_select(0, perm), y_sorted * gate)
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        return routing.combine(permute_rows(y_sorted, inverse), num_tokens)
+        return routing.combine(permute_rows(y_sorted, inverse_permutation(perm)), num_tokens)
 
 
 class MoELayer(nn.Module):

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moe.dispatch import Plan
+from moe.dispatch import Plan, inverse_permutation
 
 __all__ = ["ChunkLayout", "pipelined_experts", "SectionTimes"]
 
@@ -97,8 +97,7 @@ def _steps(engine, plan: Plan, forward: bool, tag: str) -> list:
             send, recv = (st.send, st.recv) if forward else (st.recv, st.send)
             steps.append(engine.a2a_step(st.group, send, recv, tag=tag))
         else:
-            index = st.index if forward else torch.empty_like(st.index).scatter_(
-                0, st.index, torch.arange(st.index.numel()))
+            index = st.index if forward else inverse_permutation(st.index)
             steps.append(engine.local_step(lambda x, ix=index: x.index_select(0, ix.to(x.device))))
     return steps
 

@@ -90,7 +90,7 @@ class _Linear(torch.autograd.Function):
         gw = None
         if ctx.needs_input_grad[1]:
             g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-            if g2.dtype == x2.dtype == ctx.param.dtype and ctx.param.shape == (g2.shape[1], x2.shape[1]):
+            if g2.dtype == x2.dtype == ctx.param.dtype:
                 gw = weight_grad(ctx.param, lambda: torch.mm(g2.t(), x2, out=fresh_grad(ctx.param)))
             else:
                 gw = weight_grad(ctx.param, lambda: (g2.t() @ x2).to(ctx.param.dtype))
