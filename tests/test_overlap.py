@@ -114,8 +114,9 @@ def test_partitioned_gradient_reduction_is_bit_identical_and_never_early(ranks):
 
 
 def _pipelined_layer(degrees, inter_first: bool) -> dict | None:
-    """One MoE layer (hier2d, dropless, float64) on 2 nodes x 2: output and every gradient, chunk-pipelined
-    on the link engine at ``degrees`` with hier2d's phases in either order, or unchunked (degrees None)."""
+    """One MoE layer (hier2d, dropless, float64) on 2 nodes x 2 over three SGD steps: each step's output and
+    every gradient, and the final weights, chunk-pipelined on the link engine at ``degrees`` with hier2d's
+    phases in either order, or unchunked (degrees None)."""
     import torch.distributed as dist
 
     from dist.groups import create_groups
@@ -135,11 +136,19 @@ def _pipelined_layer(degrees, inter_first: bool) -> dict | None:
         engine.record = True
         layer.engine = engine
         layer.tuner = DegreeTuner(*degrees, inter_first=inter_first)
-    x = torch.randn(9, 2, 12, generator=torch.Generator().manual_seed(dist.get_rank()), dtype=torch.float64,
-                    requires_grad=True)
-    y = layer(x)
-    y.pow(2).sum().backward()
-    out = {"y": y.detach(), "gx": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    out = {}
+    for step in range(3):
+        x = torch.randn(9, 2, 12, generator=torch.Generator().manual_seed(10 * dist.get_rank() + step),
+                        dtype=torch.float64, requires_grad=True)
+        y = layer(x)
+        y.pow(2).mean().backward()
+        out.update({f"{step}/y": y.detach(), f"{step}/gx": x.grad,
+                    **{f"{step}/{n}.grad": p.grad.clone() for n, p in layer.named_parameters()}})
+        with torch.no_grad():
+            for p in layer.parameters():
+                p -= 0.1 * p.grad
+        layer.zero_grad(set_to_none=True)
+    out.update({n: p.detach().clone() for n, p in layer.named_parameters()})
     if engine is not None:
         out["first_link"] = min((sp.start, sp.link) for sp in engine.spans if sp.tag.endswith("/fd0"))[1]
         engine.close()
@@ -156,7 +165,7 @@ def test_pipelined_hier2d_inter_first_equals_unchunked(ranks):
                 assert a.pop("first_link") == ("inter" if inter_first else "intra")
                 assert a.keys() == b.keys()
                 for k in a:
-                    torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-12, msg=f"{degrees} {inter_first} "
+                    torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-12, msg=f"{degrees} {inter_first} "
                                                                                        f"rank {r} {k}")
 
 
