@@ -13,7 +13,8 @@ non-expert gradients every real model has). Settings:
   and inter channels co-scheduled, gradient buckets placed in the MoE backward's idle inter windows.
 
 Times: slowest rank, median over iterations after warm-up (and after (c)'s profiling steps).
-Lower bound: max(busiest link's total transfer time, expert + dense compute measured in (a)).
+Lower bound: max(busiest link's total transfer time, expert + dense compute measured in (a)), over all
+ranks.
 
     python benchmarks/overlap.py [--iters 8] [--tokens 512] [--links default|comm-heavy]
 """
@@ -74,7 +75,8 @@ def run_setting(name: str, *, tokens: int, d: int, d_expert: int, experts: int, 
     engine.record = True
     x = torch.randn(tokens, 1, d, generator=torch.Generator().manual_seed(dist.get_rank()))
     times, compute = [], []
-    for i in range(warmup + iters + (3 if s["auto"] else 0)):
+    prof = layer.tuner.warmup_steps + layer.tuner.profile_steps if s["auto"] else 0
+    for i in range(warmup + iters + prof):
         dist.barrier()
         t0 = time.perf_counter()
         if not layer.tuner.profiling:
@@ -88,14 +90,14 @@ def run_setting(name: str, *, tokens: int, d: int, d_expert: int, experts: int, 
         t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         layer.tuner.end_step()
-        if layer.tuner.profiling and layer.tuner.step >= layer.tuner.profile_steps:
+        if layer.tuner.ready:
             fit_and_choose([layer], engine)
             continue
-        if s["auto"] and i < 3:
+        if i < prof:
             continue
         waits = sum(b - a for a, b in engine.waits if a >= tc)
         compute.append(time.perf_counter() - tc - waits)
-        if i >= warmup + (3 if s["auto"] else 0):
+        if i >= warmup + prof:
             times.append(float(t))
         last = ([(sp.link, sp.tag, round(sp.start - t0, 4), round(sp.end - t0, 4)) for sp in engine.spans],
                 [(round(a - t0, 4), round(b - t0, 4)) for a, b in engine.waits])
@@ -140,8 +142,11 @@ def main() -> None:
         for tokens in args.tokens:
             shape = dict(tokens=tokens, d=128, d_expert=128, experts=8, topk=2, dense_mb=0.25,
                          iters=args.iters, warmup=args.warmup, links=links)
-            res = {name: pool.run(run_setting, name, **shape)[0] for name in ("a", "b", "c")}
-            bound = max(max(res["a"]["link_busy_s"].values()), res["a"]["compute_s"])
+            per_rank = {name: pool.run(run_setting, name, **shape) for name in ("a", "b", "c")}
+            res = {name: r[0] for name, r in per_rank.items()}  # times are already the slowest rank's
+            # the step cannot end before the busiest link of any rank (uneven routing loads some ranks'
+            # links more) has carried its bytes, nor before the slowest rank's compute
+            bound = max(max(max(r["link_busy_s"].values()), r["compute_s"]) for r in per_rank["a"])
             a, b, c = (res[k]["median_s"] for k in "abc")
             chosen = f"{res['c']['degrees']} {res['c']['order']}"
             print(f"| {tokens} | 128 | 8 | 2 | {a:.3f} | {b:.3f} | {c:.3f} | {chosen} | {b / c:.2f} | "

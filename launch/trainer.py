@@ -259,7 +259,7 @@ class Trainer:
         for layer in self.moe_layers:
             layer.tuner.end_step()
         profiling = [layer for layer in self.moe_layers if layer.tuner.profiling]
-        if profiling and all(layer.tuner.step >= layer.tuner.profile_steps for layer in profiling):
+        if profiling and all(layer.tuner.ready for layer in profiling):
             reports = fit_and_choose(self.moe_layers, self.engine)
             chosen = {k: v["degrees"] for k, v in reports.items()}
             self._say(f"[moetrain] MoE chunk pipelining: (forward, backward) degrees by layer {chosen}")

@@ -26,8 +26,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["AlphaBeta", "fit_alpha_beta", "fit_per_call", "makespan", "choose_degree", "choose_degrees",
-           "choose_schedule", "pair_time", "SectionShape"]
+__all__ = ["AlphaBeta", "fit_alpha_beta", "fit_per_call", "fit_per_call_envelope", "makespan", "choose_degree",
+           "choose_degrees", "choose_schedule", "pair_time", "SectionShape"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,25 @@ def fit_per_call(calls: Sequence[float], rows: Sequence[float], times: Sequence[
     err_rows = sum((t - only_rows * b) ** 2 for b, t in zip(rows, times))
     err_calls = sum((t - only_calls * a) ** 2 for a, t in zip(calls, times))
     return AlphaBeta(0.0, only_rows) if err_rows <= err_calls else AlphaBeta(only_calls, 0.0)
+
+
+def fit_per_call_envelope(calls: Sequence[float], rows: Sequence[float], times: Sequence[float],
+                          slack: float = 1.5) -> AlphaBeta:
+    """:func:`fit_per_call` on the samples near the lower envelope.
+
+    A timed expert call also holds whatever delayed it (a descheduled thread, a cold allocation): noise
+    that only ever adds time, sometimes 100x (the first backward of a process). Samples slower than
+    ``slack`` x the fit are dropped and the rest refitted, until none is dropped (half are always kept)."""
+    keep = list(range(len(times)))
+    ab = fit_per_call(calls, rows, times)
+    while len(keep) > 2:
+        pred = {i: ab.alpha * calls[i] + ab.beta * rows[i] for i in keep}
+        fast = [i for i in keep if times[i] <= slack * pred[i]]
+        if len(fast) == len(keep) or 2 * len(fast) < len(keep):
+            break
+        keep = fast
+        ab = fit_per_call([calls[i] for i in keep], [rows[i] for i in keep], [times[i] for i in keep])
+    return ab
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Online profiling of the chunk-pipelined MoE sections and the choice of their degrees.
 
-For ``auto`` degrees a layer runs its first ``moe.profile_steps`` steps at degrees 2, 4, 1, ... (so
-chunk sizes vary and α separates from β), timing every transfer (the link engine's spans), every
-chunk's expert compute and every whole section call. :func:`fit_and_choose` then fits α-β per link
+For ``auto`` degrees a layer runs one warm-up step (cold caches, first allocations, the first backward
+of the process: not fitted), then ``moe.profile_steps`` steps at degrees 2, 4, 1, ... (so chunk sizes
+vary and α separates from β), timing every transfer (the link engine's spans), every chunk's expert
+compute and every whole section call. :func:`fit_and_choose` then fits α-β per link
 class, per layer's forward / backward expert call (α per call, β per row), and the per-chunk cost the
 model does not otherwise see (section time minus modeled time, against the degree); averages the
 fitted numbers over all ranks (one all-reduce, so every member of an EP group picks the same degrees:
@@ -15,17 +16,18 @@ A layer whose token count changes (another micro-batch or sequence length) profi
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from moe.perf_model import AlphaBeta, SectionShape, choose_schedule, fit_alpha_beta, fit_per_call, makespan
+from moe.perf_model import AlphaBeta, SectionShape, choose_schedule, fit_alpha_beta, fit_per_call_envelope, makespan
 
 __all__ = ["DegreeTuner", "fit_and_choose"]
 
-PROFILE_DEGREES = (2, 4, 1, 3, 6, 8)  # the first step's warm-up noise lands on a middle degree
+PROFILE_DEGREES = (2, 4, 1, 3, 6, 8)  # the warm-up step runs the first
 
 
 @dataclass
@@ -35,7 +37,11 @@ class DegreeTuner:
     fwd: int | str
     bwd: int | str
     profile_steps: int = 3
+    """Measured profiling steps, after ``warmup_steps`` whose records are not fitted."""
+    warmup_steps: int = 1
     step: int = 0
+    fit_from: float = 0.0
+    """``time.perf_counter()`` when the warm-up ended: the fit ignores records that started earlier."""
     chosen: tuple[int, int] | None = None
     inter_first: bool = False
     """hier2d: the inter-node phase first in the pipelined dispatch (chosen with the degrees)."""
@@ -46,6 +52,11 @@ class DegreeTuner:
     def profiling(self) -> bool:
         return self.chosen is None and "auto" in (self.fwd, self.bwd)
 
+    @property
+    def ready(self) -> bool:
+        """Profiling and every measured step done: time for :func:`fit_and_choose`."""
+        return self.profiling and self.step >= self.warmup_steps + self.profile_steps
+
     def degrees(self, shape: tuple) -> tuple[int, int]:
         """This step's degrees for a layer input of ``shape`` (tokens, d)."""
         key = tuple(shape)
@@ -54,11 +65,13 @@ class DegreeTuner:
         self.shape_key = key
         if self.chosen is not None:
             return self.chosen
-        probe = PROFILE_DEGREES[self.step % len(PROFILE_DEGREES)]
+        probe = PROFILE_DEGREES[max(self.step - self.warmup_steps, 0) % len(PROFILE_DEGREES)]
         return (probe if self.fwd == "auto" else int(self.fwd), probe if self.bwd == "auto" else int(self.bwd))
 
     def end_step(self) -> None:
         self.step += 1
+        if self.profiling and self.step == self.warmup_steps:
+            self.fit_from = time.perf_counter()
 
 
 def _fit_links(spans) -> dict[str, AlphaBeta]:
@@ -96,17 +109,24 @@ def fit_and_choose(layers: list, engine, group=None, max_degree: int = 8) -> dic
 
     Collective: every rank calls it at the same step with its MoE layers in the same order.
     """
-    links = _fit_links(engine.spans)
-    grads = [s for s in engine.spans if s.op == "allreduce"]
+    # records from before the warm-up ended are not fitted (shared spans: the earliest layer's warm-up end)
+    t_from = min((layer.tuner.fit_from for layer in layers if getattr(layer, "tuner", None) is not None),
+                 default=0.0)
+    spans = [s for s in engine.spans if s.start >= t_from]
+    links = _fit_links(spans)
+    grads = [s for s in spans if s.op == "allreduce"]
     local: list[float] = [links["intra"].alpha, links["intra"].beta, links["inter"].alpha, links["inter"].beta]
     shapes = []
     cos = engine.coschedule
     for layer in layers:
         st = layer.section_times
-        fw, bw = (fit_per_call([e[4] for e in st.compute if e[0] == ph], [e[1] for e in st.compute if e[0] == ph],
-                               [e[2] for e in st.compute if e[0] == ph]) for ph in ("fwd", "bwd"))
+        since = 0.0 if getattr(layer, "tuner", None) is None else layer.tuner.fit_from
+        compute = [e for e in st.compute if e[3] >= since]
+        sections = [e for e in st.sections if e[1] >= since]
+        fw, bw = (fit_per_call_envelope([e[4] for e in compute if e[0] == ph], [e[1] for e in compute if e[0] == ph],
+                                        [e[2] for e in compute if e[0] == ph]) for ph in ("fwd", "bwd"))
         over = [0.0, 0.0] if st.shape is None else [
-            _overhead(st.sections, ph, st.shape, links, ab, cos) for ph, ab in (("fwd", fw), ("bwd", bw))]
+            _overhead(sections, ph, st.shape, links, ab, cos) for ph, ab in (("fwd", fw), ("bwd", bw))]
         local += [fw.alpha, fw.beta, bw.alpha, bw.beta, *over]
         shapes.append(st.shape)
     coeffs = torch.tensor(local, dtype=torch.float64)

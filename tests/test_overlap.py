@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from moe.perf_model import (
     choose_schedule,
     fit_alpha_beta,
     fit_per_call,
+    fit_per_call_envelope,
     makespan,
     pair_time,
 )
@@ -258,6 +260,14 @@ def test_per_call_fit_and_joint_choice_pay_for_micro_chunks_and_chunk_overhead()
     calls, rows = [1, 1, 2, 3, 6], [4000, 2000, 2000, 1000, 3000]
     ab = fit_per_call(calls, rows, [2e-3 * c + 1e-6 * n for c, n in zip(calls, rows)])
     assert ab.alpha == pytest.approx(2e-3) and ab.beta == pytest.approx(1e-6)
+    # one sample 100x slow (a cold first backward, a descheduled thread) skews least squares, not the envelope
+    times = [2e-3 * c + 1e-6 * n for c, n in zip(calls, rows)]
+    times[1] *= 100
+    skewed = fit_per_call(calls, rows, times)
+    assert skewed.beta > 5e-6 or skewed.alpha > 5e-3
+    env = fit_per_call_envelope(calls, rows, times)
+    assert env.alpha == pytest.approx(2e-3) and env.beta == pytest.approx(1e-6)
+    assert fit_per_call_envelope(calls, rows, [2e-3 * c + 1e-6 * n for c, n in zip(calls, rows)]) == ab
     links = {"intra": AlphaBeta(1e-3, 1e-9), "inter": AlphaBeta(5e-3, 1e-8)}
     shape = SectionShape(steps=(("inter", 2e6),), rows=2e3)
     fw, bw = AlphaBeta(1e-4, 1e-6), AlphaBeta(1e-4, 2e-5)
@@ -423,10 +433,13 @@ def test_degree_tuner_profiles_then_keeps_the_choice_and_reprofiles_on_new_shape
 
     tuner = DegreeTuner("auto", 3, profile_steps=3)
     seen = []
-    for _ in range(3):
+    for _ in range(4):
+        assert not tuner.ready
         seen.append(tuner.degrees((64, 32)))
         tuner.end_step()
-    assert seen == [(2, 3), (4, 3), (1, 3)] and tuner.profiling  # the warm-up step at a middle degree
+        if tuner.step == 1:  # the warm-up step's records are not fitted
+            assert 0 < tuner.fit_from <= time.perf_counter()
+    assert seen == [(2, 3), (2, 3), (4, 3), (1, 3)] and tuner.profiling and tuner.ready
     tuner.chosen = (2, 3)
     assert tuner.degrees((64, 32)) == (2, 3) and not tuner.profiling
     assert tuner.degrees((128, 32)) == (2, 3) and tuner.profiling  # another token count: profile again
