@@ -316,7 +316,9 @@ class MoELayer(nn.Module):
                                  plan_for=functools.partial(self.dispatch.plan_for, inter_first=inter_first),
                                  engine=self.engine, expert_fn=expert_fn,
                                  degrees=degrees, tag=f"moe{self.layer}", times=self.section_times,
-                                 release_grads=self.release_grads)
+                                 release_grads=self.release_grads,
+                                 record_shape=self.tuner is None or self.tuner.profiling
+                                 or self.section_times.shape is None)
 
     def _sorted_weights(self, mine: SparseRouting, order: torch.Tensor) -> torch.Tensor:
         """The WTA-CRS weight of each row of the expert-sorted buffer."""

@@ -107,8 +107,9 @@ class _Section:
 
     def __init__(self, *, layout: ChunkLayout, plan_for: Callable[[torch.Tensor], Plan], engine,
                  expert_fn: Callable, degrees: tuple[int, int], tag: str, times: SectionTimes,
-                 release_grads: Callable[[], None] | None, grad: bool):
+                 release_grads: Callable[[], None] | None, grad: bool, record_shape: bool = True):
         self.layout, self.plan_for, self.engine = layout, plan_for, engine
+        self.record_shape = record_shape  # the section's whole-call shape, for the α-β fit
         self.expert_fn, self.tag, self.times, self.release_grads = expert_fn, tag, times, release_grads
         self.grad = grad  # build expert sub-graphs for a backward
         self.rf, self.rb = degrees
@@ -116,6 +117,16 @@ class _Section:
         self.fwd = [range(i * G // self.rf, (i + 1) * G // self.rf) for i in range(self.rf)]
         self.bwd = [range(j * G // self.rb, (j + 1) * G // self.rb) for j in range(self.rb)]
         self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # micro -> (x leaf, y)
+        self._plans: dict[tuple[int, int], tuple[Plan, torch.Tensor]] = {}  # chunk -> (plan, rows it sends)
+
+    def _plan(self, micros: range, device) -> tuple[Plan, torch.Tensor]:
+        """A chunk's plan and the rows of the sorted buffer it carries; the backward reuses the forward's
+        when the degrees are equal (same chunks)."""
+        key = (micros.start, micros.stop)
+        if key not in self._plans:
+            self._plans[key] = (self.plan_for(self.layout.counts(micros)),
+                                self.layout.send_index(micros).to(device))
+        return self._plans[key]
 
     def _record_shape(self, rows: torch.Tensor) -> None:
         """The whole section's transfers and rows (degree 1), for the α-β model."""
@@ -140,15 +151,17 @@ class _Section:
         (dispatch direction); as each chunk arrives, ``compute(micros, received)`` runs and its result
         goes back (combine direction) while the next chunk computes; results land in ``x``'s order."""
         start = time.perf_counter()
-        lay, eng = self.layout, self.engine
+        eng = self.engine
         out_tag, back_tag = ("fd", "fc") if phase == "fwd" else ("bc", "bd")
-        plans = [self.plan_for(lay.counts(mic)) for mic in chunks]
-        sends = [lay.send_index(mic).to(x.device) for mic in chunks]
-        # every chunk's first transfer takes its turn now; its later ones (a hierarchical plan's second
-        # phase) just before the previous chunk's experts, so on that link the combine of chunk i goes
-        # ahead of the dispatch of chunk i+2 instead of queueing behind every dispatch
-        jobs = []
-        for i, (plan, ix) in enumerate(zip(plans, sends)):
+        # every chunk's first transfer takes its turn now (chunk 0's starts while the later chunks' plans
+        # are built); its later ones (a hierarchical plan's second phase) just before the previous chunk's
+        # experts, so on that link the combine of chunk i goes ahead of the dispatch of chunk i+2 instead
+        # of queueing behind every dispatch
+        plans, sends, jobs = [], [], []
+        for i, mic in enumerate(chunks):
+            plan, ix = self._plan(mic, x.device)
+            plans.append(plan)
+            sends.append(ix)
             steps = _steps(eng, plan, True, f"{self.tag}/{out_tag}{i}")
             first = next((k for k, st in enumerate(steps) if st.kind != "local"), len(steps))
             jobs.append(eng.submit(x.index_select(0, ix), steps, defer_from=first + 1))
@@ -167,11 +180,12 @@ class _Section:
         out = x.new_zeros(x.shape)
         for job, ix in zip(back, sends):
             out.index_copy_(0, ix, job.wait())
-        self.times.sections.append((phase, start, time.perf_counter(), len(chunks), lay.G))
+        self.times.sections.append((phase, start, time.perf_counter(), len(chunks), self.layout.G))
         return out
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        self._record_shape(rows)
+        if self.record_shape:
+            self._record_shape(rows)
 
         def experts(mic: range, recv: torch.Tensor) -> torch.Tensor:
             pieces, counts = self.layout.recv_pieces(mic)
@@ -220,12 +234,13 @@ class _Pipelined(torch.autograd.Function):
 def pipelined_experts(rows_sorted: torch.Tensor, counts: torch.Tensor, *, me: int, local_experts: int,
                       plan_for: Callable[[torch.Tensor], Plan], engine, expert_fn: Callable,
                       degrees: tuple[int, int], tag: str = "", times: SectionTimes | None = None,
-                      release_grads: Callable[[], None] | None = None) -> torch.Tensor:
+                      release_grads: Callable[[], None] | None = None, record_shape: bool = True) -> torch.Tensor:
     """dispatch -> experts -> combine of expert-sorted rows, chunked ``degrees = (r_fwd, r_bwd)``.
 
     ``counts[src, e]``: the EP group's count matrix; ``plan_for(C)`` builds the dispatch plan of a
     chunk's count matrix; ``expert_fn(x, recv_counts)`` runs the local experts on rows ordered by
-    (source, local expert). Returns the expert outputs in ``rows_sorted``'s order.
+    (source, local expert). Returns the expert outputs in ``rows_sorted``'s order. ``record_shape``:
+    store the whole call's transfers and rows in ``times.shape`` (what the degree profiling fits).
     """
     rf, rb = degrees
     if rf < 1 or rb < 1:
@@ -233,7 +248,7 @@ def pipelined_experts(rows_sorted: torch.Tensor, counts: torch.Tensor, *, me: in
     layout = ChunkLayout(counts, me, local_experts, math.lcm(rf, rb))
     section = _Section(layout=layout, plan_for=plan_for, engine=engine, expert_fn=expert_fn, degrees=(rf, rb),
                        tag=tag, times=times or SectionTimes(), release_grads=release_grads,
-                       grad=torch.is_grad_enabled())
+                       grad=torch.is_grad_enabled(), record_shape=record_shape)
     if not section.grad:
         return section.forward(rows_sorted)
     return _Pipelined.apply(rows_sorted, section)
