@@ -97,17 +97,29 @@ def _bench(shapes, tokens: int, iters: int, warmup: int, device: str) -> list[di
     return results if rank == 0 else []
 
 
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    try:
+        d, e, k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--shapes: {text!r} is not DxExK (e.g. 512x8x1)") from None
+    if min(d, e, k) < 1 or k > e:
+        raise SystemExit(f"--shapes: {text!r} needs positive sizes and k <= experts")
+    return d, e, k
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=256, help="tokens per rank")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--shapes", default=None, help="comma-separated DxExK, e.g. 512x8x1,512x8x2 (default: all six)")
     args = ap.parse_args()
+    shapes = SHAPES if args.shapes is None else [_parse_shape(s) for s in args.shapes.split(",")]
     from launch.local import LocalRanks
 
     with LocalRanks(args.ranks, timeout=3600, env={"DS_ACCELERATOR": "cpu"}) as pool:
-        res = pool.run(_bench, SHAPES, args.tokens, args.iters, args.warmup, "cpu")[0]
+        res = pool.run(_bench, shapes, args.tokens, args.iters, args.warmup, "cpu")[0]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.ranks} gloo ranks x 1 thread; "
           f"{args.tokens} tokens/rank; expert parallel over all ranks; capacity factor 1.0")
     print(f"{'d_model':>7} {'experts':>7} {'k':>2} {'DeepSpeed ms':>13} {'moetrain ms':>12} {'speedup':>8} "
