@@ -122,7 +122,8 @@ class MoEConfig(_Section):
     partition_grads: bool = True
     """Reduce ready data-parallel gradient buckets in the MoE layers' idle inter-node windows."""
     profile_steps: int = Field(3, ge=1)
-    """``auto`` degrees: steps timed (at degrees 1, 2, 4, ...) before the α-β model picks the degrees."""
+    """``auto`` degrees: steps timed (at degrees 2, 4, 1, ..., after one untimed warm-up step) before the α-β
+    model picks the degrees."""
     d_expert: Optional[int] = Field(None, ge=1)
     """Expert hidden size; defaults to model.d_ffn."""
     activation: Literal["swiglu", "gelu"] = "swiglu"
