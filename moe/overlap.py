@@ -184,8 +184,6 @@ class _Section:
         return out
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.record_shape:
-            self._record_shape(rows)
 
         def experts(mic: range, recv: torch.Tensor) -> torch.Tensor:
             pieces, counts = self.layout.recv_pieces(mic)
@@ -199,7 +197,9 @@ class _Section:
                 y_chunk.index_copy_(0, ix, y_g.detach())
             return y_chunk
 
-        return self._exchange("fwd", self.fwd, rows, experts)
+        # the whole-call shape (for the fit) is built once the first chunks are on their way
+        record = (lambda: self._record_shape(rows)) if self.record_shape else None
+        return self._exchange("fwd", self.fwd, rows, experts, record)
 
     def backward(self, grad: torch.Tensor) -> torch.Tensor:
         def experts_backward(mic: range, recv: torch.Tensor) -> torch.Tensor:
