@@ -4,7 +4,9 @@ Both layers: GELU experts without bias (d -> d_ffn -> d), capacity factor 1.0 wi
 (DeepSpeed: top-1 without random token selection, top-2 without second-expert sampling, so both
 route deterministically), fp32 gate, expert parallelism over every rank, gloo on CPU. Each timed
 iteration is forward, a scalar loss and backward; the time is the slowest rank's, median over
-iterations after warm-up, the two layers alternating iteration by iteration. The compute floor is
+iterations after warm-up, the two layers alternating iteration by iteration; also the CPU time the
+process spends per iteration (busiest rank, all threads), which the machine's other load and the
+other rank's skew do not inflate. The compute floor is
 the expert FLOPs (forward + backward = 3 x 4*T*k*d*d_ffn per rank) over a matmul rate measured on each
 rank in the same run.
 
@@ -31,22 +33,27 @@ SHAPES = [  # (d_model, experts, top-k)
 ]
 
 
-def _time_interleaved(steps: list[tuple], iters: int, warmup: int) -> list[float]:
-    """Median time of each ``(fn, args)``, run alternately so machine drift hits all of them alike."""
+def _time_interleaved(steps: list[tuple], iters: int, warmup: int) -> list[tuple[float, float]]:
+    """(wall, CPU) median of each ``(fn, args)``, run alternately so machine drift hits all of them alike.
+
+    Wall: the slowest rank's. CPU: the process's CPU time (all its threads, gloo's included) on the
+    busiest rank, the work a layer costs whatever the other rank and the machine's neighbours are doing."""
     import torch
     import torch.distributed as dist
 
     times: list[list[float]] = [[] for _ in steps]
+    cpus: list[list[float]] = [[] for _ in steps]
     for i in range(warmup + iters):
         for j, (fn, args) in enumerate(steps):
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn(*args)
-            t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's time
+            t = torch.tensor([time.perf_counter() - t0, time.process_time() - c0], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's time, the busiest rank's CPU
             if i >= warmup:
-                times[j].append(float(t))
-    return [statistics.median(t) for t in times]
+                times[j].append(float(t[0]))
+                cpus[j].append(float(t[1]))
+    return [(statistics.median(t), statistics.median(c)) for t, c in zip(times, cpus)]
 
 
 def _ds_step(layer, x):
@@ -89,9 +96,11 @@ def _bench(shapes, tokens: int, iters: int, warmup: int, device: str) -> list[di
                                 seed=0), 0, MoEGroups(ep=dist.group.WORLD if world > 1 else None), sp=False,
                         dtype=torch.float32).to(device)
         x = torch.randn(tokens // 8, 8, d, generator=torch.Generator().manual_seed(rank)).to(device)
-        t_ds, t_ours = _time_interleaved([(_ds_step, (ds, x)), (_our_step, (ours, x))], iters, warmup)
+        (t_ds, c_ds), (t_ours, c_ours) = _time_interleaved([(_ds_step, (ds, x)), (_our_step, (ours, x))], iters,
+                                                            warmup)
         flops = 3 * 4 * tokens * k * d * f
         results.append({"d": d, "E": E, "k": k, "ds_ms": t_ds * 1e3, "ours_ms": t_ours * 1e3,
+                        "ds_cpu_ms": c_ds * 1e3, "ours_cpu_ms": c_ours * 1e3,
                         "floor_ms": flops / rate * 1e3, "rate_gflops": rate / 1e9})
         del ds, ours
     return results if rank == 0 else []
@@ -123,10 +132,11 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.ranks} gloo ranks x 1 thread; "
           f"{args.tokens} tokens/rank; expert parallel over all ranks; capacity factor 1.0")
     print(f"{'d_model':>7} {'experts':>7} {'k':>2} {'DeepSpeed ms':>13} {'moetrain ms':>12} {'speedup':>8} "
-          f"{'floor ms':>9} {'moetrain/floor':>15}")
+          f"{'floor ms':>9} {'moetrain/floor':>15} {'CPU ms DS / ours':>17} {'CPU ratio':>10}")
     for r in res:
         print(f"{r['d']:>7} {r['E']:>7} {r['k']:>2} {r['ds_ms']:>13.1f} {r['ours_ms']:>12.1f} "
-              f"{r['ds_ms'] / r['ours_ms']:>7.2f}x {r['floor_ms']:>9.1f} {r['ours_ms'] / r['floor_ms']:>14.2f}x")
+              f"{r['ds_ms'] / r['ours_ms']:>7.2f}x {r['floor_ms']:>9.1f} {r['ours_ms'] / r['floor_ms']:>14.2f}x "
+              f"{r['ds_cpu_ms']:>8.1f} / {r['ours_cpu_ms']:<6.1f} {r['ds_cpu_ms'] / r['ours_cpu_ms']:>9.2f}x")
     print(f"matmul rate per rank (512^3 fp32, measured): {res[0]['rate_gflops']:.1f} GFLOP/s")
 
 
