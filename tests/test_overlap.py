@@ -445,3 +445,36 @@ def test_degree_tuner_profiles_then_keeps_the_choice_and_reprofiles_on_new_shape
     assert tuner.degrees((128, 32)) == (2, 3) and tuner.profiling  # another token count: profile again
     fixed = DegreeTuner(2, 4)
     assert fixed.degrees((64, 32)) == (2, 4) and not fixed.profiling
+
+
+def test_fit_ignores_records_from_the_warm_up_step():
+    """A 1 s expert call and a 1 s transfer before ``tuner.fit_from`` (the warm-up step) leave the fit alone."""
+    from types import SimpleNamespace
+
+    from dist.links import Span
+    from moe.overlap import SectionTimes
+    from moe.tuning import DegreeTuner, fit_and_choose
+
+    tuner = DegreeTuner("auto", "auto", profile_steps=2)
+    tuner.fit_from = 100.0
+    times = SectionTimes()
+    times.shape = SectionShape(steps=(("inter", 1e6),), rows=1000.0)
+    spans = [Span("inter", "a2a", 4000, 10.0, 11.0)]  # warm-up: 1 s for 4 kB
+    # measured: 1 ms + 1 ns/byte on the inter link; experts 2 ms per call + 10 us per row
+    for t0, nb in ((200.0, 1e5), (201.0, 4e5), (202.0, 2e5)):
+        spans.append(Span("inter", "a2a", int(nb), t0, t0 + 1e-3 + 1e-9 * nb))
+    times.compute.append(("fwd", 500, 1.0, 10.0, 1))  # warm-up
+    times.compute.append(("bwd", 500, 1.0, 10.5, 1))
+    for i, rows in enumerate((250, 500, 1000)):
+        times.compute.append(("fwd", rows, 2e-3 + 1e-5 * rows, 300.0 + i, 1))
+        times.compute.append(("bwd", rows, 2e-3 + 2e-5 * rows, 310.0 + i, 1))
+    layer = SimpleNamespace(layer=0, tuner=tuner, section_times=times, dispatch=SimpleNamespace(algo="flat"))
+    engine = SimpleNamespace(spans=spans, coschedule=True)
+    report = fit_and_choose([layer], engine)[0]
+    assert report["links"]["inter"]["alpha"] == pytest.approx(1e-3) and report["links"]["inter"]["beta"] == \
+        pytest.approx(1e-9)
+    assert report["compute_fwd"]["alpha"] == pytest.approx(2e-3) and report["compute_fwd"]["beta"] == \
+        pytest.approx(1e-5)
+    assert report["compute_bwd"]["beta"] == pytest.approx(2e-5) and tuner.chosen is not None
+    tuner.fit_from = 0.0  # with the warm-up records the same data fits far worse
+    assert fit_and_choose([layer], engine)[0]["links"]["inter"]["alpha"] > 0.01
