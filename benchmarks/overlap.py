@@ -12,7 +12,8 @@ non-expert gradients every real model has). Settings:
 - (c) moetrain: degrees chosen by the online α-β model (forward and backward separately), intra
   and inter channels co-scheduled, gradient buckets placed in the MoE backward's idle inter windows.
 
-Times: slowest rank, median over iterations after warm-up (and after (c)'s profiling steps).
+Times: slowest rank, median over iterations after warm-up (and after (c)'s profiling steps); the three
+settings' timed iterations alternate, so the machine's slow spells hit all of them alike.
 Lower bound: max(busiest link's total transfer time, expert + dense compute measured in (a)), over all
 ranks.
 
@@ -41,83 +42,121 @@ SETTINGS = {
 }
 
 
-def run_setting(name: str, *, tokens: int, d: int, d_expert: int, experts: int, topk: int, dense_mb: float,
-                iters: int, warmup: int, links: dict = LINKS, degrees=None) -> dict:
-    """One setting on every rank; returns the slowest rank's median step time and the chosen degrees."""
-    import torch
-    import torch.distributed as dist
+class _Setting:
+    """One setting's layer, dense projection, link engine and reducer on this rank, stepped by the caller."""
 
-    from dist.groups import create_groups
-    from dist.links import LinkEngine, LinkSpec
-    from dist.topology import Layout, build_rank_grid
-    from moe.layer import MoEArgs, MoEGroups, MoELayer
-    from moe.tuning import DegreeTuner, fit_and_choose
-    from parallel.data_parallel import GradReducer
+    def __init__(self, name: str, *, tokens: int, d: int, d_expert: int, experts: int, topk: int, dense_mb: float,
+                 links: dict, degrees=None):
+        import torch
+        import torch.distributed as dist
 
-    s = dict(SETTINGS[name])
-    if degrees is not None:
-        s["degrees"] = degrees
-    world = dist.get_world_size()
-    grid = build_rank_grid(Layout(dp=world, ep=world), ranks_per_node=world // 2)
-    groups = create_groups(grid)
-    engine = LinkEngine(node_of=[grid.node_of(r) for r in range(world)],
-                        simulate={k: LinkSpec(*v) for k, v in links.items()}, coschedule=s["coschedule"])
-    torch.manual_seed(0)
-    args = MoEArgs(num_experts=experts, topk=topk, d_model=d, d_expert=d_expert, router="topk", capacity_factor=None,
-                   dispatch="hier2d", activation="swiglu", aux_loss_coef=0.0)
-    layer = MoELayer(args, 0, MoEGroups.from_parallel(groups), sp=False, dtype=torch.float32)
-    dense = torch.nn.Linear(d, int(dense_mb * 2**20 / 4 / d), bias=False)
-    reducer = GradReducer([(groups.dp, list(dense.parameters()))], engine=engine, hold=s["hold"],
-                          bucket_bytes=2**30)
-    layer.engine = engine
-    layer.tuner = DegreeTuner(*s["degrees"], profile_steps=3)
-    layer.release_grads = reducer.release if s["hold"] else None
-    engine.record = True
-    x = torch.randn(tokens, 1, d, generator=torch.Generator().manual_seed(dist.get_rank()))
-    times, compute = [], []
-    prof = layer.tuner.warmup_steps + layer.tuner.profile_steps if s["auto"] else 0
-    for i in range(warmup + iters + prof):
+        from dist.groups import create_groups
+        from dist.links import LinkEngine, LinkSpec
+        from dist.topology import Layout, build_rank_grid
+        from moe.layer import MoEArgs, MoEGroups, MoELayer
+        from moe.tuning import DegreeTuner
+        from parallel.data_parallel import GradReducer
+
+        s = dict(SETTINGS[name])
+        if degrees is not None:
+            s["degrees"] = degrees
+        self.s, self.links, self.tokens, self.d = s, links, tokens, d
+        world = self.world = dist.get_world_size()
+        grid = build_rank_grid(Layout(dp=world, ep=world), ranks_per_node=world // 2)
+        groups = create_groups(grid)
+        self.engine = LinkEngine(node_of=[grid.node_of(r) for r in range(world)],
+                                 simulate={k: LinkSpec(*v) for k, v in links.items()}, coschedule=s["coschedule"])
+        torch.manual_seed(0)
+        args = MoEArgs(num_experts=experts, topk=topk, d_model=d, d_expert=d_expert, router="topk",
+                       capacity_factor=None, dispatch="hier2d", activation="swiglu", aux_loss_coef=0.0)
+        self.layer = MoELayer(args, 0, MoEGroups.from_parallel(groups), sp=False, dtype=torch.float32)
+        self.dense = torch.nn.Linear(d, int(dense_mb * 2**20 / 4 / d), bias=False)
+        self.reducer = GradReducer([(groups.dp, list(self.dense.parameters()))], engine=self.engine,
+                                   hold=s["hold"], bucket_bytes=2**30)
+        self.layer.engine = self.engine
+        self.layer.tuner = DegreeTuner(*s["degrees"], profile_steps=3)
+        self.layer.release_grads = self.reducer.release if s["hold"] else None
+        self.engine.record = True
+        self.x = torch.randn(tokens, 1, d, generator=torch.Generator().manual_seed(dist.get_rank()))
+        tuner = self.layer.tuner
+        self.profile_steps = tuner.warmup_steps + tuner.profile_steps if s["auto"] else 0
+        self.times: list[float] = []
+        self.compute: list[float] = []
+        self.last = None
+
+    def step(self, timed: bool) -> None:
+        """One iteration (all ranks); ``timed``: keep its slowest-rank time and compute time."""
+        import torch
+        import torch.distributed as dist
+
+        from moe.tuning import fit_and_choose
+
+        layer, engine = self.layer, self.engine
         dist.barrier()
         t0 = time.perf_counter()
         if not layer.tuner.profiling:
             layer.section_times.compute.clear()
-        xi = x.detach().requires_grad_()
-        tc = time.perf_counter()
+        xi = self.x.detach().requires_grad_()
         y = layer(xi)
-        loss = dense(y).pow(2).mean()
+        loss = self.dense(y).pow(2).mean()
         loss.backward()
-        reducer.finish()
+        self.reducer.finish()
         t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        profiling = layer.tuner.profiling
         layer.tuner.end_step()
         if layer.tuner.ready:
             fit_and_choose([layer], engine)
-            continue
-        if i < prof:
-            continue
-        waits = sum(b - a for a, b in engine.waits if a >= tc)
-        compute.append(time.perf_counter() - tc - waits)
-        if i >= warmup + prof:
-            times.append(float(t))
-        last = ([(sp.link, sp.tag, round(sp.start - t0, 4), round(sp.end - t0, 4)) for sp in engine.spans],
-                [(round(a - t0, 4), round(b - t0, 4)) for a, b in engine.waits])
+        if not profiling:
+            waits = sum(b - a for a, b in engine.waits if a >= t0)
+            self.compute.append(time.perf_counter() - t0 - waits)
+            if timed:
+                self.times.append(float(t))
+            self.last = ([(sp.link, sp.tag, round(sp.start - t0, 4), round(sp.end - t0, 4)) for sp in engine.spans],
+                         [(round(a - t0, 4), round(b - t0, 4)) for a, b in engine.waits])
         engine.spans.clear()
         engine.waits.clear()
         layer.zero_grad(set_to_none=True)
-        dense.zero_grad(set_to_none=True)
-    chosen = layer.tuner.chosen or layer.tuner.degrees((tokens, d))
-    shape = layer.section_times.shape
-    engine.close()
-    busy = {k: 0.0 for k in links}
-    for link, nb in shape.steps:
-        busy[link] += 2 * 2 * (links[link][0] + nb / links[link][1])  # dispatch + combine, forward + backward
-    n = world
-    grad_bytes = 2 * (n - 1) / n * dense.weight.numel() * 4
-    inter_dp = "inter"
-    busy[inter_dp] += links[inter_dp][0] + grad_bytes / links[inter_dp][1]
-    return {"median_s": statistics.median(times), "degrees": list(chosen), "link_busy_s": busy,
-            "order": "inter-first" if layer.tuner.inter_first else "intra-first",
-            "compute_s": statistics.median(compute), "last_timeline": last}
+        self.dense.zero_grad(set_to_none=True)
+
+    def result(self) -> dict:
+        layer, links = self.layer, self.links
+        chosen = layer.tuner.chosen or layer.tuner.degrees((self.tokens, self.d))
+        shape = layer.section_times.shape
+        self.engine.close()
+        busy = {k: 0.0 for k in links}
+        for link, nb in shape.steps:
+            busy[link] += 2 * 2 * (links[link][0] + nb / links[link][1])  # dispatch + combine, fwd + bwd
+        n = self.world
+        grad_bytes = 2 * (n - 1) / n * self.dense.weight.numel() * 4
+        busy["inter"] += links["inter"][0] + grad_bytes / links["inter"][1]
+        return {"median_s": statistics.median(self.times), "degrees": list(chosen), "link_busy_s": busy,
+                "order": "inter-first" if layer.tuner.inter_first else "intra-first",
+                "compute_s": statistics.median(self.compute), "last_timeline": self.last}
+
+
+def run_settings(names: list[str], *, iters: int, warmup: int, **shape) -> dict[str, dict]:
+    """Every setting on every rank: each profiles and warms up on its own, then their timed iterations
+    alternate (a, b, c, a, b, c, ...) so the machine's slow spells hit all of them alike. Returns this
+    rank's result per setting: the slowest rank's median step time, chosen degrees, link busy time."""
+    settings = {name: _Setting(name, **shape) for name in names}
+    for st in settings.values():
+        for _ in range(st.profile_steps + warmup):
+            st.step(timed=False)
+    for _ in range(iters):
+        for st in settings.values():
+            st.step(timed=True)
+    return {name: st.result() for name, st in settings.items()}
+
+
+def run_setting(name: str, *, iters: int, warmup: int, degrees=None, **shape) -> dict:
+    """One setting alone (see :func:`run_settings`)."""
+    st = _Setting(name, degrees=degrees, **shape)
+    for _ in range(st.profile_steps + warmup):
+        st.step(timed=False)
+    for _ in range(iters):
+        st.step(timed=True)
+    return st.result()
 
 
 def main() -> None:
@@ -146,7 +185,8 @@ def main() -> None:
         for tokens in args.tokens:
             shape = dict(tokens=tokens, d=128, d_expert=128, experts=8, topk=2, dense_mb=0.25,
                          iters=args.iters, warmup=args.warmup, links=links)
-            per_rank = {name: pool.run(run_setting, name, **shape) for name in ("a", "b", "c")}
+            ranks = pool.run(run_settings, ["a", "b", "c"], **shape)
+            per_rank = {name: [r[name] for r in ranks] for name in ("a", "b", "c")}
             res = {name: r[0] for name, r in per_rank.items()}  # times are already the slowest rank's
             # the step cannot end before the busiest link of any rank (uneven routing loads some ranks'
             # links more) has carried its bytes, nor before the slowest rank's compute
