@@ -135,11 +135,13 @@ class _Setting:
                 "compute_s": statistics.median(self.compute), "last_timeline": self.last}
 
 
-def run_settings(names: list[str], *, iters: int, warmup: int, **shape) -> dict[str, dict]:
+def run_settings(names: list[str], *, iters: int, warmup: int, degrees: dict | None = None,
+                 **shape) -> dict[str, dict]:
     """Every setting on every rank: each profiles and warms up on its own, then their timed iterations
     alternate (a, b, c, a, b, c, ...) so the machine's slow spells hit all of them alike. Returns this
-    rank's result per setting: the slowest rank's median step time, chosen degrees, link busy time."""
-    settings = {name: _Setting(name, **shape) for name in names}
+    rank's result per setting: the slowest rank's median step time, chosen degrees, link busy time.
+    ``degrees``: fixed (forward, backward) degrees by setting name, instead of the setting's own."""
+    settings = {name: _Setting(name, degrees=(degrees or {}).get(name), **shape) for name in names}
     for st in settings.values():
         for _ in range(st.profile_steps + warmup):
             st.step(timed=False)
