@@ -153,12 +153,7 @@ def run_settings(names: list[str], *, iters: int, warmup: int, degrees: dict | N
 
 def run_setting(name: str, *, iters: int, warmup: int, degrees=None, **shape) -> dict:
     """One setting alone (see :func:`run_settings`)."""
-    st = _Setting(name, degrees=degrees, **shape)
-    for _ in range(st.profile_steps + warmup):
-        st.step(timed=False)
-    for _ in range(iters):
-        st.step(timed=True)
-    return st.result()
+    return run_settings([name], iters=iters, warmup=warmup, degrees={name: degrees}, **shape)[name]
 
 
 def main() -> None:

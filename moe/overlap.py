@@ -184,7 +184,6 @@ class _Section:
         return out
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-
         def experts(mic: range, recv: torch.Tensor) -> torch.Tensor:
             pieces, counts = self.layout.recv_pieces(mic)
             y_chunk = recv.new_empty(recv.shape)
