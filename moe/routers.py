@@ -129,7 +129,7 @@ class SparseRouting(Routing):
 
     def combine(self, y_AD: torch.Tensor, num_tokens: int) -> torch.Tensor:
         out = y_AD.new_zeros(num_tokens, y_AD.shape[-1])
-        return out.index_add(0, self.token_A, y_AD * self.gate_A.to(y_AD.dtype).unsqueeze(-1))
+        return out.index_add_(0, self.token_A, y_AD * self.gate_A.to(y_AD.dtype).unsqueeze(-1))  # no clone of out
 
     def subset(self, part: int, parts: int) -> SparseRouting:
         """Assignments of the tokens in contiguous token chunk ``part`` of ``parts``."""

@@ -192,3 +192,35 @@ def test_order_then_inverse_order_is_identity_and_matches_dense_einsum(T, E, k, 
     combine_TE = torch.zeros(T, E, dtype=torch.float64).scatter(1, expert_TK, gate_TK)
     dense = torch.einsum("te,e,td->td", combine_TE, scale, x)
     torch.testing.assert_close(sparse, dense)
+
+
+@given(T=st.integers(1, 30), E=st.integers(1, 8), k=st.integers(1, 3), seed=st.integers(0, 1000))
+@settings(max_examples=60, deadline=None)
+def test_order_and_inverse_order_gradients_match_dense_reference_with_dropped_assignments(T, E, k, seed):
+    """Gradients of x and of the gates through order -> per-expert scale -> inverse order equal the dense
+    reference's, when some tokens keep fewer than k assignments (capacity drops) or none."""
+    k = min(k, E)
+    gen = torch.Generator().manual_seed(seed)
+    expert_TK = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    keep_TK = torch.rand(T, k, generator=gen) > 0.3
+    scale_E = torch.randn(E, generator=gen, dtype=torch.float64)
+    x0 = torch.randn(T, 5, generator=gen, dtype=torch.float64)
+    gate0_TK = torch.rand(T, k, generator=gen, dtype=torch.float64)
+    g = torch.randn(T, 5, generator=gen, dtype=torch.float64)
+
+    x, gate_TK = x0.clone().requires_grad_(), gate0_TK.clone().requires_grad_()
+    token_A = torch.arange(T).repeat_interleave(k)[keep_TK.reshape(-1)]
+    expert_A = expert_TK.reshape(-1)[keep_TK.reshape(-1)]
+    routing = SparseRouting(token_A, expert_A, gate_TK.reshape(-1)[keep_TK.reshape(-1)], torch.zeros(()),
+                            {"num_tokens": T})
+    rows_sorted, _, perm = Order(E)(x, routing)
+    out = InverseOrder()(rows_sorted * scale_E[expert_A[perm]].unsqueeze(-1), perm, routing, T)
+    gx, ggate = torch.autograd.grad(out, (x, gate_TK), g)
+
+    xr, gate_r = x0.clone().requires_grad_(), gate0_TK.clone().requires_grad_()
+    combine_TE = torch.zeros(T, E, dtype=torch.float64).scatter(1, expert_TK, gate_r * keep_TK)
+    ref = torch.einsum("te,e,td->td", combine_TE, scale_E, xr)
+    gx_ref, ggate_ref = torch.autograd.grad(ref, (xr, gate_r), g)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(ggate, ggate_ref)
