@@ -33,6 +33,8 @@ gpu-check:
 	python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_attention.py
 	python3 benchmarks/kernels.py
 	python3 benchmarks/attention.py --seqs 1024,4096,16384
+	python3 benchmarks/moe_layer.py --device cuda --dtype bfloat16 --tokens 4096 --iters 9
+	python3 benchmarks/moe_layer.py --device cuda --dtype bfloat16 --tokens 4096 --iters 9 --kernels fused
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -11,6 +11,10 @@ the expert FLOPs (forward + backward = 3 x 4*T*k*d*d_ffn per rank) over a matmul
 rank in the same run.
 
     DS_ACCELERATOR=cpu python benchmarks/moe_layer.py [--ranks 2] [--tokens 256] [--iters 5]
+    python benchmarks/moe_layer.py --device cuda --dtype bfloat16 [--kernels fused] [--tokens 4096]
+
+``--device cuda`` is the single-GPU row (one rank, EP = 1, so no all-to-all on either side; DeepSpeed with
+DS_ACCELERATOR=cuda); ``--dtype bfloat16`` casts the experts (both gates stay fp32) and the input.
 
 Dropless is not compared: DeepSpeed-MoE with drop_tokens=False aborts on CPU/gloo with EP=2 (its ranks
 disagree on the padded capacity and the all-to-all sizes mismatch), see benchmarks/RESULTS.md.
@@ -25,7 +29,6 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPES = [  # (d_model, experts, top-k)
@@ -33,7 +36,7 @@ SHAPES = [  # (d_model, experts, top-k)
 ]
 
 
-def _time_interleaved(steps: list[tuple], iters: int, warmup: int) -> list[tuple[float, float]]:
+def _time_interleaved(steps: list[tuple], iters: int, warmup: int, sync=lambda: None) -> list[tuple[float, float]]:
     """(wall, CPU) median of each ``(fn, args)``, run alternately so machine drift hits all of them alike.
 
     Wall: the slowest rank's. CPU: the process's CPU time (all its threads, gloo's included) on the
@@ -46,8 +49,10 @@ def _time_interleaved(steps: list[tuple], iters: int, warmup: int) -> list[tuple
     for i in range(warmup + iters):
         for j, (fn, args) in enumerate(steps):
             dist.barrier()
+            sync()
             t0, c0 = time.perf_counter(), time.process_time()
             fn(*args)
+            sync()
             t = torch.tensor([time.perf_counter() - t0, time.process_time() - c0], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's time, the busiest rank's CPU
             if i >= warmup:
@@ -69,7 +74,8 @@ def _our_step(layer, x):
     layer.zero_grad(set_to_none=True)
 
 
-def _bench(shapes, tokens: int, iters: int, warmup: int, device: str) -> list[dict]:
+def _bench(shapes, tokens: int, iters: int, warmup: int, device: str, dtype_name: str = "float32",
+           kernels: str = "torch") -> list[dict]:
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -80,7 +86,10 @@ def _bench(shapes, tokens: int, iters: int, warmup: int, device: str) -> list[di
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     world, rank = dist.get_world_size(), dist.get_rank()
-    rate = measure_matmul_flops(torch.float32, n=512, device=device)
+    dtype = getattr(torch, dtype_name)
+    cuda = device == "cuda"
+    rate = measure_matmul_flops(dtype, n=4096 if cuda else 512, device=device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     results = []
     for d, E, k in shapes:
         f = d
@@ -90,14 +99,15 @@ def _bench(shapes, tokens: int, iters: int, warmup: int, device: str) -> list[di
         ds = DSMoE(hidden_size=d, expert=expert, num_experts=E, ep_size=world, k=k, capacity_factor=1.0,
                    eval_capacity_factor=1.0, min_capacity=1, drop_tokens=True, use_rts=False,
                    top2_2nd_expert_sampling=False).to(device)
+        ds.deepspeed_moe.experts.to(dtype)  # its gate keeps fp32, as ours does
         ours = MoELayer(MoEArgs(num_experts=E, topk=k, d_model=d, d_expert=f, router="topk" if k > 1 else "switch",
                                 capacity_factor=1.0, drop_policy="position", activation="gelu",
-                                aux_loss_coef=0.01,
+                                aux_loss_coef=0.01, kernels=kernels,
                                 seed=0), 0, MoEGroups(ep=dist.group.WORLD if world > 1 else None), sp=False,
-                        dtype=torch.float32).to(device)
-        x = torch.randn(tokens // 8, 8, d, generator=torch.Generator().manual_seed(rank)).to(device)
+                        dtype=dtype).to(device)
+        x = torch.randn(tokens // 8, 8, d, generator=torch.Generator().manual_seed(rank)).to(device, dtype)
         (t_ds, c_ds), (t_ours, c_ours) = _time_interleaved([(_ds_step, (ds, x)), (_our_step, (ours, x))], iters,
-                                                            warmup)
+                                                            warmup, sync)
         flops = 3 * 4 * tokens * k * d * f
         results.append({"d": d, "E": E, "k": k, "ds_ms": t_ds * 1e3, "ours_ms": t_ours * 1e3,
                         "ds_cpu_ms": c_ds * 1e3, "ours_cpu_ms": c_ours * 1e3,
@@ -118,26 +128,44 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--ranks", type=int, default=None, help="gloo ranks (default 2 on CPU; cuda runs one)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--kernels", choices=["torch", "fused"], default="torch",
+                    help="moetrain's order/inverse-order stages (fused: the csrc kernels, CUDA only)")
     ap.add_argument("--tokens", type=int, default=256, help="tokens per rank")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--shapes", default=None, help="comma-separated DxExK, e.g. 512x8x1,512x8x2 (default: all six)")
     args = ap.parse_args()
     shapes = SHAPES if args.shapes is None else [_parse_shape(s) for s in args.shapes.split(",")]
+    import torch
+
+    ranks = args.ranks if args.ranks is not None else (1 if args.device == "cuda" else 2)
+    if args.device == "cuda":
+        if ranks != 1:
+            raise SystemExit("--device cuda is the single-GPU row (EP = 1): leave --ranks out")
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device on this machine")
+    elif ranks < 1:
+        raise SystemExit(f"--ranks must be at least 1, got {ranks}")
     from launch.local import LocalRanks
 
-    with LocalRanks(args.ranks, timeout=3600, env={"DS_ACCELERATOR": "cpu"}) as pool:
-        res = pool.run(_bench, shapes, args.tokens, args.iters, args.warmup, "cpu")[0]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.ranks} gloo ranks x 1 thread; "
-          f"{args.tokens} tokens/rank; expert parallel over all ranks; capacity factor 1.0")
+    with LocalRanks(ranks, timeout=3600, env={"DS_ACCELERATOR": args.device}) as pool:  # DeepSpeed's device
+        res = pool.run(_bench, shapes, args.tokens, args.iters, args.warmup, args.device, args.dtype,
+                       args.kernels)[0]
+    where = (f"{torch.cuda.get_device_name()}, 1 rank (EP = 1)" if args.device == "cuda"
+             else f"{platform.machine()}, {os.cpu_count()} cores; {ranks} gloo ranks x 1 thread")
+    print(f"machine: {where}; {args.dtype}; moetrain stages {args.kernels}; {args.tokens} tokens/rank; "
+          f"expert parallel over all ranks; capacity factor 1.0")
     print(f"{'d_model':>7} {'experts':>7} {'k':>2} {'DeepSpeed ms':>13} {'moetrain ms':>12} {'speedup':>8} "
           f"{'floor ms':>9} {'moetrain/floor':>15} {'CPU ms DS / ours':>17} {'CPU ratio':>10}")
     for r in res:
         print(f"{r['d']:>7} {r['E']:>7} {r['k']:>2} {r['ds_ms']:>13.1f} {r['ours_ms']:>12.1f} "
               f"{r['ds_ms'] / r['ours_ms']:>7.2f}x {r['floor_ms']:>9.1f} {r['ours_ms'] / r['floor_ms']:>14.2f}x "
               f"{r['ds_cpu_ms']:>8.1f} / {r['ours_cpu_ms']:<6.1f} {r['ds_cpu_ms'] / r['ours_cpu_ms']:>9.2f}x")
-    print(f"matmul rate per rank (512^3 fp32, measured): {res[0]['rate_gflops']:.1f} GFLOP/s")
+    n = 4096 if args.device == "cuda" else 512
+    print(f"matmul rate per rank ({n}^3 {args.dtype}, measured): {res[0]['rate_gflops']:.1f} GFLOP/s")
 
 
 if __name__ == "__main__":
