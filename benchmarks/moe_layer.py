@@ -74,6 +74,29 @@ def _our_step(layer, x):
     layer.zero_grad(set_to_none=True)
 
 
+def _expert_rows(ds, ours, x) -> tuple[int, int]:
+    """Rows each layer's experts compute on the busiest rank, in one untimed step: DeepSpeed's padded
+    capacity slots against moetrain's kept assignments (the wall time is that rank's)."""
+    import torch
+    import torch.distributed as dist
+
+    rows = torch.zeros(2, dtype=torch.long)
+
+    def hook(i):
+        def count(module, inputs):
+            rows[i] = inputs[0].numel() // inputs[0].shape[-1]
+        return count
+
+    handles = [ds.deepspeed_moe.experts.register_forward_pre_hook(hook(0)),
+               ours.experts.register_forward_pre_hook(hook(1))]
+    _ds_step(ds, x)
+    _our_step(ours, x)
+    for h in handles:
+        h.remove()
+    dist.all_reduce(rows, op=dist.ReduceOp.MAX)
+    return int(rows[0]), int(rows[1])
+
+
 def _bench(shapes, tokens: int, iters: int, warmup: int, device: str, dtype_name: str = "float32",
            kernels: str = "torch") -> list[dict]:
     import deepspeed
@@ -108,9 +131,10 @@ def _bench(shapes, tokens: int, iters: int, warmup: int, device: str, dtype_name
         x = torch.randn(tokens // 8, 8, d, generator=torch.Generator().manual_seed(rank)).to(device, dtype)
         (t_ds, c_ds), (t_ours, c_ours) = _time_interleaved([(_ds_step, (ds, x)), (_our_step, (ours, x))], iters,
                                                             warmup, sync)
+        rows = _expert_rows(ds, ours, x)
         flops = 3 * 4 * tokens * k * d * f
         results.append({"d": d, "E": E, "k": k, "ds_ms": t_ds * 1e3, "ours_ms": t_ours * 1e3,
-                        "ds_cpu_ms": c_ds * 1e3, "ours_cpu_ms": c_ours * 1e3,
+                        "ds_cpu_ms": c_ds * 1e3, "ours_cpu_ms": c_ours * 1e3, "ds_rows": rows[0], "ours_rows": rows[1],
                         "floor_ms": flops / rate * 1e3, "rate_gflops": rate / 1e9})
         del ds, ours
     return results if rank == 0 else []
@@ -159,11 +183,14 @@ def main() -> None:
     print(f"machine: {where}; {args.dtype}; moetrain stages {args.kernels}; {args.tokens} tokens/rank; "
           f"expert parallel over all ranks; capacity factor 1.0")
     print(f"{'d_model':>7} {'experts':>7} {'k':>2} {'DeepSpeed ms':>13} {'moetrain ms':>12} {'speedup':>8} "
-          f"{'floor ms':>9} {'moetrain/floor':>15} {'CPU ms DS / ours':>17} {'CPU ratio':>10}")
+          f"{'floor ms':>9} {'moetrain/floor':>15} {'CPU ms DS / ours':>17} {'CPU ratio':>10} {'rows DS / ours':>15}")
     for r in res:
         print(f"{r['d']:>7} {r['E']:>7} {r['k']:>2} {r['ds_ms']:>13.1f} {r['ours_ms']:>12.1f} "
               f"{r['ds_ms'] / r['ours_ms']:>7.2f}x {r['floor_ms']:>9.1f} {r['ours_ms'] / r['floor_ms']:>14.2f}x "
-              f"{r['ds_cpu_ms']:>8.1f} / {r['ours_cpu_ms']:<6.1f} {r['ds_cpu_ms'] / r['ours_cpu_ms']:>9.2f}x")
+              f"{r['ds_cpu_ms']:>8.1f} / {r['ours_cpu_ms']:<6.1f} {r['ds_cpu_ms'] / r['ours_cpu_ms']:>9.2f}x "
+              f"{r['ds_rows']:>8} / {r['ours_rows']:<6}")
+    print("rows: expert rows on the busiest rank (DeepSpeed computes every capacity slot, moetrain the kept "
+          "assignments); the layers' GEMM work is in that ratio")
     n = 4096 if args.device == "cuda" else 512
     print(f"matmul rate per rank ({n}^3 {args.dtype}, measured): {res[0]['rate_gflops']:.1f} GFLOP/s")
 
