@@ -16,8 +16,10 @@ rank in the same run.
 ``--device cuda`` is the single-GPU row (one rank, EP = 1, so no all-to-all on either side; DeepSpeed with
 DS_ACCELERATOR=cuda); ``--dtype bfloat16`` casts the experts (both gates stay fp32) and the input.
 
-Dropless is not compared: DeepSpeed-MoE with drop_tokens=False aborts on CPU/gloo with EP=2 (its ranks
-disagree on the padded capacity and the all-to-all sizes mismatch), see benchmarks/RESULTS.md.
+``--dropless`` compares without capacity (DeepSpeed ``drop_tokens=False``, which pads every expert to the
+largest expert's load; moetrain ``capacity_factor: null``, exact uneven splits) on one rank only:
+DeepSpeed-MoE with drop_tokens=False aborts on CPU/gloo with EP=2 (its ranks disagree on the padded
+capacity and the all-to-all sizes mismatch), see benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def _expert_rows(ds, ours, x) -> tuple[int, int]:
 
 
 def _bench(shapes, tokens: int, iters: int, warmup: int, device: str, dtype_name: str = "float32",
-           kernels: str = "torch") -> list[dict]:
+           kernels: str = "torch", dropless: bool = False) -> list[dict]:
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -120,11 +122,12 @@ def _bench(shapes, tokens: int, iters: int, warmup: int, device: str, dtype_name
         expert = torch.nn.Sequential(torch.nn.Linear(d, f, bias=False), torch.nn.GELU(),
                                      torch.nn.Linear(f, d, bias=False))
         ds = DSMoE(hidden_size=d, expert=expert, num_experts=E, ep_size=world, k=k, capacity_factor=1.0,
-                   eval_capacity_factor=1.0, min_capacity=1, drop_tokens=True, use_rts=False,
+                   eval_capacity_factor=1.0, min_capacity=1, drop_tokens=not dropless, use_rts=False,
                    top2_2nd_expert_sampling=False).to(device)
         ds.deepspeed_moe.experts.to(dtype)  # its gate keeps fp32, as ours does
         ours = MoELayer(MoEArgs(num_experts=E, topk=k, d_model=d, d_expert=f, router="topk" if k > 1 else "switch",
-                                capacity_factor=1.0, drop_policy="position", activation="gelu",
+                                capacity_factor=None if dropless else 1.0, drop_policy="position",
+                                activation="gelu",
                                 aux_loss_coef=0.01, kernels=kernels,
                                 seed=0), 0, MoEGroups(ep=dist.group.WORLD if world > 1 else None), sp=False,
                         dtype=dtype).to(device)
@@ -157,6 +160,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--kernels", choices=["torch", "fused"], default="torch",
                     help="moetrain's order/inverse-order stages (fused: the csrc kernels, CUDA only)")
+    ap.add_argument("--dropless", action="store_true", help="no capacity limit (one rank only, see the docstring)")
     ap.add_argument("--tokens", type=int, default=256, help="tokens per rank")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -173,15 +177,18 @@ def main() -> None:
             raise SystemExit("--device cuda: no CUDA device on this machine")
     elif ranks < 1:
         raise SystemExit(f"--ranks must be at least 1, got {ranks}")
+    if args.dropless and ranks != 1:
+        raise SystemExit("--dropless needs --ranks 1: DeepSpeed-MoE without token drops aborts on gloo with "
+                         "expert parallelism (its ranks pad to different capacities)")
     from launch.local import LocalRanks
 
     with LocalRanks(ranks, timeout=3600, env={"DS_ACCELERATOR": args.device}) as pool:  # DeepSpeed's device
         res = pool.run(_bench, shapes, args.tokens, args.iters, args.warmup, args.device, args.dtype,
-                       args.kernels)[0]
+                       args.kernels, args.dropless)[0]
     where = (f"{torch.cuda.get_device_name()}, 1 rank (EP = 1)" if args.device == "cuda"
              else f"{platform.machine()}, {os.cpu_count()} cores; {ranks} gloo ranks x 1 thread")
     print(f"machine: {where}; {args.dtype}; moetrain stages {args.kernels}; {args.tokens} tokens/rank; "
-          f"expert parallel over all ranks; capacity factor 1.0")
+          f"expert parallel over all ranks; {'dropless' if args.dropless else 'capacity factor 1.0'}")
     print(f"{'d_model':>7} {'experts':>7} {'k':>2} {'DeepSpeed ms':>13} {'moetrain ms':>12} {'speedup':>8} "
           f"{'floor ms':>9} {'moetrain/floor':>15} {'CPU ms DS / ours':>17} {'CPU ratio':>10} {'rows DS / ours':>15}")
     for r in res:
