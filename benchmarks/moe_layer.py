@@ -167,8 +167,13 @@ def main() -> None:
     ap.add_argument("--shapes", default=None, help="comma-separated DxExK, e.g. 512x8x1,512x8x2 (default: all six)")
     args = ap.parse_args()
     shapes = SHAPES if args.shapes is None else [_parse_shape(s) for s in args.shapes.split(",")]
+    import importlib.util
+
     import torch
 
+    if importlib.util.find_spec("deepspeed") is None:
+        raise SystemExit("benchmarks/moe_layer.py runs DeepSpeed-MoE beside moetrain's layer: install deepspeed "
+                         "(a dependency of moetrain: pip install -e .)")
     ranks = args.ranks if args.ranks is not None else (1 if args.device == "cuda" else 2)
     if args.device == "cuda":
         if ranks != 1:
