@@ -113,7 +113,8 @@ def _bench(shapes, tokens: int, iters: int, warmup: int, device: str, dtype_name
     world, rank = dist.get_world_size(), dist.get_rank()
     dtype = getattr(torch, dtype_name)
     cuda = device == "cuda"
-    rate = measure_matmul_flops(dtype, n=4096 if cuda else 512, device=device)
+    rate_n = 4096 if cuda else 512
+    rate = measure_matmul_flops(dtype, n=rate_n, device=device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     results = []
     for d, E, k in shapes:
@@ -138,7 +139,7 @@ def _bench(shapes, tokens: int, iters: int, warmup: int, device: str, dtype_name
         flops = 3 * 4 * tokens * k * d * f
         results.append({"d": d, "E": E, "k": k, "ds_ms": t_ds * 1e3, "ours_ms": t_ours * 1e3,
                         "ds_cpu_ms": c_ds * 1e3, "ours_cpu_ms": c_ours * 1e3, "ds_rows": rows[0], "ours_rows": rows[1],
-                        "floor_ms": flops / rate * 1e3, "rate_gflops": rate / 1e9})
+                        "floor_ms": flops / rate * 1e3, "rate_gflops": rate / 1e9, "rate_n": rate_n})
         del ds, ours
     return results if rank == 0 else []
 
@@ -203,8 +204,7 @@ def main() -> None:
               f"{r['ds_rows']:>8} / {r['ours_rows']:<6}")
     print("rows: expert rows on the busiest rank (DeepSpeed computes every capacity slot, moetrain the kept "
           "assignments); the layers' GEMM work is in that ratio")
-    n = 4096 if args.device == "cuda" else 512
-    print(f"matmul rate per rank ({n}^3 {args.dtype}, measured): {res[0]['rate_gflops']:.1f} GFLOP/s")
+    print(f"matmul rate per rank ({res[0]['rate_n']}^3 {args.dtype}, measured): {res[0]['rate_gflops']:.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

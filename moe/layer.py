@@ -32,7 +32,7 @@ from moe import kernels
 from moe.dispatch import build_plan, exchange_counts, inverse_permutation, permute_rows, segments_perm
 from moe.experts import GroupedExperts
 from moe.overlap import SectionTimes, pipelined_experts
-from moe.routers import RouterConfig, Routing, SparseRouting, build_router
+from moe.routers import RouterConfig, Routing, SparseRouting, build_router, token_bags, weighted_token_sum
 from parallel.layers import tp_rank_size
 from parallel.mappings import copy_to_tp, gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
 
@@ -107,14 +107,6 @@ class Gate(nn.Module):
         return self.router(x_TD, batch)
 
 
-def _token_bags(token_R: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of a buffer as one ``embedding_bag`` bag per token: row indices in token order, and where
-    each token's bag starts (a token without rows gets an empty bag, i.e. zeros)."""
-    by_token = torch.argsort(token_R, stable=True)
-    counts_T = torch.bincount(token_R, minlength=num_tokens)
-    return by_token, counts_T.cumsum(0) - counts_T
-
-
 class _GatherTokens(torch.autograd.Function):
     """``x_TD[token_R]`` whose backward sums each token's row gradients with one ``embedding_bag`` pass,
     where ``index_select``'s own backward zero-fills ``[T, D]`` and scatter-adds into it."""
@@ -128,7 +120,7 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_RD):
         (token_R,) = ctx.saved_tensors
-        by_token, offsets_T = _token_bags(token_R, ctx.num_tokens)
+        by_token, offsets_T = token_bags(token_R, ctx.num_tokens)
         return F.embedding_bag(by_token, g_RD.contiguous(), offsets_T, mode="sum"), None
 
 
@@ -245,13 +237,9 @@ class InverseOrder(nn.Module):
     """Undo the expert sort and sum each token's expert outputs with their gate weights."""
 
     def forward(self, y_sorted: torch.Tensor, perm: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:
-        if isinstance(routing, SparseRouting):
-            # weigh and sum straight from sorted order, one bag of rows per token: embedding_bag gathers,
-            # scales and sums in one pass and gives the gates their gradient without materialising
-            # ``g * y`` (measured 1.4x faster forward + backward than multiply + index_add at [489, 512])
-            by_token, offsets_T = _token_bags(routing.token_A.index_select(0, perm), num_tokens)
-            gate_R = routing.gate_A.index_select(0, perm.index_select(0, by_token)).to(y_sorted.dtype)
-            return F.embedding_bag(by_token, y_sorted, offsets_T, mode="sum", per_sample_weights=gate_R)
+        if isinstance(routing, SparseRouting):  # weigh and sum straight from sorted order
+            return weighted_token_sum(y_sorted, routing.token_A.index_select(0, perm),
+                                      routing.gate_A.index_select(0, perm), num_tokens)
         return routing.combine(permute_rows(y_sorted, inverse_permutation(perm)), num_tokens)
 
 
