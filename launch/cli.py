@@ -57,7 +57,12 @@ def describe(cfg: JobConfig) -> str:
         f"({_human(active)} active)",
     ]
     if moe.num_experts:
-        cap = "dropless" if moe.capacity_factor is None else f"capacity {moe.capacity_factor} ({moe.drop_policy})"
+        if moe.router == "expert_choice":  # experts pick ceil(T * k * cf / E) tokens each; cf defaults to 1
+            cap = f"expert capacity {moe.capacity_factor or 1.0}"
+        elif moe.router == "softmoe":
+            cap = f"{moe.slots_per_expert} slot(s) per expert"
+        else:
+            cap = "dropless" if moe.capacity_factor is None else f"capacity {moe.capacity_factor} ({moe.drop_policy})"
         lines.append(
             f"moe      {moe.num_experts} experts top-{moe.topk} router={moe.router} {cap} dispatch={moe.dispatch} "
             f"every={moe.every} degrees={moe.pipeline_degree}/{moe.bwd_pipeline_degree}"

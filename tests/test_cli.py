@@ -29,6 +29,18 @@ def test_validate_and_topology_on_shipped_configs(path, capsys):
     assert flat == list(range(grid["world_size"]))
 
 
+@pytest.mark.parametrize("overrides,text", [
+    ([], "router=topk dropless"),
+    (["moe.capacity_factor=1.25", "moe.drop_policy=position"], "capacity 1.25 (position)"),
+    (["moe.router=expert_choice"], "router=expert_choice expert capacity 1.0"),
+    (["moe.router=softmoe", "moe.slots_per_expert=2"], "router=softmoe 2 slot(s) per expert"),
+])
+def test_validate_summary_states_the_capacity_each_router_applies(overrides, text, capsys):
+    cfg = ROOT / "cluster_configs/sim_cpu_8rank.yaml"
+    assert main(["validate", str(cfg), "moe.router=topk", "moe.capacity_factor=null", *overrides]) == 0
+    assert text in capsys.readouterr().out
+
+
 def test_topology_json_for_sim_config_matches_grid(capsys):
     cfg = str(ROOT / "cluster_configs/sim_cpu_8rank.yaml")
     args = ["topology", cfg, "moe.num_experts=8", "parallel.ep=4", "--json"]
