@@ -16,6 +16,10 @@ rank in the same run.
 ``--device cuda`` is the single-GPU row (one rank, EP = 1, so no all-to-all on either side; DeepSpeed with
 DS_ACCELERATOR=cuda); ``--dtype bfloat16`` casts the experts (both gates stay fp32) and the input.
 
+``--compare-wgrad-overlap`` adds moetrain's layer with the expert weight-gradient overlap (weight gradients
+computed while the dispatch all-to-all's backward is in flight, ``moe.overlap_wgrad``) set the other way
+from its default (off on CPU, on on CUDA) as a third, interleaved layer, and prints both times.
+
 ``--dropless`` compares without capacity (DeepSpeed ``drop_tokens=False``, which pads every expert to the
 largest expert's load; moetrain ``capacity_factor: null``, exact uneven splits) on one rank only:
 DeepSpeed-MoE with drop_tokens=False aborts on CPU/gloo with EP=2 (its ranks disagree on the padded
@@ -100,7 +104,7 @@ def _expert_rows(ds, ours, x) -> tuple[int, int]:
 
 
 def _bench(shapes, tokens: int, iters: int, warmup: int, device: str, dtype_name: str = "float32",
-           kernels: str = "torch", dropless: bool = False) -> list[dict]:
+           kernels: str = "torch", dropless: bool = False, compare_overlap: bool = False) -> list[dict]:
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -126,20 +130,25 @@ def _bench(shapes, tokens: int, iters: int, warmup: int, device: str, dtype_name
                    eval_capacity_factor=1.0, min_capacity=1, drop_tokens=not dropless, use_rts=False,
                    top2_2nd_expert_sampling=False).to(device)
         ds.deepspeed_moe.experts.to(dtype)  # its gate keeps fp32, as ours does
-        ours = MoELayer(MoEArgs(num_experts=E, topk=k, d_model=d, d_expert=f, router="topk" if k > 1 else "switch",
-                                capacity_factor=None if dropless else 1.0, drop_policy="position",
-                                activation="gelu",
-                                aux_loss_coef=0.01, kernels=kernels,
-                                seed=0), 0, MoEGroups(ep=dist.group.WORLD if world > 1 else None), sp=False,
-                        dtype=dtype).to(device)
+        margs = MoEArgs(num_experts=E, topk=k, d_model=d, d_expert=f, router="topk" if k > 1 else "switch",
+                        capacity_factor=None if dropless else 1.0, drop_policy="position", activation="gelu",
+                        aux_loss_coef=0.01, kernels=kernels, seed=0)
+        groups = MoEGroups(ep=dist.group.WORLD if world > 1 else None)
+        ours = MoELayer(margs, 0, groups, sp=False, dtype=dtype).to(device)
         x = torch.randn(tokens // 8, 8, d, generator=torch.Generator().manual_seed(rank)).to(device, dtype)
-        (t_ds, c_ds), (t_ours, c_ours) = _time_interleaved([(_ds_step, (ds, x)), (_our_step, (ours, x))], iters,
-                                                            warmup, sync)
+        steps = [(_ds_step, (ds, x)), (_our_step, (ours, x))]
+        if compare_overlap:  # the default is on for CUDA, off on CPU (moe.overlap_wgrad: auto)
+            flipped = MoELayer(margs, 0, groups, sp=False, dtype=dtype).to(device)
+            flipped.overlap_weight_grads = not cuda
+            steps.append((_our_step, (flipped, x)))
+        timed = _time_interleaved(steps, iters, warmup, sync)
+        (t_ds, c_ds), (t_ours, c_ours) = timed[:2]
         rows = _expert_rows(ds, ours, x)
         flops = 3 * 4 * tokens * k * d * f
         results.append({"d": d, "E": E, "k": k, "ds_ms": t_ds * 1e3, "ours_ms": t_ours * 1e3,
                         "ds_cpu_ms": c_ds * 1e3, "ours_cpu_ms": c_ours * 1e3, "ds_rows": rows[0], "ours_rows": rows[1],
-                        "floor_ms": flops / rate * 1e3, "rate_gflops": rate / 1e9, "rate_n": rate_n})
+                        "floor_ms": flops / rate * 1e3, "rate_gflops": rate / 1e9, "rate_n": rate_n,
+                        "flipped_ms": timed[2][0] * 1e3 if compare_overlap else None})
         del ds, ours
     return results if rank == 0 else []
 
@@ -162,6 +171,8 @@ def main() -> None:
     ap.add_argument("--kernels", choices=["torch", "fused"], default="torch",
                     help="moetrain's order/inverse-order stages (fused: the csrc kernels, CUDA only)")
     ap.add_argument("--dropless", action="store_true", help="no capacity limit (one rank only, see the docstring)")
+    ap.add_argument("--compare-wgrad-overlap", action="store_true",
+                    help="also time moetrain with the expert weight-gradient / all-to-all overlap set the other way")
     ap.add_argument("--tokens", type=int, default=256, help="tokens per rank")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -190,7 +201,7 @@ def main() -> None:
 
     with LocalRanks(ranks, timeout=3600, env={"DS_ACCELERATOR": args.device}) as pool:  # DeepSpeed's device
         res = pool.run(_bench, shapes, args.tokens, args.iters, args.warmup, args.device, args.dtype,
-                       args.kernels, args.dropless)[0]
+                       args.kernels, args.dropless, args.compare_wgrad_overlap)[0]
     where = (f"{torch.cuda.get_device_name()}, 1 rank (EP = 1)" if args.device == "cuda"
              else f"{platform.machine()}, {os.cpu_count()} cores; {ranks} gloo ranks x 1 thread")
     print(f"machine: {where}; {args.dtype}; moetrain stages {args.kernels}; {args.tokens} tokens/rank; "
@@ -204,6 +215,11 @@ def main() -> None:
               f"{r['ds_rows']:>8} / {r['ours_rows']:<6}")
     print("rows: expert rows on the busiest rank (DeepSpeed computes every capacity slot, moetrain the kept "
           "assignments); the layers' GEMM work is in that ratio")
+    if args.compare_wgrad_overlap:
+        for r in res:
+            on, off = ((r["ours_ms"], r["flipped_ms"]) if args.device == "cuda" else (r["flipped_ms"], r["ours_ms"]))
+            print(f"{r['d']}/{r['E']}/top-{r['k']}: moetrain with the weight-gradient overlap {on:.1f} ms, without "
+                  f"{off:.1f} ms (without / with = {off / on:.3f})")
     print(f"matmul rate per rank ({res[0]['rate_n']}^3 {args.dtype}, measured): {res[0]['rate_gflops']:.1f} GFLOP/s")
 
 

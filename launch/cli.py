@@ -65,7 +65,8 @@ def describe(cfg: JobConfig) -> str:
             cap = "dropless" if moe.capacity_factor is None else f"capacity {moe.capacity_factor} ({moe.drop_policy})"
         lines.append(
             f"moe      {moe.num_experts} experts top-{moe.topk} router={moe.router} {cap} dispatch={moe.dispatch} "
-            f"every={moe.every} degrees={moe.pipeline_degree}/{moe.bwd_pipeline_degree}"
+            f"every={moe.every} degrees={moe.pipeline_degree}/{moe.bwd_pipeline_degree} "
+            f"overlap_wgrad={str(moe.overlap_wgrad).lower()}"
         )
     else:
         lines.append("moe      off (dense model)")

@@ -121,6 +121,11 @@ class MoEConfig(_Section):
     """Intra- and inter-node communication on separate channels (off: one channel for both)."""
     partition_grads: bool = True
     """Reduce ready data-parallel gradient buckets in the MoE layers' idle inter-node windows."""
+    overlap_wgrad: Union[Literal["auto"], bool] = "auto"
+    """Compute the experts' weight gradients while the dispatch all-to-all's backward exchange is in flight
+    (they are independent of it). ``auto``: on for CUDA devices, where the exchange runs on its own stream;
+    off on CPU, where gloo's thread shares the cores with the GEMMs and the overlap measured no gain
+    (benchmarks/RESULTS.md)."""
     profile_steps: int = Field(3, ge=1)
     """``auto`` degrees: steps timed (at degrees 2, 4, 1, ..., after one untimed warm-up step) before the α-β
     model picks the degrees."""

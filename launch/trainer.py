@@ -323,7 +323,8 @@ class Trainer:
                         z_loss_coef=moe.z_loss_coef, n_groups=moe.n_groups, topk_groups=moe.topk_groups,
                         bias_update_rate=moe.bias_update_rate, xmoe_dim=moe.xmoe_dim,
                         slots_per_expert=moe.slots_per_expert, seed=cfg.train.seed, num_layers=m.layers,
-                        kernels=self._moe_kernels(moe.kernels))
+                        kernels=self._moe_kernels(moe.kernels),
+                        overlap_wgrad=None if moe.overlap_wgrad == "auto" else moe.overlap_wgrad)
 
         def build(layer: int):
             if (layer + 1) % moe.every:

@@ -18,6 +18,11 @@ expert), each segment in the sender's order.
 - ``hier1d``: gather everything to the node leader (``ep_intra``), exchange among leaders
   (``ep_inter`` of local index 0), scatter from the leader.
 
+Weight gradients in flight: given a :class:`~parallel.weight_grad.PendingWeightGrads` over the experts'
+weights, the dispatch's last all-to-all (the first exchange of the backward) starts its backward
+exchange asynchronously, computes the experts' weight gradients the experts' backward left pending,
+then waits: the exchange needs only the experts' input gradients, so the weight-gradient GEMMs hide it.
+
 Members of an EP group are its ranks in ascending order, which is node-major (ranks of a node are
 contiguous), so member m lives on node m // L at local index m % L.
 """
@@ -28,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from parallel.weight_grad import PendingWeightGrads
 
 __all__ = ["all_to_all", "Plan", "build_plan", "exchange_counts", "segments_perm", "permute_rows",
            "inverse_permutation", "DISPATCHERS"]
@@ -49,6 +56,30 @@ class _AllToAll(torch.autograd.Function):
         dist.all_to_all_single(out, g.contiguous(), output_split_sizes=ctx.send, input_split_sizes=ctx.recv,
                                group=ctx.group)
         return out, None, None, None
+
+
+class _AllToAllTakingWeightGrads(torch.autograd.Function):
+    """``_AllToAll`` that also stands for ``pending.params``: its backward runs the pending weight
+    gradients while its own exchange is in flight and returns them as theirs."""
+
+    @staticmethod
+    def forward(ctx, x, send: list[int], recv: list[int], group, pending: PendingWeightGrads, *params):
+        ctx.send, ctx.recv, ctx.group, ctx.pending = send, recv, group, pending
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        out = work = None
+        if ctx.needs_input_grad[0]:
+            out = g.new_empty((sum(ctx.send), *g.shape[1:]))
+            work = dist.all_to_all_single(out, g.contiguous(), output_split_sizes=ctx.send,
+                                          input_split_sizes=ctx.recv, group=ctx.group, async_op=True)
+        grads = ctx.pending.take()
+        if work is not None:
+            work.wait()
+        return (out, None, None, None, None, *grads)
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -77,12 +108,16 @@ def permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return _PermuteRows.apply(x, perm.to(x.device))
 
 
-def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
-    """Uneven all-to-all with autograd (backward is the same exchange reversed)."""
+def all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group,
+               pending: PendingWeightGrads | None = None) -> torch.Tensor:
+    """Uneven all-to-all with autograd (backward is the same exchange reversed); with ``pending`` the
+    backward computes those weight gradients while its exchange is in flight."""
     if len(send) != dist.get_world_size(group) or len(recv) != len(send):
         raise ValueError(f"split lists of length {len(send)}/{len(recv)} for a group of {dist.get_world_size(group)}")
     if sum(send) != x.shape[0]:
         raise ValueError(f"send splits sum to {sum(send)} but the buffer has {x.shape[0]} rows")
+    if pending is not None:
+        return _AllToAllTakingWeightGrads.apply(x, list(send), list(recv), group, pending, *pending.params)
     return _AllToAll.apply(x, list(send), list(recv), group)
 
 
@@ -130,10 +165,18 @@ class Plan:
         self.steps = [st for st in steps if not (st.kind == "a2a" and st.group is None)]
         self.recv_counts = recv_counts  # [members, local experts]: rows received, by source and expert
 
-    def dispatch(self, x: torch.Tensor) -> torch.Tensor:
-        for st in self.steps:
+    @property
+    def exchanges(self) -> bool:
+        """Whether the plan moves rows between ranks at all (not with one EP member)."""
+        return any(st.kind == "a2a" for st in self.steps)
+
+    def dispatch(self, x: torch.Tensor, pending: PendingWeightGrads | None = None) -> torch.Tensor:
+        """Run the steps; ``pending`` rides on the last all-to-all (the backward's first, see the module
+        docstring); without any all-to-all it is ignored, and the caller must not leave work on it."""
+        last = max((i for i, st in enumerate(self.steps) if st.kind == "a2a"), default=-1)
+        for i, st in enumerate(self.steps):
             if st.kind == "a2a":
-                x = all_to_all(x, st.send, st.recv, st.group)
+                x = all_to_all(x, st.send, st.recv, st.group, pending if i == last else None)
             else:
                 x = permute_rows(x, st.index)
         return x

@@ -26,7 +26,7 @@ from torch import nn
 from moe.dispatch import all_to_all, inverse_permutation, segments_perm
 from parallel.grad_storage import fresh_grad
 from parallel.layers import init_normal
-from parallel.weight_grad import weight_grad
+from parallel.weight_grad import PendingWeightGrads, weight_grad
 
 __all__ = ["GroupedExperts", "grouped_mm"]
 
@@ -66,10 +66,9 @@ class _SegmentedMM(torch.autograd.Function):
     gradient in place instead of stacking per-expert gradients."""
 
     @staticmethod
-    def forward(ctx, x, w, counts):
+    def forward(ctx, x, w, counts, pending):
         ctx.save_for_backward(x, w)
-        ctx.param = w
-        ctx.counts = counts
+        ctx.param, ctx.counts, ctx.pending = w, counts, pending
         return _segments_forward(x, w, counts)
 
     @staticmethod
@@ -93,21 +92,30 @@ class _SegmentedMM(torch.autograd.Function):
                     gw[e].zero_()
             return gw
 
-        gw = weight_grad(ctx.param, wgrad) if ctx.needs_input_grad[1] else None
-        return gx, gw, None
+        gw = weight_grad(ctx.param, wgrad, ctx.pending) if ctx.needs_input_grad[1] else None
+        return gx, gw, None, None
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient (``_grouped_mm``'s backward rejects
-    expanded ones, such as the gradient of a ``.sum()``)."""
+class _GroupedMM(torch.autograd.Function):
+    """``torch._grouped_mm`` over expert segments (``offs``: cumulative row counts, int32), with the
+    weight gradient (``[E, O, I]`` from one 2-D x 2-D grouped GEMM) going through :func:`weight_grad`
+    so it can be deferred or left pending like the segmented loop's."""
 
     @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
+    def forward(ctx, x, w, offs, pending):
+        ctx.save_for_backward(x, w, offs)
+        ctx.param, ctx.pending = w, pending
+        return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
 
     @staticmethod
     def backward(ctx, g):
-        return g.contiguous()
+        x, w, offs = ctx.saved_tensors
+        g = g.contiguous()  # the gradient of a .sum() arrives expanded, which _grouped_mm rejects
+        gx = torch._grouped_mm(g, w, offs=offs) if ctx.needs_input_grad[0] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = weight_grad(ctx.param, lambda: torch._grouped_mm(g.t(), x, offs=offs), ctx.pending)
+        return gx, gw, None, None
 
 
 class _SampledSegmentedMM(torch.autograd.Function):
@@ -115,7 +123,7 @@ class _SampledSegmentedMM(torch.autograd.Function):
     saved (pre-multiplied by it); forward and input gradient stay exact."""
 
     @staticmethod
-    def forward(ctx, x, w, counts, sample_w_R):
+    def forward(ctx, x, w, counts, sample_w_R, pending):
         out = _segments_forward(x, w, counts)
         keep = sample_w_R > 0
         idx = keep.nonzero().squeeze(-1)
@@ -123,8 +131,7 @@ class _SampledSegmentedMM(torch.autograd.Function):
         seg = torch.repeat_interleave(torch.arange(len(counts), device=x.device),
                                       torch.tensor(counts, device=x.device))
         ctx.kept_counts = torch.bincount(seg[idx], minlength=len(counts)).tolist()
-        ctx.counts = counts
-        ctx.param = w
+        ctx.counts, ctx.param, ctx.pending = counts, w, pending
         ctx.save_for_backward(rows, idx, w)
         return out
 
@@ -149,32 +156,37 @@ class _SampledSegmentedMM(torch.autograd.Function):
                     gw[e].zero_()
             return gw
 
-        gw = weight_grad(ctx.param, wgrad) if ctx.needs_input_grad[1] else None
-        return gx, gw, None, None
+        gw = weight_grad(ctx.param, wgrad, ctx.pending) if ctx.needs_input_grad[1] else None
+        return gx, gw, None, None, None
 
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
+def fused_grouped_mm_fits(x_RI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands: fp32/bf16/fp16, rows of a multiple of 16 bytes."""
+    item = x_RI.element_size()
+    return (_HAS_GROUPED_MM and x_RI.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and (x_RI.shape[-1] * item) % 16 == 0 and (w_EOI.shape[1] * item) % 16 == 0)
+
+
 def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int],
-               sample_w_R: torch.Tensor | None = None) -> torch.Tensor:
+               sample_w_R: torch.Tensor | None = None, pending: PendingWeightGrads | None = None) -> torch.Tensor:
     """One grouped GEMM over expert segments: rows ``counts[e]`` of ``x`` times ``w[e]^T``.
 
     On CUDA torch's fused ``_grouped_mm`` (fp32/bf16/fp16, 16-byte aligned rows); elsewhere a segmented
     loop with in-place weight gradients (measured faster than ``_grouped_mm`` on CPU). With
     ``sample_w_R`` (WTA-CRS weights per row, 0 = not kept) the weight gradient is the sampled estimate.
+    With ``pending`` the weight gradient is left to whoever takes ``pending`` later in the backward.
     """
     if x_RI.shape[0] == 0:
         return x_RI.new_zeros(0, w_EOI.shape[1]) + x_RI.sum() * 0  # stay on the graph (collectives follow)
     if sample_w_R is not None:
-        return _SampledSegmentedMM.apply(x_RI, w_EOI, list(counts), sample_w_R)
-    item = x_RI.element_size()
-    aligned = (x_RI.shape[-1] * item) % 16 == 0 and (w_EOI.shape[1] * item) % 16 == 0
-    if (_HAS_GROUPED_MM and x_RI.is_cuda and aligned
-            and x_RI.dtype in (torch.float32, torch.bfloat16, torch.float16)):  # pragma: no cover - needs CUDA
+        return _SampledSegmentedMM.apply(x_RI, w_EOI, list(counts), sample_w_R, pending)
+    if x_RI.is_cuda and fused_grouped_mm_fits(x_RI, w_EOI):  # pragma: no cover - needs CUDA
         offs = torch.tensor(counts, device=x_RI.device).cumsum(0).to(torch.int32)
-        return _ContiguousGrad.apply(torch._grouped_mm(x_RI, w_EOI.transpose(1, 2), offs=offs))
-    return _SegmentedMM.apply(x_RI, w_EOI, list(counts))
+        return _GroupedMM.apply(x_RI, w_EOI, offs, pending)
+    return _SegmentedMM.apply(x_RI, w_EOI, list(counts), pending)
 
 
 class GroupedExperts(nn.Module):
@@ -211,20 +223,27 @@ class GroupedExperts(nn.Module):
             p.tp_sharded = True
         self.sample_up = self.sample_down = False  # WTA-CRS on the up / down projection (set by the model)
 
-    def _grouped(self, x_RD: torch.Tensor, counts: list[int], sample_w_R: torch.Tensor | None = None) -> torch.Tensor:
-        h = grouped_mm(x_RD, self.w_up_EFD, counts, sample_w_R if self.sample_up else None)
+    @property
+    def weights(self) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.w_up_EFD, self.w_down_EDF
+
+    def _grouped(self, x_RD: torch.Tensor, counts: list[int], sample_w_R: torch.Tensor | None = None,
+                 pending: PendingWeightGrads | None = None) -> torch.Tensor:
+        h = grouped_mm(x_RD, self.w_up_EFD, counts, sample_w_R if self.sample_up else None, pending)
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h)
-        return grouped_mm(h, self.w_down_EDF, counts, sample_w_R if self.sample_down else None)
+        return grouped_mm(h, self.w_down_EDF, counts, sample_w_R if self.sample_down else None, pending)
 
-    def forward(self, x_RD: torch.Tensor, counts: list[int], sample_w_R: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows grouped by local expert (``counts[e]`` rows for local expert e) -> expert outputs."""
+    def forward(self, x_RD: torch.Tensor, counts: list[int], sample_w_R: torch.Tensor | None = None,
+                pending: PendingWeightGrads | None = None) -> torch.Tensor:
+        """Rows grouped by local expert (``counts[e]`` rows for local expert e) -> expert outputs; with
+        ``pending`` (over :attr:`weights`) the weight gradients are left for a later backward step."""
         assert sum(counts) == x_RD.shape[0] and len(counts) == self.num_local
         if self.etp == 1:
-            return self._grouped(x_RD, counts, sample_w_R)
+            return self._grouped(x_RD, counts, sample_w_R, pending)
         assert sample_w_R is None, "WTA-CRS with expert tensor parallelism is rejected by the config"
         # gather every etp peer's rows (and their per-expert counts), regrouped by expert
         n_me = x_RD.shape[0]
@@ -236,7 +255,8 @@ class GroupedExperts(nn.Module):
         x_all = all_to_all(x_RD.repeat(self.etp, 1), [n_me] * self.etp, sizes, self.etp_group)
         by_expert = segments_perm(pc, [(p, e) for e in range(self.num_local) for p in range(self.etp)])
         y_grouped = self._grouped(x_all.index_select(0, by_expert),
-                                  [sum(pc[p][e] for p in range(self.etp)) for e in range(self.num_local)])
+                                  [sum(pc[p][e] for p in range(self.etp)) for e in range(self.num_local)],
+                                  pending=pending)
         y_all = y_grouped.index_select(0, inverse_permutation(by_expert))  # [peer][expert] again: partial sums over F
         partial = all_to_all(y_all, sizes, [n_me] * self.etp, self.etp_group)
         return partial.view(self.etp, n_me, -1).sum(0)

@@ -14,7 +14,8 @@ TP ranks, enters the backward with weight 1/tp.
 
 Expert parallelism. Experts ``[ep_rank * E/ep, (ep_rank + 1) * E/ep)`` live on this rank; rows travel
 with the dispatch plan of ``moe.dispatch`` (flat, hier2d or hier1d), exactly the counts each rank
-needs (dropless sends no padding).
+needs (dropless sends no padding). In backward the experts' weight gradients are computed while the
+dispatch all-to-all's backward exchange is in flight (``PendingWeightGrads``, moe/dispatch.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from moe.overlap import SectionTimes, pipelined_experts
 from moe.routers import RouterConfig, Routing, SparseRouting, build_router, token_bags, weighted_token_sum
 from parallel.layers import tp_rank_size
 from parallel.mappings import copy_to_tp, gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
+from parallel.weight_grad import PendingWeightGrads
 
 __all__ = ["MoEArgs", "MoEGroups", "MoELayer"]
 
@@ -64,6 +66,9 @@ class MoEArgs:
     kernels: str = "torch"
     """``torch``: sort / index_select / index_add stages; ``fused``: the csrc routing, packing and combine
     kernels (each call takes the torch reference where the kernel cannot run: CPU, float64)."""
+    overlap_wgrad: bool | None = None
+    """Experts' weight gradients computed while the dispatch all-to-all's backward is in flight; None: on
+    for CUDA inputs only (``moe.overlap_wgrad: auto``)."""
 
 
 @dataclass
@@ -199,9 +204,9 @@ class Dispatch(nn.Module):
                           intra_group=self.groups.ep_intra, inter_group=self.groups.ep_inter,
                           ranks_per_node=self.per_node, inter_first=inter_first)
 
-    def forward(self, rows_sorted: torch.Tensor, counts_E: torch.Tensor):
+    def forward(self, rows_sorted: torch.Tensor, counts_E: torch.Tensor, pending: PendingWeightGrads | None = None):
         plan = self.plan_for(exchange_counts(counts_E, self.groups.ep))
-        return plan.dispatch(rows_sorted), plan
+        return plan.dispatch(rows_sorted, pending), plan
 
 
 class ExpertStage(nn.Module):
@@ -211,15 +216,16 @@ class ExpertStage(nn.Module):
         super().__init__()
         self.experts = experts
 
-    def forward(self, recv: torch.Tensor, plan, sample_w: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, recv: torch.Tensor, plan, sample_w: torch.Tensor | None = None,
+                pending: PendingWeightGrads | None = None) -> torch.Tensor:
         rc = plan.recv_counts.tolist()  # [source][local expert]
         n_src, n_loc = len(rc), self.experts.num_local
         by_expert = segments_perm(rc, [(s, e) for e in range(n_loc) for s in range(n_src)])
         counts = [sum(rc[s][e] for s in range(n_src)) for e in range(n_loc)]
         if n_src == 1 or n_loc == 1:  # (source, expert) order is already expert order
-            return self.experts(recv, counts, sample_w)
+            return self.experts(recv, counts, sample_w, pending)
         w = None if sample_w is None else sample_w.index_select(0, by_expert)
-        y = self.experts(permute_rows(recv, by_expert), counts, w)
+        y = self.experts(permute_rows(recv, by_expert), counts, w, pending)
         return permute_rows(y, inverse_permutation(by_expert))
 
 
@@ -285,6 +291,9 @@ class MoELayer(nn.Module):
         self.tuner = None
         self.release_grads = None
         self.section_times = SectionTimes()
+        # the experts' weight-gradient GEMMs run while the dispatch all-to-all's backward is in flight
+        # (moe/dispatch.py); None: on for CUDA inputs
+        self.overlap_weight_grads: bool | None = args.overlap_wgrad
 
     def enable_wtacrs(self, cfg, up: bool, down: bool) -> None:
         """Estimate the experts' up/down weight gradients with WTA-CRS, sampled per expert over the
@@ -366,11 +375,17 @@ class MoELayer(nn.Module):
         if self.engine is not None:
             y_sorted = self._pipelined(rows_sorted, counts_E, tuple(x_TD.shape))
         else:
-            recv, plan = self.dispatch(rows_sorted, counts_E)
+            pending = None
+            overlap = x_TD.is_cuda if self.overlap_weight_grads is None else self.overlap_weight_grads
+            if overlap and torch.is_grad_enabled():
+                pending = PendingWeightGrads(self.experts.experts.weights)
+            recv, plan = self.dispatch(rows_sorted, counts_E, pending)
+            if not plan.exchanges:  # no all-to-all to take them: the experts compute them at once
+                pending = None
             recv_w = None
             if getattr(mine, "sample_w_A", None) is not None:  # the weights travel with their rows
                 recv_w = plan.dispatch(self._sorted_weights(mine, order).unsqueeze(-1)).squeeze(-1)
-            y_recv = self.experts(recv, plan, recv_w)
+            y_recv = self.experts(recv, plan, recv_w, pending)
             y_sorted = self.combine(y_recv, plan)
         out = self.unorder(y_sorted, order, mine, T).view(s, b, d)
         out = reduce_scatter_to_sp(out, tp) if self.sp else reduce_from_tp(out, tp)

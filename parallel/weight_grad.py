@@ -8,6 +8,11 @@ weight gradient: outside a :func:`defer_weight_grads` context it is computed at 
 autograd as usual; inside, the computation is queued (with the tensors it needs) and the function
 returns ``None`` for the weight, and :func:`run_deferred` later adds it to ``param.grad``.
 Parameters whose gradient comes from plain torch ops (norm weights, routers) are done in B.
+
+The same split serves one overlap inside a single backward: the MoE experts hand their weight
+gradients to a :class:`PendingWeightGrads` (``weight_grad(..., pending=...)``), and the backward of the
+dispatch all-to-all, which needs only the experts' input gradients, computes them while its exchange
+is in flight (moe/dispatch.py). Zero-bubble deferral, when on, takes precedence.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch.nn.functional as F
 
 from parallel.grad_storage import fresh_grad
 
-__all__ = ["weight_grad", "defer_weight_grads", "run_deferred", "linear", "DeferredGrads"]
+__all__ = ["weight_grad", "defer_weight_grads", "run_deferred", "linear", "DeferredGrads", "PendingWeightGrads"]
 
 DeferredGrads = list[tuple[torch.nn.Parameter, Callable[[], torch.Tensor]]]
 
@@ -39,13 +44,38 @@ def defer_weight_grads(into: DeferredGrads) -> Iterator[DeferredGrads]:
         _local.queue = old
 
 
-def weight_grad(param: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor | None:
-    """``compute()`` now, or ``None`` after queueing it when deferral is on (see the module docstring)."""
+class PendingWeightGrads:
+    """Weight gradients of ``params`` left queued by one backward step for a later step of the same
+    backward to compute (:meth:`take`), which hands them to autograd as its own input gradients."""
+
+    def __init__(self, params: tuple[torch.nn.Parameter, ...]):
+        self.params = params
+        self.queue: DeferredGrads = []
+
+    @torch.no_grad()
+    def take(self) -> list[torch.Tensor | None]:
+        """Run the queued computations: one summed gradient per parameter (``None`` if none was queued)."""
+        grads: dict[int, torch.Tensor] = {}
+        for param, compute in self.queue:
+            g = compute()
+            grads[id(param)] = g if id(param) not in grads else grads[id(param)] + g
+        self.queue.clear()
+        return [grads.get(id(p)) for p in self.params]
+
+
+def weight_grad(param: torch.Tensor, compute: Callable[[], torch.Tensor],
+                pending: PendingWeightGrads | None = None) -> torch.Tensor | None:
+    """``compute()`` now, or ``None`` after queueing it: on the zero-bubble queue when deferral is on
+    (see the module docstring), else on ``pending`` when given."""
     queue = getattr(_local, "queue", None)
-    if queue is None or not isinstance(param, torch.nn.Parameter):
-        return compute()
-    queue.append((param, compute))
-    return None
+    if queue is not None and isinstance(param, torch.nn.Parameter):
+        queue.append((param, compute))
+        return None
+    if pending is not None:
+        assert any(param is p for p in pending.params), "a pending weight gradient of a parameter nobody takes"
+        pending.queue.append((param, compute))
+        return None
+    return compute()
 
 
 @torch.no_grad()

@@ -153,8 +153,14 @@ def test_degenerate_routings_do_not_crash_and_stay_exact(ranks, forced, k, cf, d
         assert all(ok.values()), (rank, {k_: v for k_, v in ok.items() if not v})
 
 
+def _offs(counts: list[int]) -> torch.Tensor:
+    return torch.tensor(counts).cumsum(0).to(torch.int32)
+
+
 def test_grouped_mm_paths_agree_with_per_expert_matmuls():
-    from moe.experts import _SegmentedMM, grouped_mm
+    """The CPU segmented loop and the ``torch._grouped_mm`` function CUDA uses (run here on CPU, where
+    torch has it for fp32) against per-expert matmuls, empty experts included."""
+    from moe.experts import _GroupedMM, _SegmentedMM, fused_grouped_mm_fits, grouped_mm
 
     gen = torch.Generator().manual_seed(0)
     counts = [3, 0, 5, 1, 0]
@@ -165,7 +171,11 @@ def test_grouped_mm_paths_agree_with_per_expert_matmuls():
         g = torch.randn(9, f, generator=gen, dtype=dtype)
         ref = torch.cat([s @ w[e].t() for e, s in enumerate(x.split(counts))])
         rgx, rgw = torch.autograd.grad(ref, (x, w), g)
-        for fn in (grouped_mm, lambda a, b, c: _SegmentedMM.apply(a, b, c)):
+        fns = [grouped_mm, lambda a, b, c: _SegmentedMM.apply(a, b, c, None)]
+        if fused_grouped_mm_fits(x, w):
+            fns.append(lambda a, b, c: _GroupedMM.apply(a, b, _offs(c), None))
+        assert len(fns) == 3 or dtype == torch.float64 or d * 4 % 16, "the fused path must be covered"
+        for fn in fns:
             y = fn(x, w, counts)
             gx, gw = torch.autograd.grad(y, (x, w), g)
             tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
@@ -176,8 +186,96 @@ def test_grouped_mm_paths_agree_with_per_expert_matmuls():
     x = torch.randn(9, 8, dtype=torch.float32, requires_grad=True)
     grouped_mm(x, torch.randn(5, 12, 8, requires_grad=True), counts).sum().backward()
     assert x.grad is not None and x.grad.shape == (9, 8)
+    x.grad = None
+    _GroupedMM.apply(x, torch.randn(5, 12, 8, requires_grad=True), _offs(counts), None).sum().backward()
+    assert x.grad is not None and x.grad.shape == (9, 8)
     empty = torch.zeros(0, 8, dtype=torch.float64, requires_grad=True)
     assert grouped_mm(empty, w.detach().double(), [0] * 5).grad_fn is not None
+
+
+def test_pending_weight_grads_are_left_for_the_taker_on_every_grouped_mm_path():
+    """With ``pending`` the experts' backward returns no weight gradient and queues it; ``take`` then
+    computes exactly the gradient the immediate path gives (summed per parameter)."""
+    from moe.experts import _GroupedMM, grouped_mm
+    from parallel.weight_grad import PendingWeightGrads
+
+    gen = torch.Generator().manual_seed(5)
+    counts = [4, 0, 3]
+    x = torch.randn(7, 8, generator=gen, requires_grad=True)
+    w1 = torch.nn.Parameter(torch.randn(3, 12, 8, generator=gen))
+    w2 = torch.nn.Parameter(torch.randn(3, 8, 12, generator=gen))
+    sample_w = torch.tensor([1.0, 0.0, 2.0, 1.0, 0.5, 0.0, 1.0])
+    paths = {
+        "segmented": lambda a, w, p: grouped_mm(a, w, counts, None, p),
+        "sampled": lambda a, w, p: grouped_mm(a, w, counts, sample_w, p),
+        "grouped_mm": lambda a, w, p: _GroupedMM.apply(a, w, _offs(counts), p),
+    }
+    for name, mm in paths.items():
+        ref = torch.autograd.grad(mm(torch.relu(mm(x, w1, None)), w2, None).pow(2).sum(), (x, w1, w2))
+        pending = PendingWeightGrads((w1, w2))
+        gx, g1, g2 = torch.autograd.grad(mm(torch.relu(mm(x, w1, pending)), w2, pending).pow(2).sum(), (x, w1, w2),
+                                         allow_unused=True, materialize_grads=False)
+        assert g1 is None and g2 is None and len(pending.queue) == 2, name
+        torch.testing.assert_close(gx, ref[0], rtol=0, atol=0)
+        t1, t2 = pending.take()
+        assert not pending.queue, name
+        torch.testing.assert_close(t1, ref[1], rtol=0, atol=0)
+        torch.testing.assert_close(t2, ref[2], rtol=0, atol=0)
+
+
+def _overlap_case(dispatch: str):
+    """The same EP layer with the weight-gradient overlap on and off: identical outputs and gradients; with
+    it on the experts' weight gradients land only after the dispatch backward's all-to-all started
+    (asynchronously), with it off before that (blocking) all-to-all."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    g = _groups(world, 2)
+    args = MoEArgs(num_experts=2 * world, topk=2, d_model=8, d_expert=6, router="topk", aux_loss_coef=0.1, seed=3,
+                   dispatch=dispatch)
+    x = torch.randn(4, 2, 8, generator=torch.Generator().manual_seed(100 + rank), dtype=torch.float64)
+    from parallel.weight_grad import PendingWeightGrads
+
+    events: list[str] = []
+    real_a2a, real_take = dist.all_to_all_single, PendingWeightGrads.take
+
+    def a2a(*a, **kw):
+        events.append("a2a async" if kw.get("async_op") else "a2a")
+        return real_a2a(*a, **kw)
+
+    def take(self):
+        events.append("take")
+        return real_take(self)
+
+    res = {}
+    dist.all_to_all_single, PendingWeightGrads.take = a2a, take
+    try:
+        for overlap in (False, True):
+            layer = MoELayer(args, 0, MoEGroups(ep=g.ep, ep_intra=g.ep_intra, ep_inter=g.ep_inter), sp=False,
+                             dtype=torch.float64)
+            layer.overlap_weight_grads = overlap
+            for p in layer.experts.experts.weights:
+                p.register_post_accumulate_grad_hook(lambda p: events.append("expert wgrad"))
+            xi = x.clone().requires_grad_()
+            y = layer(xi)
+            events.clear()
+            y.pow(2).sum().backward()
+            res[overlap] = ([y.detach(), xi.grad] + [p.grad for p in layer.parameters()], list(events))
+    finally:
+        dist.all_to_all_single, PendingWeightGrads.take = real_a2a, real_take
+    (t_off, ev_off), (t_on, ev_on) = res[False], res[True]
+    first_on = ev_on.index("expert wgrad")
+    last_off = max(i for i, e in enumerate(ev_off) if e == "expert wgrad")
+    return {"same tensors": all(torch.equal(a, b) for a, b in zip(t_off, t_on)),
+            "on: wgrads computed while an async all-to-all is in flight": ev_on.count("take") == 1
+            and "a2a async" in ev_on[:ev_on.index("take")] and ev_on.index("take") < first_on
+            and ev_on.count("expert wgrad") == 2,
+            "off: wgrads before the dispatch backward's all-to-all": "a2a async" not in ev_off and "take" not in ev_off
+            and "a2a" in ev_off[last_off:]}
+
+
+@pytest.mark.parametrize("dispatch", ["flat", "hier2d", "hier1d"])
+def test_expert_weight_grads_overlap_the_dispatch_backward_exactly(ranks, dispatch):
+    for rank, ok in enumerate(ranks(4, 2).run(_overlap_case, dispatch)):
+        assert all(ok.values()), (rank, {k: v for k, v in ok.items() if not v})
 
 
 def test_blocked_input_grad_equals_one_matmul():

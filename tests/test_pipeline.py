@@ -125,10 +125,12 @@ def test_tp2_pp2_dp2_with_experts_equals_single_process(ranks, sp):
 
 
 def test_interleaved_zero_bubble_layouts_with_tp_dp_ep(ranks):
-    got = ranks(*POOL[8]).run(_train_pipe, _layout(2, 2, 2, ep=4, schedule="zero_bubble"))[0]
+    # with the expert weight-gradient overlap forced on: zero-bubble deferral takes the weight GEMMs first
+    got = ranks(*POOL[8]).run(_train_pipe, _layout(2, 2, 2, ep=4, schedule="zero_bubble")
+                              + ["moe.overlap_wgrad=true"])[0]
     _compare(got, _reference())
     got = ranks(*POOL[8]).run(_train_pipe, _layout(1, 2, 4, ep=2, schedule="interleaved", vpp=2)
-                              + ["train.global_batch_size=16"])[0]
+                              + ["train.global_batch_size=16", "moe.overlap_wgrad=true"])[0]
     _compare(got, _reference(("train.global_batch_size=16",)))
 
 
