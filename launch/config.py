@@ -327,6 +327,12 @@ def _translate(err: ValidationError) -> ConfigError:
         close = difflib.get_close_matches(path[-1], known, n=1, cutoff=0.6)
         hint = f" (did you mean '{'.'.join(path[:-1] + (close[0],))}'?)" if close else ""
         return ConfigError(dotted, f"unknown key{hint}; known keys here: {', '.join(known)}")
+    section = _model_at(JobConfig, path) if first["type"] == "model_type" else None
+    if section is not None:  # e.g. `moe: null`, `model: 4`: a section is a mapping of its own keys
+        hint = " (a dense model is moe.num_experts: 0)" if path == ("moe",) else ""
+        keys = ", ".join(sorted(section.model_fields))
+        return ConfigError(dotted, f"a section, expected a mapping of its keys ({keys}), got "
+                                   f"{_describe(first.get('input'))}{hint}")
     # Union fields produce one error per member: merge them into one readable reason.
     same_field = [e for e in errors if _dotted_field_path(e["loc"]) == path]
     if len(same_field) > 1:
