@@ -42,20 +42,24 @@ __all__ = ["all_to_all", "Plan", "build_plan", "exchange_counts", "segments_perm
 DISPATCHERS = ("flat", "hier2d", "hier1d")
 
 
+def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group, async_op: bool = False):
+    """``all_to_all_single`` of ``x`` (``send[j]`` rows to member j, ``recv[j]`` from it) into a new buffer:
+    ``(out, work)``, ``work`` None unless ``async_op``."""
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    work = dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send,
+                                  group=group, async_op=async_op)
+    return out, work
+
+
 class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, send: list[int], recv: list[int], group):
         ctx.send, ctx.recv, ctx.group = send, recv, group
-        out = x.new_empty((sum(recv), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
-        return out
+        return _exchange(x, send, recv, group)[0]
 
     @staticmethod
     def backward(ctx, g):
-        out = g.new_empty((sum(ctx.send), *g.shape[1:]))
-        dist.all_to_all_single(out, g.contiguous(), output_split_sizes=ctx.send, input_split_sizes=ctx.recv,
-                               group=ctx.group)
-        return out, None, None, None
+        return _exchange(g, ctx.recv, ctx.send, ctx.group)[0], None, None, None
 
 
 class _AllToAllTakingWeightGrads(torch.autograd.Function):
@@ -65,17 +69,13 @@ class _AllToAllTakingWeightGrads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, send: list[int], recv: list[int], group, pending: PendingWeightGrads, *params):
         ctx.send, ctx.recv, ctx.group, ctx.pending = send, recv, group, pending
-        out = x.new_empty((sum(recv), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
-        return out
+        return _exchange(x, send, recv, group)[0]
 
     @staticmethod
     def backward(ctx, g):
         out = work = None
         if ctx.needs_input_grad[0]:
-            out = g.new_empty((sum(ctx.send), *g.shape[1:]))
-            work = dist.all_to_all_single(out, g.contiguous(), output_split_sizes=ctx.send,
-                                          input_split_sizes=ctx.recv, group=ctx.group, async_op=True)
+            out, work = _exchange(g, ctx.recv, ctx.send, ctx.group, async_op=True)
         grads = ctx.pending.take()
         if work is not None:
             work.wait()
