@@ -28,9 +28,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# On a CUDA machine whose python3 has torch (no venv needed): the GPU tests, then the GPU benchmarks
+# On a CUDA machine whose python3 has torch (no venv needed): install moetrain (no dependencies), the GPU
+# tests, then the GPU benchmarks
 # (the last two, the MoE layer against DeepSpeed-MoE, also need deepspeed).
 gpu-check:
+	python3 -m pip install -q --no-deps --no-build-isolation -e .
 	python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_attention.py
 	python3 benchmarks/kernels.py
 	python3 benchmarks/attention.py --seqs 1024,4096,16384

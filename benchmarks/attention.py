@@ -14,10 +14,7 @@ Target (issue #9): forward+backward >= 0.8x SDPA. Needs CUDA; says so and exits 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
@@ -46,7 +43,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("benchmarks/attention.py needs a CUDA device; none here")
         sys.exit(2)
-    from parallel.fused_attention import load
+    from moetrain.parallel.fused_attention import load
 
     if load() is None:
         sys.exit("the attention kernel did not build (see the log above)")
@@ -71,7 +68,7 @@ def _case(B: int, H: int, Hkv: int, T: int, D: int, dtype) -> tuple[float, float
     """Median seconds: fused forward, SDPA (flash) forward, fused forward+backward, SDPA forward+backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from parallel.fused_attention import _FlashAttention
+    from moetrain.parallel.fused_attention import _FlashAttention
 
     q = torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True)
     k = torch.randn(B, Hkv, T, D, device="cuda", dtype=dtype, requires_grad=True)

@@ -13,10 +13,6 @@ Targets (issue #8): packing >= 70% of copy bandwidth; routing >= 3x the torch se
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
@@ -54,7 +50,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA device; none here")
         return
-    from moe.kernels import load, positions_ref
+    from moetrain.moe.kernels import load, positions_ref
 
     ext = load()
     if ext is None:
@@ -106,7 +102,7 @@ def main() -> None:
 
 def _layer_rows(T: int, E: int, K: int, D: int) -> None:
     """The whole MoE layer (one rank, bf16), forward + backward: torch stages vs the fused kernel stages."""
-    from moe.layer import MoEArgs, MoEGroups, MoELayer
+    from moetrain.moe.layer import MoEArgs, MoEGroups, MoELayer
 
     times = {}
     for kern in ("torch", "fused"):

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray instance on 127.0.0.1
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -36,8 +35,8 @@ JOB = ["parallel.tp=2", "parallel.ep=1", "moe.num_experts=0", "parallel.sp=false
 
 
 def _in_process(launcher: str, tmp: Path, fail: bool) -> tuple[float, float | None]:
-    from launch.config import load_config
-    from launch.job import run_job
+    from moetrain.launch.config import load_config
+    from moetrain.launch.job import run_job
 
     extra = [f"cluster.launcher={launcher}", f"checkpoint.dir={tmp / 'ck'}", f"logging.run_dir={tmp / 'run'}"]
     if fail:
@@ -57,7 +56,7 @@ def _mpi(tmp: Path) -> float:
     summary = tmp / "summary.json"
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo")
     t0 = time.time()
-    subprocess.run([mpiexec, "-n", "4", sys.executable, "-m", "mpi4py", "-m", "launch.cli", "train",
+    subprocess.run([mpiexec, "-n", "4", sys.executable, "-m", "mpi4py", "-m", "moetrain", "train",
                     str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"), *JOB, "cluster.launcher=mpi",
                     f"checkpoint.dir={tmp / 'ck'}", f"logging.run_dir={tmp / 'run'}", "--summary", str(summary)],
                    check=True, cwd=ROOT, env=env, capture_output=True, timeout=600)

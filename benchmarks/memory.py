@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _rank(overrides: list[str]) -> dict:
@@ -26,9 +23,9 @@ def _rank(overrides: list[str]) -> dict:
 
     import torch.distributed as dist
 
-    from launch.config import load_config
-    from launch.job import setup_groups
-    from launch.trainer import Trainer
+    from moetrain.launch.config import load_config
+    from moetrain.launch.job import setup_groups
+    from moetrain.launch.trainer import Trainer
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cfg = load_config(None, overrides)
@@ -50,7 +47,7 @@ def main() -> None:
     ap.add_argument("--budget-gib", type=float, default=24.0)
     ap.add_argument("--stages", default="0,1,2,2cpu", help="comma list of ZeRO stages; 'cpu' suffix = offload")
     a = ap.parse_args()
-    from launch.local import LocalRanks
+    from moetrain.launch.local import LocalRanks
 
     d = a.d_model
     common = [f"model.layers={a.layers}", f"model.d_model={d}", f"model.heads={d // 64}", f"model.d_ffn={4 * d}",
@@ -76,8 +73,8 @@ def main() -> None:
     print("| ZeRO | offload | params MiB | grads kept MiB | optimizer MiB | activations MiB | peak growth MiB "
           "| bytes/param (all ranks) | largest model (B params) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    from launch.cli import _param_count
-    from launch.config import load_config
+    from moetrain.launch.cli import _param_count
+    from moetrain.launch.config import load_config
 
     logical, _ = _param_count(load_config(None, common))
     for stage, offload, out in rows:

@@ -32,10 +32,7 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPES = [  # (d_model, experts, top-k)
     (512, 8, 1), (512, 8, 2), (1024, 64, 1), (1024, 64, 2), (2048, 16, 1), (2048, 16, 2),
@@ -110,8 +107,8 @@ def _bench(shapes, tokens: int, iters: int, warmup: int, device: str, dtype_name
     import torch.distributed as dist
     from deepspeed.moe.layer import MoE as DSMoE
 
-    from launch.metrics import measure_matmul_flops
-    from moe.layer import MoEArgs, MoEGroups, MoELayer
+    from moetrain.launch.metrics import measure_matmul_flops
+    from moetrain.moe.layer import MoEArgs, MoEGroups, MoELayer
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -197,7 +194,7 @@ def main() -> None:
     if args.dropless and ranks != 1:
         raise SystemExit("--dropless needs --ranks 1: DeepSpeed-MoE without token drops aborts on gloo with "
                          "expert parallelism (its ranks pad to different capacities)")
-    from launch.local import LocalRanks
+    from moetrain.launch.local import LocalRanks
 
     with LocalRanks(ranks, timeout=3600, env={"DS_ACCELERATOR": args.device}) as pool:  # DeepSpeed's device
         res = pool.run(_bench, shapes, args.tokens, args.iters, args.warmup, args.device, args.dtype,

@@ -26,10 +26,7 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 LINKS = {"intra": (20e-6, 0.03e9), "inter": (100e-6, 0.015e9)}  # (latency s, bytes/s): inter 2x slower
 # communication-heavy: inter 3x slower than intra and 3x slower than LINKS, so the links' busy time is
@@ -50,12 +47,12 @@ class _Setting:
         import torch
         import torch.distributed as dist
 
-        from dist.groups import create_groups
-        from dist.links import LinkEngine, LinkSpec
-        from dist.topology import Layout, build_rank_grid
-        from moe.layer import MoEArgs, MoEGroups, MoELayer
-        from moe.tuning import DegreeTuner
-        from parallel.data_parallel import GradReducer
+        from moetrain.dist.groups import create_groups
+        from moetrain.dist.links import LinkEngine, LinkSpec
+        from moetrain.dist.topology import Layout, build_rank_grid
+        from moetrain.moe.layer import MoEArgs, MoEGroups, MoELayer
+        from moetrain.moe.tuning import DegreeTuner
+        from moetrain.parallel.data_parallel import GradReducer
 
         s = dict(SETTINGS[name])
         if degrees is not None:
@@ -89,7 +86,7 @@ class _Setting:
         import torch
         import torch.distributed as dist
 
-        from moe.tuning import fit_and_choose
+        from moetrain.moe.tuning import fit_and_choose
 
         layer, engine = self.layer, self.engine
         dist.barrier()
@@ -166,7 +163,7 @@ def main() -> None:
     args = ap.parse_args()
     links = LINK_PRESETS[args.links]
 
-    from launch.local import LocalRanks
+    from moetrain.launch.local import LocalRanks
 
     print(f"# MoE overlap, {args.ranks} ranks on 2 simulated nodes, hier2d; links: "
           + ", ".join(f"{k} {v[0] * 1e6:.0f} us + {v[1] / 1e9:g} GB/s" for k, v in links.items())

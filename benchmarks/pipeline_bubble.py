@@ -21,10 +21,7 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPE = (8, 2, 16)  # the activation passed between stages: [s, b, d]
 
@@ -33,8 +30,8 @@ def _stage(p: int, m: int, schedule: str, vpp: int, unit: float, steps: int) -> 
     import torch
     import torch.distributed as dist
 
-    from parallel.pipeline import PipelineRunner
-    from parallel.weight_grad import weight_grad
+    from moetrain.parallel.pipeline import PipelineRunner
+    from moetrain.parallel.weight_grad import weight_grad
 
     busy = [0.0]
 
@@ -98,8 +95,8 @@ def main() -> None:
     ap.add_argument("--vpp", type=int, default=2, help="chunks per rank for the interleaved schedule")
     args = ap.parse_args()
 
-    from launch.local import LocalRanks
-    from parallel.schedules import build_schedule, simulate, theoretical_bubble
+    from moetrain.launch.local import LocalRanks
+    from moetrain.parallel.schedules import build_schedule, simulate, theoretical_bubble
 
     unit = args.unit_ms / 1000.0
     print(f"# pipeline bubble, unit {args.unit_ms:g} ms (F = B = W), median of {args.steps} steps; "

@@ -18,16 +18,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from launch.config import load_config  # noqa: E402
-from launch.local import LocalRanks  # noqa: E402
-from launch.metrics import flops_per_token, matmul_param_count, measure_matmul_flops  # noqa: E402
+from moetrain.launch.config import load_config  # noqa: E402
+from moetrain.launch.local import LocalRanks  # noqa: E402
+from moetrain.launch.metrics import flops_per_token, matmul_param_count, measure_matmul_flops  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cluster_configs",
                       "sim_cpu_8rank.yaml")
@@ -38,8 +35,8 @@ def _bench_rank(overrides: list[str], steps: int, warmup: int, profile: bool) ->
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from launch.job import setup_groups
-    from launch.trainer import Trainer
+    from moetrain.launch.job import setup_groups
+    from moetrain.launch.trainer import Trainer
 
     cfg = load_config(CONFIG, overrides + [f"train.steps={steps + warmup}"])
     trainer = Trainer(cfg, setup_groups(cfg))

@@ -16,9 +16,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BASE = ["cluster.nodes=1", "cluster.ranks_per_node=1", "model.layers=4", "model.d_model=256", "model.heads=8",
         "model.d_ffn=1024", "model.seq_len=256", "train.micro_batch_size=8", "train.global_batch_size=8",
@@ -33,10 +30,10 @@ def _run(overrides: list[str]) -> dict:
 
     import torch
 
-    from launch.config import load_config
-    from launch.job import setup_groups
-    from launch.metrics import peak_memory_bytes
-    from launch.trainer import Trainer
+    from moetrain.launch.config import load_config
+    from moetrain.launch.job import setup_groups
+    from moetrain.launch.metrics import peak_memory_bytes
+    from moetrain.launch.trainer import Trainer
 
     cfg = load_config(None, BASE + overrides)
     trainer = Trainer(cfg, setup_groups(cfg))
@@ -73,7 +70,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
-    from launch.local import LocalRanks
+    from moetrain.launch.local import LocalRanks
 
     extra = [f"train.steps={args.steps}", f"cluster.device={args.device}"]
     if args.device == "cuda":

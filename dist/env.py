@@ -171,7 +171,7 @@ def detect(launcher: str) -> RankEnv:
         if not under_mpi():
             raise LaunchEnvError(
                 "cluster.launcher=mpi but this process was not started by mpiexec; run "
-                "`mpiexec -n N python -m mpi4py -m launch.cli train CONFIG`"
+                "`mpiexec -n N python -m mpi4py -m moetrain train CONFIG`"
             )
         return from_mpi()
     return from_env(launcher=launcher)

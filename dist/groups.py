@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from dist.topology import FAMILIES, RankGrid
+from moetrain.dist.topology import FAMILIES, RankGrid
 
 __all__ = ["ParallelGroups", "create_groups"]
 

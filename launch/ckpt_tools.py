@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from dist.checkpoint import MANIFEST, Checkpointer, CheckpointError, CheckpointReader
+from moetrain.dist.checkpoint import MANIFEST, Checkpointer, CheckpointError, CheckpointReader
 
 __all__ = ["open_checkpoint", "inspect", "convert"]
 

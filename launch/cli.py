@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from launch.config import ConfigError, JobConfig, load_config
+from moetrain.launch.config import ConfigError, JobConfig, load_config
 
 __all__ = ["main"]
 
@@ -81,7 +81,7 @@ def describe(cfg: JobConfig) -> str:
 
 
 def _grid(cfg: JobConfig):
-    from dist.topology import Layout, build_rank_grid
+    from moetrain.dist.topology import Layout, build_rank_grid
 
     layout = Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.dp, ep=cfg.parallel.ep, etp=cfg.parallel.etp)
     return build_rank_grid(layout, ranks_per_node=cfg.cluster.ranks_per_node)
@@ -109,7 +109,7 @@ def _cmd_topology(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from launch.job import run_job
+    from moetrain.launch.job import run_job
 
     cfg = load_config(args.config, args.overrides)
     summary = run_job(cfg, args.summary)
@@ -120,8 +120,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_profile(args) -> int:
-    from launch.job import run_job
-    from launch.profile import write_report
+    from moetrain.launch.job import run_job
+    from moetrain.launch.profile import write_report
 
     steps = [] if args.steps is None else [f"train.steps={args.steps}"]
     cfg = load_config(args.config, list(args.overrides) + steps)
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_checkpoint(args) -> int:
-    from launch.ckpt_tools import convert, format_inspect, inspect
+    from moetrain.launch.ckpt_tools import convert, format_inspect, inspect
 
     if args.action == "inspect":
         info = inspect(args.dir)
@@ -217,8 +217,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from launch.job import USER_ERRORS
-        from launch.local import RankFailure
+        from moetrain.launch.job import USER_ERRORS
+        from moetrain.launch.local import RankFailure
 
         if isinstance(exc, USER_ERRORS):
             print(f"error: {exc}", file=sys.stderr)

@@ -529,7 +529,7 @@ def check_consistency(cfg: JobConfig) -> None:
         if moe.every > m.layers:
             raise ConfigError("moe.every", f"{moe.every} exceeds model.layers={m.layers}: no MoE block")
         if moe.dispatch != "flat" and p.ep > 1:
-            from dist.topology import Layout, build_rank_grid
+            from moetrain.dist.topology import Layout, build_rank_grid
 
             grid = build_rank_grid(Layout(tp=p.tp, pp=p.pp, dp=dp, ep=p.ep, etp=p.etp),
                                    ranks_per_node=c.ranks_per_node)

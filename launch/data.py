@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from parallel.layers import stream_seed
+from moetrain.parallel.layers import stream_seed
 
 __all__ = ["DataError", "TokenBatches", "default_corpus_bytes"]
 

@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
-from launch.config import JobConfig, config_from_dict, write_resolved
+from moetrain.launch.config import JobConfig, config_from_dict, write_resolved
 
 __all__ = ["run_job", "rank_main", "JobError", "USER_ERRORS", "attempt_number"]
 
@@ -25,11 +25,11 @@ class JobError(RuntimeError):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from dist.checkpoint import CheckpointError
-    from dist.env import LaunchEnvError
-    from launch.data import DataError
-    from launch.trainer import TrainError
-    from moe.kernels import KernelError
+    from moetrain.dist.checkpoint import CheckpointError
+    from moetrain.dist.env import LaunchEnvError
+    from moetrain.launch.data import DataError
+    from moetrain.launch.trainer import TrainError
+    from moetrain.moe.kernels import KernelError
 
     return (JobError, LaunchEnvError, CheckpointError, DataError, TrainError, KernelError)
 
@@ -46,7 +46,7 @@ def _init_distributed(cfg: JobConfig, env) -> None:
 
 def rank_main(cfg_data: dict[str, Any], profile_dir: Optional[str] = None) -> dict[str, Any]:
     """Everything one rank does, launcher-agnostic. Returns this rank's summary."""
-    from launch.trainer import train
+    from moetrain.launch.trainer import train
 
     cfg = config_from_dict(cfg_data, check=False)
     groups = setup_groups(cfg)
@@ -59,8 +59,8 @@ def setup_groups(cfg: JobConfig):
     """Rank grid and process groups for ``cfg`` on the running world (collective)."""
     import torch.distributed as dist
 
-    from dist.groups import create_groups
-    from dist.topology import Layout, build_rank_grid
+    from moetrain.dist.groups import create_groups
+    from moetrain.dist.topology import Layout, build_rank_grid
 
     if dist.get_world_size() != cfg.world_size:
         raise JobError(
@@ -90,7 +90,7 @@ def _nvlink_islands(node_of: list[int]) -> list[int]:
     import torch
     import torch.distributed as dist
 
-    from launch.gpu_monitor import GpuMonitor, nvlink_node_map
+    from moetrain.launch.gpu_monitor import GpuMonitor, nvlink_node_map
 
     local = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
     mon = GpuMonitor.create(torch.device("cuda", local))
@@ -115,7 +115,7 @@ def attempt_number() -> int:
 
 
 def _is_user_error(exc: BaseException) -> bool:
-    from launch.local import RankFailure
+    from moetrain.launch.local import RankFailure
 
     if isinstance(exc, USER_ERRORS):
         return True
@@ -154,7 +154,7 @@ def run_job(cfg: JobConfig, summary_path: Optional[str] = None, profile_dir: Opt
     data = cfg.model_dump(mode="json")
     launcher = cfg.cluster.launcher
     if launcher == "local":
-        from launch.local import LocalRanks, RankFailure
+        from moetrain.launch.local import LocalRanks, RankFailure
 
         def start(attempt: int) -> dict[str, Any]:
             env = {"PYTHONUNBUFFERED": "1", "MOETRAIN_ATTEMPT": str(attempt)}
@@ -164,11 +164,11 @@ def run_job(cfg: JobConfig, summary_path: Optional[str] = None, profile_dir: Opt
 
         summary = _with_restarts(cfg, start, (RankFailure,))
     elif launcher == "ray":
-        from launch.ray_launcher import run_ray
+        from moetrain.launch.ray_launcher import run_ray
 
         summary = run_ray(cfg, data, profile_dir)
     elif launcher in ("mpi", "env"):
-        from dist.env import detect
+        from moetrain.dist.env import detect
 
         env = detect(launcher)
         _init_distributed(cfg, env)

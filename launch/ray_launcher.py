@@ -29,9 +29,9 @@ import sys
 import time
 from typing import Any, Optional
 
-from launch.config import JobConfig
-from launch.job import JobError, _with_restarts
-from launch.local import RankFailure, RankReport, _describe_exc
+from moetrain.launch.config import JobConfig
+from moetrain.launch.job import JobError, _with_restarts
+from moetrain.launch.local import RankFailure, RankReport, _describe_exc
 
 __all__ = ["run_ray", "preflight"]
 
@@ -103,7 +103,7 @@ class _Rank:
 
         import torch.distributed as dist
 
-        from launch.job import rank_main
+        from moetrain.launch.job import rank_main
 
         try:
             backend = "nccl" if data["cluster"]["device"] == "cuda" else "gloo"

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dist.checkpoint import CheckpointError, CheckpointReader
-from parallel.logical import LogicalParam, logical_params
-from parallel.zero import ShardedAdamW
+from moetrain.dist.checkpoint import CheckpointError, CheckpointReader
+from moetrain.parallel.logical import LogicalParam, logical_params
+from moetrain.parallel.zero import ShardedAdamW
 
 __all__ = ["logical_state", "restore_logical", "MOMENTS"]
 

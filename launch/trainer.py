@@ -24,24 +24,24 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from dist.checkpoint import Checkpointer, CheckpointError, CheckpointReader
-from dist.groups import ParallelGroups
-from launch.config import JobConfig
-from launch.data import TokenBatches
-from launch.metrics import (
+from moetrain.dist.checkpoint import Checkpointer, CheckpointError, CheckpointReader
+from moetrain.dist.groups import ParallelGroups
+from moetrain.launch.config import JobConfig
+from moetrain.launch.data import TokenBatches
+from moetrain.launch.metrics import (
     device_peak_flops,
     flops_per_token,
     matmul_param_count,
     measure_matmul_flops,
     peak_memory_bytes,
 )
-from launch.resharding import logical_state, restore_logical
-from moe.layer import MoEArgs, MoEGroups, MoELayer
-from moe.tuning import DegreeTuner, fit_and_choose
-from parallel.data_parallel import GradReducer, clip_grad_norm, finalize_tp_partial_grads
-from parallel.model import SwiGLU, Transformer, TransformerArgs
-from parallel.pipeline import PipelineRunner, partition_layers
-from parallel.zero import ShardedAdamW
+from moetrain.launch.resharding import logical_state, restore_logical
+from moetrain.moe.layer import MoEArgs, MoEGroups, MoELayer
+from moetrain.moe.tuning import DegreeTuner, fit_and_choose
+from moetrain.parallel.data_parallel import GradReducer, clip_grad_norm, finalize_tp_partial_grads
+from moetrain.parallel.model import SwiGLU, Transformer, TransformerArgs
+from moetrain.parallel.pipeline import PipelineRunner, partition_layers
+from moetrain.parallel.zero import ShardedAdamW
 
 __all__ = ["Trainer", "train", "TrainError", "CollectiveFailure"]
 
@@ -120,7 +120,7 @@ class Trainer:
         self.step_spans: list[tuple[int, float, float, bool]] = []
         self.rank = dist.get_rank()
         if cfg.logging.collective_check:
-            from dist import collective_check
+            from moetrain.dist import collective_check
 
             collective_check.enable(timeout_s=min(cfg.cluster.collective_timeout_s, 120.0))
         self.is_logger = self.rank == 0
@@ -228,7 +228,7 @@ class Trainer:
         pipelined = moe.num_experts > 0 and (moe.pipeline_degree, moe.bwd_pipeline_degree) != (1, 1)
         if not (pipelined or net.simulate or self.profile_dir):
             return None
-        from dist.links import LinkEngine, LinkSpec
+        from moetrain.dist.links import LinkEngine, LinkSpec
 
         sim = None
         if net.simulate:
@@ -342,7 +342,7 @@ class Trainer:
 
     def _moe_kernels(self, choice: str) -> str:
         """``moe.kernels`` -> the layer's ops: the csrc kernels need a CUDA device and a successful build."""
-        from moe import kernels
+        from moetrain.moe import kernels
 
         if choice == "torch" or self.device.type != "cuda":
             return "torch"
@@ -439,7 +439,7 @@ class Trainer:
         inj = self.cfg.fault.inject
         if inj.kind is None or inj.step != step or inj.rank != self.rank:
             return
-        from launch.job import attempt_number
+        from moetrain.launch.job import attempt_number
 
         if attempt_number() > 0:  # a restarted job runs on: the fault was injected into the first attempt
             return
@@ -636,13 +636,13 @@ class Trainer:
         if self.writer:
             self.writer.close()
         if self.profile_dir:
-            from launch.profile import write_rank_records
+            from moetrain.launch.profile import write_rank_records
 
             write_rank_records(self, self.profile_dir)
         if self.engine is not None:
             self.engine.close()
         if cfg.logging.collective_check:
-            from dist import collective_check
+            from moetrain.dist import collective_check
 
             collective_check.disable()
         return {
@@ -732,7 +732,7 @@ class Trainer:
     def _log_gpus(self, step: int) -> None:
         """Every rank's NVML sample (utilisation, memory, power) to TensorBoard as gpu/<metric>/rank<r>."""
         if not hasattr(self, "gpu_monitor"):
-            from launch.gpu_monitor import GpuMonitor
+            from moetrain.launch.gpu_monitor import GpuMonitor
 
             self.gpu_monitor = GpuMonitor.create(self.device)
         mine = self.gpu_monitor.sample() if self.gpu_monitor is not None else {}

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from parallel.weight_grad import PendingWeightGrads
+from moetrain.parallel.weight_grad import PendingWeightGrads
 
 __all__ = ["all_to_all", "Plan", "build_plan", "exchange_counts", "segments_perm", "permute_rows",
            "inverse_permutation", "DISPATCHERS"]

@@ -23,10 +23,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moe.dispatch import all_to_all, inverse_permutation, segments_perm
-from parallel.grad_storage import fresh_grad
-from parallel.layers import init_normal
-from parallel.weight_grad import PendingWeightGrads, weight_grad
+from moetrain.moe.dispatch import all_to_all, inverse_permutation, segments_perm
+from moetrain.parallel.grad_storage import fresh_grad
+from moetrain.parallel.layers import init_normal
+from moetrain.parallel.weight_grad import PendingWeightGrads, weight_grad
 
 __all__ = ["GroupedExperts", "grouped_mm"]
 

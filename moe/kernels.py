@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from parallel.cuda_ext import CSRC, Extension
+from moetrain.parallel.cuda_ext import CSRC, Extension
 
 __all__ = ["load", "route_topk_ref", "rank_in_expert_ref", "pack_rows_ref", "combine_rows_ref", "positions_ref",
            "CSRC", "KernelError", "require", "select_experts", "positions", "pack_rows", "combine_rows"]

@@ -29,14 +29,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from moe import kernels
-from moe.dispatch import build_plan, exchange_counts, inverse_permutation, permute_rows, segments_perm
-from moe.experts import GroupedExperts
-from moe.overlap import SectionTimes, pipelined_experts
-from moe.routers import RouterConfig, Routing, SparseRouting, build_router, token_bags, weighted_token_sum
-from parallel.layers import tp_rank_size
-from parallel.mappings import copy_to_tp, gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
-from parallel.weight_grad import PendingWeightGrads
+from moetrain.moe import kernels
+from moetrain.moe.dispatch import build_plan, exchange_counts, inverse_permutation, permute_rows, segments_perm
+from moetrain.moe.experts import GroupedExperts
+from moetrain.moe.overlap import SectionTimes, pipelined_experts
+from moetrain.moe.routers import RouterConfig, Routing, SparseRouting, build_router, token_bags, weighted_token_sum
+from moetrain.parallel.layers import tp_rank_size
+from moetrain.parallel.mappings import copy_to_tp, gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
+from moetrain.parallel.weight_grad import PendingWeightGrads
 
 __all__ = ["MoEArgs", "MoEGroups", "MoELayer"]
 
@@ -305,8 +305,8 @@ class MoELayer(nn.Module):
 
     def _sample_assignments(self, routing, x_TD: torch.Tensor) -> torch.Tensor:
         """WTA-CRS weight of each assignment: per expert, over its assignments, p proportional to ||x||."""
-        from parallel.layers import stream_seed
-        from parallel.wtacrs import budget, draw_sample, sampling_probs
+        from moetrain.parallel.layers import stream_seed
+        from moetrain.parallel.wtacrs import budget, draw_sample, sampling_probs
 
         streams = self.router.streams
         first = streams.sample_ids[0] if len(getattr(streams, "sample_ids", ())) else 0

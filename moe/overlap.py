@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moe.dispatch import Plan, inverse_permutation
+from moetrain.moe.dispatch import Plan, inverse_permutation
 
 __all__ = ["ChunkLayout", "pipelined_experts", "SectionTimes"]
 
@@ -132,7 +132,7 @@ class _Section:
         """The whole section's transfers and rows (degree 1), for the α-β model."""
         import torch.distributed as dist
 
-        from moe.perf_model import SectionShape
+        from moetrain.moe.perf_model import SectionShape
 
         full = self.plan_for(self.layout.counts(range(0, self.layout.G)))
         row_bytes = rows[0].numel() * rows.element_size() if rows.dim() > 1 else rows.element_size()

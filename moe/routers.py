@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.kernels import select_experts
-from parallel.layers import init_normal, stream_seed
-from parallel.recompute import is_recomputing
+from moetrain.moe.kernels import select_experts
+from moetrain.parallel.layers import init_normal, stream_seed
+from moetrain.parallel.recompute import is_recomputing
 
 __all__ = ["Routing", "SparseRouting", "SoftRouting", "RouterConfig", "build_router", "capacity_keep",
            "capacity", "token_bags", "weighted_token_sum", "load_balancing_loss", "token_uniforms", "StaticStreams",

@@ -23,7 +23,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe.perf_model import AlphaBeta, SectionShape, choose_schedule, fit_alpha_beta, fit_per_call_envelope, makespan
+from moetrain.moe.perf_model import (
+    AlphaBeta,
+    SectionShape,
+    choose_schedule,
+    fit_alpha_beta,
+    fit_per_call_envelope,
+    makespan,
+)
 
 __all__ = ["DegreeTuner", "fit_and_choose"]
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.mappings import _reduce_scatter_single
+from moetrain.parallel.mappings import _reduce_scatter_single
 
 __all__ = ["GradReducer", "finalize_tp_partial_grads", "clip_grad_norm", "grad_norm_sq_local"]
 

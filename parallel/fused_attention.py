@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from parallel.cuda_ext import Extension
+from moetrain.parallel.cuda_ext import Extension
 
 __all__ = ["attention", "attention_ref", "unsupported", "load", "self_check"]
 

@@ -17,13 +17,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.mappings import (
+from moetrain.parallel.mappings import (
     copy_to_tp,
     gather_from_sp,
     reduce_from_tp,
     reduce_scatter_to_sp,
 )
-from parallel.weight_grad import linear
+from moetrain.parallel.weight_grad import linear
 
 __all__ = [
     "stream_seed",
@@ -86,7 +86,7 @@ def enable_wtacrs(layer: nn.Module, cfg, streams, name: str) -> None:
     ``streams`` supplies ``step`` and ``sample_ids`` (the model's per-step stream context), which key the
     draws so that every TP rank, and the single-process run, draw the same rows for a micro-batch.
     """
-    from parallel.wtacrs import NormCache
+    from moetrain.parallel.wtacrs import NormCache
 
     layer.wtacrs = (cfg, streams, name)
     layer.norm_cache = NormCache()
@@ -96,7 +96,7 @@ def _sampled_linear(layer: nn.Module, x: torch.Tensor, *, x_group=None, g_group=
     spec = getattr(layer, "wtacrs", None)
     if spec is None or not torch.is_grad_enabled() or not layer.weight.requires_grad:
         return None
-    from parallel.wtacrs import wtacrs_linear
+    from moetrain.parallel.wtacrs import wtacrs_linear
 
     cfg, streams, name = spec
     first = streams.sample_ids[0] if len(streams.sample_ids) else 0

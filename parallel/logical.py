@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from parallel.layers import gather_dim, pad_rows, tp_rank_size
+from moetrain.parallel.layers import gather_dim, pad_rows, tp_rank_size
 
 __all__ = ["LogicalParam", "logical_params"]
 

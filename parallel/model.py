@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parallel import fused_attention
-from parallel.layers import (
+from moetrain.parallel import fused_attention
+from moetrain.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
@@ -34,9 +34,9 @@ from parallel.layers import (
     tp_rank_size,
     vocab_parallel_cross_entropy,
 )
-from parallel.mappings import gather_from_sp
-from parallel.recompute import recompute
-from parallel.weight_grad import linear
+from moetrain.parallel.mappings import gather_from_sp
+from moetrain.parallel.recompute import recompute
+from moetrain.parallel.weight_grad import linear
 
 __all__ = ["TransformerArgs", "Transformer", "DropoutStream", "RMSNorm", "SwiGLU"]
 
@@ -103,7 +103,7 @@ class DropoutStream:
 
     def uniform_per_token(self, site: str, seq_len: int, batch: int) -> torch.Tensor:
         """One uniform per token of the full micro-batch, ``[s * b]`` in ``[s, b]`` order (stochastic routers)."""
-        from moe.routers import token_uniforms
+        from moetrain.moe.routers import token_uniforms
 
         if len(self.sample_ids) != batch:
             raise RuntimeError(f"step streams have {len(self.sample_ids)} sample ids for a batch of {batch}")
@@ -282,8 +282,8 @@ class Transformer(nn.Module):
     def _enable_wtacrs(self, args: TransformerArgs) -> None:
         """WTA-CRS on the chosen linears of every block (dense MLPs and shared experts included); never
         on the embedding or the LM head."""
-        from parallel.layers import enable_wtacrs
-        from parallel.wtacrs import WTACRSConfig
+        from moetrain.parallel.layers import enable_wtacrs
+        from moetrain.parallel.wtacrs import WTACRSConfig
 
         cfg = WTACRSConfig(keep_ratio=args.wtacrs_keep_ratio, k_min=args.wtacrs_min_rows, seed=args.seed)
         for block in self.layers.values():
@@ -321,7 +321,7 @@ class Transformer(nn.Module):
         return out
 
     def _head_init(self, dtype: torch.dtype) -> torch.Tensor:
-        from parallel.layers import init_normal
+        from moetrain.parallel.layers import init_normal
 
         rank, tp = tp_rank_size(self.tp_group)
         full = torch.zeros(self.vocab_padded, self.args.d_model)
@@ -343,7 +343,7 @@ class Transformer(nn.Module):
         if self.head is not None:
             logits = self.head(x)  # [s, b, V_pad/tp]
         else:
-            from parallel.mappings import copy_to_tp
+            from moetrain.parallel.mappings import copy_to_tp
 
             x = gather_from_sp(x, self.tp_group) if self.sp else copy_to_tp(x, self.tp_group)
             logits = linear(x, self.embed.weight)

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from parallel.schedules import Action, build_schedule
-from parallel.weight_grad import DeferredGrads, defer_weight_grads, run_deferred
+from moetrain.parallel.schedules import Action, build_schedule
+from moetrain.parallel.weight_grad import DeferredGrads, defer_weight_grads, run_deferred
 
 __all__ = ["partition_layers", "PipelineRunner"]
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from parallel.grad_storage import fresh_grad
+from moetrain.parallel.grad_storage import fresh_grad
 
 __all__ = ["weight_grad", "defer_weight_grads", "run_deferred", "linear", "DeferredGrads", "PendingWeightGrads"]
 

@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parallel.layers import stream_seed
-from parallel.weight_grad import weight_grad
+from moetrain.parallel.layers import stream_seed
+from moetrain.parallel.weight_grad import weight_grad
 
 __all__ = ["Sample", "choose_winners", "draw_sample", "importance_scale", "sampling_probs", "WTACRSConfig",
            "NormCache", "wtacrs_linear", "budget"]

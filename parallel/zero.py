@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.mappings import _all_gather_single
+from moetrain.parallel.mappings import _all_gather_single
 
 __all__ = ["ShardedAdamW"]
 

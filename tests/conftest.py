@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from launch.local import LocalRanks
+from moetrain.launch.local import LocalRanks
 
 # Ray started by tests (local instances, ray.cluster_utils.Cluster) binds 127.0.0.1 only; Ray reads this
 # when it is first imported.

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from parallel.fused_attention import attention, attention_ref, unsupported
+from moetrain.parallel.fused_attention import attention, attention_ref, unsupported
 
 
 def test_reference_equals_the_eager_softmax_and_sdpa():
@@ -43,7 +43,7 @@ def test_unsupported_inputs_are_named():
 
 
 def test_fused_setting_runs_sdpa_on_cpu_identically_and_says_why_once(caplog):
-    from parallel.model import Attention, TransformerArgs
+    from moetrain.parallel.model import Attention, TransformerArgs
 
     outs = []
     for kind in ("sdpa", "fused"):
@@ -73,7 +73,7 @@ def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("T,H,Hkv", [(1, 4, 4), (63, 8, 2), (200, 4, 1), (1000, 6, 3), (64, 2, 2)])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_fused_attention_equals_float64_reference_on_gpu(dtype, D, T, H, Hkv, causal):
-    from parallel.fused_attention import load
+    from moetrain.parallel.fused_attention import load
 
     ext = load()
     assert ext is not None, "CUDA present but the attention kernel did not build"
@@ -128,7 +128,7 @@ def _reference_attention_ext(scale_out: float = 1.0):
 
 
 def test_attention_self_check_accepts_the_reference_and_names_a_wrong_output():
-    from parallel.fused_attention import self_check
+    from moetrain.parallel.fused_attention import self_check
 
     assert self_check(_reference_attention_ext(), "cpu") is None
     failed = self_check(_reference_attention_ext(scale_out=1.1), "cpu")

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from dist.checkpoint import Checkpointer, CheckpointError
-from launch.config import load_config
-from launch.job import setup_groups
-from launch.local import RankFailure
-from launch.trainer import Trainer
+from moetrain.dist.checkpoint import Checkpointer, CheckpointError
+from moetrain.launch.config import load_config
+from moetrain.launch.job import setup_groups
+from moetrain.launch.local import RankFailure
+from moetrain.launch.trainer import Trainer
 
 BASE = ["model.layers=2", "model.d_model=32", "model.heads=4", "model.d_ffn=64", "model.seq_len=16",
         "train.steps=6", "train.micro_batch_size=2", "train.global_batch_size=8", "train.lr=0.01",
@@ -54,11 +54,11 @@ def test_resume_refuses_another_model_but_not_another_layout(ranks, tmp_path):
     pool.run(_fit, ck + ["train.steps=2"])
     with pytest.raises(RankFailure) as info:
         pool.run(_fit, ck + ["model.d_ffn=128"])
-    errs = info.value.errors_of_type({"dist.checkpoint.CheckpointError"})
+    errs = info.value.errors_of_type({"moetrain.dist.checkpoint.CheckpointError"})
     assert errs and "model.d_ffn: checkpoint 64, config 128" in errs[0].message
     with pytest.raises(RankFailure) as info:
         pool.run(_fit, ck + ["moe.num_experts=4", "parallel.ep=2", "model.kv_heads=4"])
-    errs = info.value.errors_of_type({"dist.checkpoint.CheckpointError"})
+    errs = info.value.errors_of_type({"moetrain.dist.checkpoint.CheckpointError"})
     assert errs and "moe.num_experts: checkpoint 0, config 4" in errs[0].message
     # another layout of the same model loads (resharding: tests/test_resharding.py)
     assert pool.run(_fit, ck + ["parallel.tp=1", "train.steps=3"])[0]["resumed_from"].endswith("step_00000002")

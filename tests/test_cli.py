@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dist.topology import Layout, build_rank_grid
-from launch.cli import main
+from moetrain.dist.topology import Layout, build_rank_grid
+from moetrain.launch.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "cluster_configs").glob("*.yaml"))
@@ -76,7 +76,7 @@ def test_bad_input_is_one_line_exit_2(args, line, capsys):
 
 def test_console_script_exit_codes():
     exe = Path(sys.executable).with_name("moetrain")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "launch.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moetrain"]
     ok = subprocess.run(cmd + ["validate", str(ROOT / "cluster_configs/sim_cpu_8rank.yaml")],
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
@@ -95,7 +95,7 @@ TRAIN_SMALL = ["cluster.nodes=1", "cluster.ranks_per_node=2", "parallel.tp=2", "
 
 def _cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("moetrain")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "launch.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moetrain"]
     return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 

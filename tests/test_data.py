@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from launch.data import DataError, TokenBatches, default_corpus_bytes
+from moetrain.launch.data import DataError, TokenBatches, default_corpus_bytes
 
 
 def _batches(**kw):

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.data_parallel import GradReducer, clip_grad_norm
+from moetrain.parallel.data_parallel import GradReducer, clip_grad_norm
 
 
 def _toy(width: int = 16, depth: int = 4) -> nn.Sequential:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dist.env import LaunchEnvError, RankEnv, from_env, under_mpi
+from moetrain.dist.env import LaunchEnvError, RankEnv, from_env, under_mpi
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,7 +75,7 @@ def test_mpiexec_rank_environment_and_training_job(tmp_path):
 
     summary = tmp_path / "summary.json"
     job = subprocess.run(
-        [_mpiexec(), "-n", "4", sys.executable, "-m", "mpi4py", "-m", "launch.cli", "train",
+        [_mpiexec(), "-n", "4", sys.executable, "-m", "mpi4py", "-m", "moetrain", "train",
          str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"), "cluster.launcher=mpi", "cluster.nodes=1",
          "cluster.ranks_per_node=4", "train.steps=2", "train.global_batch_size=8",
          f"logging.run_dir={tmp_path}", "--summary", str(summary)],
@@ -85,8 +85,8 @@ def test_mpiexec_rank_environment_and_training_job(tmp_path):
     assert data["world_size"] == 4 and data["layout"] == {"tp": 2, "pp": 1, "ep": 4, "dp": 2}  # MoE, EP=4
     assert data["steps"] == 2 and len(data["losses"]) == 2
     # the same job under the local launcher: the same losses
-    from launch.config import load_config
-    from launch.job import run_job
+    from moetrain.launch.config import load_config
+    from moetrain.launch.job import run_job
 
     local = run_job(load_config(str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"), [
         "cluster.nodes=1", "cluster.ranks_per_node=4", "train.steps=2", "train.global_batch_size=8",
@@ -100,7 +100,7 @@ def test_mpiexec_exception_on_one_rank_aborts_the_job(tmp_path):
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
     t0 = time.monotonic()
     job = subprocess.run(
-        [_mpiexec(), "-n", "4", sys.executable, "-m", "mpi4py", "-m", "launch.cli", "train",
+        [_mpiexec(), "-n", "4", sys.executable, "-m", "mpi4py", "-m", "moetrain", "train",
          str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"), "cluster.launcher=mpi", "cluster.nodes=1",
          "cluster.ranks_per_node=4", "train.steps=4", "train.global_batch_size=8", f"logging.run_dir={tmp_path}",
          "fault.inject={rank: 2, step: 1, kind: exception}"],

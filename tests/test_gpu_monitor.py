@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from launch.gpu_monitor import GpuMonitor, nvlink_island, nvlink_node_map
+from moetrain.launch.gpu_monitor import GpuMonitor, nvlink_island, nvlink_node_map
 
 
 def test_monitor_is_a_silent_no_op_on_cpu():

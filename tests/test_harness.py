@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launch.local import LocalRanks, RankFailure
+from moetrain.launch.local import LocalRanks, RankFailure
 
 
 def _rank_and_sum():

@@ -9,8 +9,15 @@ import subprocess
 import pytest
 import torch
 
-from moe.kernels import CSRC, combine_rows_ref, pack_rows_ref, positions_ref, rank_in_expert_ref, route_topk_ref
-from moe.routers import capacity_keep
+from moetrain.moe.kernels import (
+    CSRC,
+    combine_rows_ref,
+    pack_rows_ref,
+    positions_ref,
+    rank_in_expert_ref,
+    route_topk_ref,
+)
+from moetrain.moe.routers import capacity_keep
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
@@ -81,7 +88,7 @@ def test_reference_pack_and_combine_equal_gather_and_weighted_sum():
 @pytest.mark.parametrize("T,E,K,D,dtype", [(4097, 64, 8, 1000, torch.bfloat16), (64 * 1024, 256, 8, 128, torch.float16),
                                            (1000, 8, 1, 77, torch.float32), (513, 128, 2, 4096, torch.bfloat16)])
 def test_kernels_equal_reference_on_gpu(T, E, K, D, dtype):
-    from moe.kernels import load
+    from moetrain.moe.kernels import load
 
     ext = load()
     assert ext is not None, "CUDA present but the kernels did not build"
@@ -125,7 +132,7 @@ def test_kernels_equal_reference_on_gpu(T, E, K, D, dtype):
 
 # ------------------------------------------------------- the fused stages in the MoE layer (CPU: reference ops)
 def test_pack_and_combine_autograd_pass_gradcheck():
-    from moe.kernels import combine_rows, pack_rows
+    from moetrain.moe.kernels import combine_rows, pack_rows
 
     g = torch.Generator().manual_seed(5)
     expert = torch.randint(0, 4, (7, 2), generator=g).to(torch.int32)
@@ -141,8 +148,8 @@ def test_pack_and_combine_autograd_pass_gradcheck():
 
 
 def test_cuda_kernels_refused_without_a_device_and_auto_falls_back():
-    from launch.config import ConfigError, load_config
-    from moe.kernels import KernelError, require
+    from moetrain.launch.config import ConfigError, load_config
+    from moetrain.moe.kernels import KernelError, require
 
     with pytest.raises(ConfigError, match="cluster.device=cuda"):
         load_config(None, ["moe.num_experts=4", "moe.kernels=cuda"])
@@ -157,7 +164,7 @@ ROUTERS_SPARSE = ["topk", "switch", "gshard", "sigmoid", "xmoe", "expert_choice"
 
 @pytest.mark.parametrize("capacity_factor,policy", [(None, "probs"), (1.0, "probs"), (0.75, "position")])
 def test_fused_stages_equal_torch_stages_for_every_router(capacity_factor, policy):
-    from moe.layer import FusedInverseOrder, FusedOrder, MoEArgs, MoEGroups, MoELayer
+    from moetrain.moe.layer import FusedInverseOrder, FusedOrder, MoEArgs, MoEGroups, MoELayer
 
     for router in ROUTERS_SPARSE:
         outs = []
@@ -199,8 +206,8 @@ def test_fused_stages_under_expert_parallelism_and_degenerate_routings(ranks):
 
 def _train_fused(overrides: list[str]) -> dict | None:
     """The whole trainer with the layer's fused stages on CPU (reference ops), counting packing calls."""
-    from launch import trainer as trainer_mod
-    from moe import kernels
+    from moetrain.launch import trainer as trainer_mod
+    from moetrain.moe import kernels
     from tests.test_model_parallel import _train
 
     calls = {"pack": 0}
@@ -233,8 +240,8 @@ def test_fused_stages_in_the_whole_model_under_tp_sp_ep_capacity_and_wtacrs(rank
 @pytest.mark.parametrize("router", ["topk", "sigmoid", "expert_choice"])
 def test_fused_layer_equals_torch_layer_on_gpu(router):
     """The layer with the csrc kernels (fp32 on CUDA) against its torch stages: output and every gradient."""
-    from moe.kernels import load
-    from moe.layer import MoEArgs, MoEGroups, MoELayer
+    from moetrain.moe.kernels import load
+    from moetrain.moe.layer import MoEArgs, MoEGroups, MoELayer
 
     assert load() is not None, "CUDA present but the kernels did not build"
     outs = []
@@ -258,7 +265,7 @@ def test_fused_layer_equals_torch_layer_on_gpu(router):
 def _reference_ext(**broken):
     from types import SimpleNamespace
 
-    from moe.kernels import combine_rows_backward_ref, pack_rows_backward_ref
+    from moetrain.moe.kernels import combine_rows_backward_ref, pack_rows_backward_ref
 
     ops = dict(route_topk=route_topk_ref, rank_in_expert=rank_in_expert_ref, pack_rows=pack_rows_ref,
                pack_rows_backward=pack_rows_backward_ref, combine_rows=combine_rows_ref,
@@ -268,7 +275,7 @@ def _reference_ext(**broken):
 
 
 def test_self_check_passes_the_contract_and_names_the_first_broken_kernel():
-    from moe.kernels import self_check
+    from moetrain.moe.kernels import self_check
 
     assert self_check(_reference_ext(), "cpu") is None
 
@@ -294,8 +301,8 @@ def test_a_failed_self_check_keeps_the_torch_path_and_says_why(monkeypatch, capl
 
     import torch.utils.cpp_extension as cpp
 
-    from moe.kernels import self_check
-    from parallel.cuda_ext import Extension
+    from moetrain.moe.kernels import self_check
+    from moetrain.parallel.cuda_ext import Extension
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launch.config import load_config
-from launch.job import setup_groups
-from launch.trainer import Trainer
+from moetrain.launch.config import load_config
+from moetrain.launch.job import setup_groups
+from moetrain.launch.trainer import Trainer
 
 BASE = [
     "model.layers=2", "model.d_model=64", "model.heads=8", "model.kv_heads=4", "model.d_ffn=96",
@@ -56,7 +56,7 @@ def _layout(tp: int, dp: int, sp: bool) -> list[str]:
 
 @functools.cache
 def _reference(extra: tuple[str, ...]) -> dict:
-    from launch.local import LocalRanks
+    from moetrain.launch.local import LocalRanks
 
     with LocalRanks(1, timeout=300) as pool:
         return pool.run(_train, _layout(1, 1, False) + list(extra))[0]

@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist.groups import create_groups
-from dist.topology import Layout, build_rank_grid
-from moe.dispatch import build_plan, exchange_counts
-from moe.layer import MoEArgs, MoEGroups, MoELayer
-from moe.routers import ROUTERS, SparseRouting
+from moetrain.dist.groups import create_groups
+from moetrain.dist.topology import Layout, build_rank_grid
+from moetrain.moe.dispatch import build_plan, exchange_counts
+from moetrain.moe.layer import MoEArgs, MoEGroups, MoELayer
+from moetrain.moe.routers import ROUTERS, SparseRouting
 
 _GROUPS: dict = {}
 
@@ -160,7 +160,7 @@ def _offs(counts: list[int]) -> torch.Tensor:
 def test_grouped_mm_paths_agree_with_per_expert_matmuls():
     """The CPU segmented loop and the ``torch._grouped_mm`` function CUDA uses (run here on CPU, where
     torch has it for fp32) against per-expert matmuls, empty experts included."""
-    from moe.experts import _GroupedMM, _SegmentedMM, fused_grouped_mm_fits, grouped_mm
+    from moetrain.moe.experts import _GroupedMM, _SegmentedMM, fused_grouped_mm_fits, grouped_mm
 
     gen = torch.Generator().manual_seed(0)
     counts = [3, 0, 5, 1, 0]
@@ -196,8 +196,8 @@ def test_grouped_mm_paths_agree_with_per_expert_matmuls():
 def test_pending_weight_grads_are_left_for_the_taker_on_every_grouped_mm_path():
     """With ``pending`` the experts' backward returns no weight gradient and queues it; ``take`` then
     computes exactly the gradient the immediate path gives (summed per parameter)."""
-    from moe.experts import _GroupedMM, grouped_mm
-    from parallel.weight_grad import PendingWeightGrads
+    from moetrain.moe.experts import _GroupedMM, grouped_mm
+    from moetrain.parallel.weight_grad import PendingWeightGrads
 
     gen = torch.Generator().manual_seed(5)
     counts = [4, 0, 3]
@@ -232,7 +232,7 @@ def _overlap_case(dispatch: str):
     args = MoEArgs(num_experts=2 * world, topk=2, d_model=8, d_expert=6, router="topk", aux_loss_coef=0.1, seed=3,
                    dispatch=dispatch)
     x = torch.randn(4, 2, 8, generator=torch.Generator().manual_seed(100 + rank), dtype=torch.float64)
-    from parallel.weight_grad import PendingWeightGrads
+    from moetrain.parallel.weight_grad import PendingWeightGrads
 
     events: list[str] = []
     real_a2a, real_take = dist.all_to_all_single, PendingWeightGrads.take
@@ -281,7 +281,7 @@ def test_expert_weight_grads_overlap_the_dispatch_backward_exactly(ranks, dispat
 def test_blocked_input_grad_equals_one_matmul():
     """The CPU fp32 input gradient summed over 32/64-row weight slices (incl. a ragged last slice) is the
     same product as one GEMM, alone and inside grouped_mm's backward."""
-    from moe.experts import _input_grad, grouped_mm
+    from moetrain.moe.experts import _input_grad, grouped_mm
 
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(300, 1024, generator=gen)  # [O, I]: I >= 1024 and O >= 256 take the sliced path
@@ -302,7 +302,7 @@ def test_blocked_input_grad_equals_one_matmul():
 def test_expert_weight_grad_storage_reused_only_when_free():
     """The stacked expert weight's gradient reuses last step's storage after zero_grad(set_to_none=True),
     never while the old gradient is still referenced (accumulation, a kept reference)."""
-    from moe.experts import grouped_mm
+    from moetrain.moe.experts import grouped_mm
 
     gen = torch.Generator().manual_seed(2)
     w = torch.nn.Parameter(torch.randn(3, 5, 4, generator=gen, dtype=torch.float64))
@@ -336,7 +336,7 @@ def test_expert_weight_grad_storage_reused_only_when_free():
 
 
 def test_permute_rows_matches_index_select_with_gradient():
-    from moe.dispatch import permute_rows
+    from moetrain.moe.dispatch import permute_rows
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(7, 3, generator=gen, dtype=torch.float64, requires_grad=True)

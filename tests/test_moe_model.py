@@ -29,7 +29,7 @@ OVERLAP = "moe.overlap_wgrad=true"
 
 def _reference(extra: tuple[str, ...]) -> dict:
     if extra not in _REF:
-        from launch.local import LocalRanks
+        from moetrain.launch.local import LocalRanks
 
         with LocalRanks(1, timeout=300) as pool:
             _REF[extra] = pool.run(_train, _layout(1, 1, 1) + MOE + list(extra))[0]

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist.groups import create_groups
-from dist.topology import Layout, build_rank_grid
+from moetrain.dist.groups import create_groups
+from moetrain.dist.topology import Layout, build_rank_grid
 
 _GROUP_CACHE: dict = {}
 

@@ -15,8 +15,8 @@ import time
 import pytest
 import torch
 
-from moe.overlap import ChunkLayout
-from moe.perf_model import (
+from moetrain.moe.overlap import ChunkLayout
+from moetrain.moe.perf_model import (
     AlphaBeta,
     SectionShape,
     choose_degree,
@@ -45,7 +45,7 @@ def _train_moe(overrides: list[str]) -> dict | None:
 
 @functools.cache
 def _unchunked(extra: tuple[str, ...]) -> dict:
-    from launch.local import LocalRanks
+    from moetrain.launch.local import LocalRanks
 
     with LocalRanks(4, ranks_per_node=2, timeout=300) as pool:
         return pool.run(_train_moe, list(extra))[0]
@@ -71,9 +71,9 @@ def test_chunked_equals_unchunked(ranks, i):
 def _grads_and_events(overrides: list[str]) -> dict | None:
     import torch.distributed as dist
 
-    from launch.config import load_config
-    from launch.job import setup_groups
-    from launch.trainer import Trainer
+    from moetrain.launch.config import load_config
+    from moetrain.launch.job import setup_groups
+    from moetrain.launch.trainer import Trainer
 
     cfg = load_config(None, BASE + overrides)
     trainer = Trainer(cfg, setup_groups(cfg))
@@ -121,11 +121,11 @@ def _pipelined_layer(degrees, inter_first: bool) -> dict | None:
     phases in either order, or unchunked (degrees None)."""
     import torch.distributed as dist
 
-    from dist.groups import create_groups
-    from dist.links import LinkEngine
-    from dist.topology import Layout, build_rank_grid
-    from moe.layer import MoEArgs, MoEGroups, MoELayer
-    from moe.tuning import DegreeTuner
+    from moetrain.dist.groups import create_groups
+    from moetrain.dist.links import LinkEngine
+    from moetrain.dist.topology import Layout, build_rank_grid
+    from moetrain.moe.layer import MoEArgs, MoEGroups, MoELayer
+    from moetrain.moe.tuning import DegreeTuner
 
     world = dist.get_world_size()
     grid = build_rank_grid(Layout(dp=world, ep=world), ranks_per_node=2)
@@ -177,7 +177,7 @@ def _deferred_turns() -> dict:
     turn and a later job still runs."""
     import torch.distributed as dist
 
-    from dist.links import LinkEngine
+    from moetrain.dist.links import LinkEngine
 
     engine = LinkEngine(node_of=[0] * dist.get_world_size(), coschedule=True)
     g = dist.group.WORLD
@@ -310,7 +310,7 @@ def test_chunk_layout_covers_every_row_once(G):
 def _diverge() -> str:
     import torch.distributed as dist
 
-    from dist import collective_check
+    from moetrain.dist import collective_check
 
     collective_check.enable(timeout_s=20)
     try:
@@ -330,7 +330,7 @@ def _diverge() -> str:
 def _agree() -> str:
     import torch.distributed as dist
 
-    from dist import collective_check
+    from moetrain.dist import collective_check
 
     collective_check.enable(timeout_s=20)
     try:
@@ -446,7 +446,7 @@ def test_profile_command_writes_traces_timeline_and_summary(tmp_path):
 
 
 def test_degree_tuner_profiles_then_keeps_the_choice_and_reprofiles_on_new_shapes():
-    from moe.tuning import DegreeTuner
+    from moetrain.moe.tuning import DegreeTuner
 
     tuner = DegreeTuner("auto", 3, profile_steps=3)
     seen = []
@@ -468,9 +468,9 @@ def test_fit_ignores_records_from_the_warm_up_step():
     """A 1 s expert call and a 1 s transfer before ``tuner.fit_from`` (the warm-up step) leave the fit alone."""
     from types import SimpleNamespace
 
-    from dist.links import Span
-    from moe.overlap import SectionTimes
-    from moe.tuning import DegreeTuner, fit_and_choose
+    from moetrain.dist.links import Span
+    from moetrain.moe.overlap import SectionTimes
+    from moetrain.moe.tuning import DegreeTuner, fit_and_choose
 
     tuner = DegreeTuner("auto", "auto", profile_steps=2)
     tuner.fit_from = 100.0

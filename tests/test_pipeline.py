@@ -12,8 +12,8 @@ import functools
 import pytest
 import torch
 
-from parallel.pipeline import partition_layers
-from parallel.schedules import SCHEDULES, Action, build_schedule, simulate, theoretical_bubble
+from moetrain.parallel.pipeline import partition_layers
+from moetrain.parallel.schedules import SCHEDULES, Action, build_schedule, simulate, theoretical_bubble
 from tests.test_model_parallel import POOL, _compare, _train
 
 # ------------------------------------------------------------------ schedules (no ranks)
@@ -99,7 +99,7 @@ def _layout(tp: int, pp: int, dp: int, *, sp: bool = False, ep: int = 1, schedul
 
 @functools.cache
 def _reference(extra: tuple[str, ...] = ()) -> dict:
-    from launch.local import LocalRanks
+    from moetrain.launch.local import LocalRanks
 
     with LocalRanks(1, timeout=300) as pool:
         return pool.run(_train_pipe, _layout(1, 1, 1) + list(extra))[0]
@@ -166,9 +166,9 @@ def test_explicit_stage_layers_and_summary(ranks):
 
 
 def _fit_pipe(overrides: list[str]) -> dict:
-    from launch.config import load_config
-    from launch.job import setup_groups
-    from launch.trainer import Trainer
+    from moetrain.launch.config import load_config
+    from moetrain.launch.job import setup_groups
+    from moetrain.launch.trainer import Trainer
 
     cfg = load_config(None, BASE + overrides)
     return Trainer(cfg, setup_groups(cfg)).fit()

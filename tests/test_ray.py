@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import load_config
-from launch.job import JobError, run_job
-from launch.local import RankFailure
+from moetrain.launch.config import load_config
+from moetrain.launch.job import JobError, run_job
+from moetrain.launch.local import RankFailure
 
 pytestmark = pytest.mark.launcher
 

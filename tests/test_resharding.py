@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from launch.local import RankFailure
+from moetrain.launch.local import RankFailure
 from tests.test_model_parallel import BASE, POOL, _train
 from tests.test_moe_model import MOE
 
@@ -57,9 +57,9 @@ def test_zero2_on_eight_ranks(ranks, layout):
 
 
 def _memory(overrides: list[str]) -> dict | None:
-    from launch.config import load_config
-    from launch.job import setup_groups
-    from launch.trainer import Trainer
+    from moetrain.launch.config import load_config
+    from moetrain.launch.job import setup_groups
+    from moetrain.launch.trainer import Trainer
 
     cfg = load_config(None, BASE + overrides + ["train.steps=1"])
     out = Trainer(cfg, setup_groups(cfg)).fit()["memory"]
@@ -118,9 +118,9 @@ def test_checkpoints_reshard_across_layouts_and_zero_stages(ranks, tmp_path):
 
 
 def _fit(overrides: list[str]) -> dict:
-    from launch.config import load_config
-    from launch.job import setup_groups
-    from launch.trainer import Trainer
+    from moetrain.launch.config import load_config
+    from moetrain.launch.job import setup_groups
+    from moetrain.launch.trainer import Trainer
 
     cfg = load_config(None, BASE + overrides)
     return Trainer(cfg, setup_groups(cfg)).fit()
@@ -135,7 +135,7 @@ def test_partial_or_foreign_checkpoints_are_refused_by_name(ranks, tmp_path):
     def error(overrides):
         with pytest.raises(RankFailure) as info:
             pool.run(_fit, overrides)
-        errs = info.value.errors_of_type({"dist.checkpoint.CheckpointError"})
+        errs = info.value.errors_of_type({"moetrain.dist.checkpoint.CheckpointError"})
         assert errs, str(info.value)
         return errs[0].message
 

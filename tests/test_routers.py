@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe.layer import InverseOrder, Order
-from moe.routers import (
+from moetrain.moe.layer import InverseOrder, Order
+from moetrain.moe.routers import (
     RouterConfig,
     SparseRouting,
     build_router,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dist.topology import FAMILIES, Layout, build_rank_grid
+from moetrain.dist.topology import FAMILIES, Layout, build_rank_grid
 
 
 def L(*groups):

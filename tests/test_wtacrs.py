@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel.wtacrs import (
+from moetrain.parallel.wtacrs import (
     NormCache,
     WTACRSConfig,
     budget,
@@ -184,7 +184,7 @@ def test_saved_bytes_drop_by_the_keep_ratio_and_backward_can_run_twice():
 
 # ------------------------------------------------------------------------------ TP consistency
 def _tp_case(kind: str, ratio: float):
-    from parallel.layers import ColumnParallelLinear, RowParallelLinear, enable_wtacrs
+    from moetrain.parallel.layers import ColumnParallelLinear, RowParallelLinear, enable_wtacrs
 
     tp = dist.get_world_size()
     group = dist.group.WORLD
@@ -221,9 +221,9 @@ def test_tp2_sampled_layer_equals_single_process_sampled_layer(ranks, kind):
 
 
 def _fit_text(overrides: list[str]) -> dict:
-    from launch.config import load_config
-    from launch.job import setup_groups
-    from launch.trainer import Trainer
+    from moetrain.launch.config import load_config
+    from moetrain.launch.job import setup_groups
+    from moetrain.launch.trainer import Trainer
 
     base = ["cluster.nodes=1", "cluster.ranks_per_node=2", "parallel.tp=2", "model.layers=2", "model.d_model=64",
             "model.d_ffn=128", "model.seq_len=64", "model.heads=4", "train.steps=60", "train.micro_batch_size=4",
