@@ -102,12 +102,15 @@ def main() -> None:
 
 def _layer_rows(T: int, E: int, K: int, D: int) -> None:
     """The whole MoE layer (one rank, bf16), forward + backward: torch stages vs the fused kernel stages."""
-    from moetrain.moe.layer import MoEArgs, MoEGroups, MoELayer
+    from moetrain.config import MoEConfig
+    from moetrain.moe.layer import MoEGroups, MoELayer
+    from moetrain.moe.runtime import MoERuntime
 
     times = {}
     for kern in ("torch", "fused"):
-        args = MoEArgs(num_experts=E, topk=K, d_model=D, d_expert=D // 4, router="topk", kernels=kern)
-        layer = MoELayer(args, 0, MoEGroups(), sp=False, dtype=torch.bfloat16).cuda()
+        args = MoEConfig(num_experts=E, topk=K, d_expert=D // 4, router="topk", aux_loss_coef=0.0)
+        layer = MoELayer(args, 0, MoEGroups(), d_model=D, sp=False, dtype=torch.bfloat16,
+                         runtime=MoERuntime(fused=kern == "fused")).cuda()
         x = torch.randn(T // 4, 4, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
         def step(layer=layer, x=x):

@@ -35,7 +35,7 @@ JOB = ["parallel.tp=2", "parallel.ep=1", "moe.num_experts=0", "parallel.sp=false
 
 
 def _in_process(launcher: str, tmp: Path, fail: bool) -> tuple[float, float | None]:
-    from moetrain.launch.config import load_config
+    from moetrain.config import load_config
     from moetrain.launch.job import run_job
 
     extra = [f"cluster.launcher={launcher}", f"checkpoint.dir={tmp / 'ck'}", f"logging.run_dir={tmp / 'run'}"]

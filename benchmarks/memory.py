@@ -23,7 +23,7 @@ def _rank(overrides: list[str]) -> dict:
 
     import torch.distributed as dist
 
-    from moetrain.launch.config import load_config
+    from moetrain.config import load_config
     from moetrain.launch.job import setup_groups
     from moetrain.launch.trainer import Trainer
 
@@ -73,10 +73,11 @@ def main() -> None:
     print("| ZeRO | offload | params MiB | grads kept MiB | optimizer MiB | activations MiB | peak growth MiB "
           "| bytes/param (all ranks) | largest model (B params) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    from moetrain.launch.cli import _param_count
-    from moetrain.launch.config import load_config
+    from moetrain.config import load_config
+    from moetrain.models.spec import get_model_spec
 
-    logical, _ = _param_count(load_config(None, common))
+    cfg = load_config(None, common)
+    logical = get_model_spec(cfg).facts().total_params
     for stage, offload, out in rows:
         m = out["memory"]["max"]
         grown = sum(r["growth"] for r in out["ranks"])

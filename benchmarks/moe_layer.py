@@ -107,8 +107,10 @@ def _bench(shapes, tokens: int, iters: int, warmup: int, device: str, dtype_name
     import torch.distributed as dist
     from deepspeed.moe.layer import MoE as DSMoE
 
+    from moetrain.config import MoEConfig
     from moetrain.launch.metrics import measure_matmul_flops
-    from moetrain.moe.layer import MoEArgs, MoEGroups, MoELayer
+    from moetrain.moe.layer import MoEGroups, MoELayer
+    from moetrain.moe.runtime import MoERuntime
 
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -127,15 +129,16 @@ def _bench(shapes, tokens: int, iters: int, warmup: int, device: str, dtype_name
                    eval_capacity_factor=1.0, min_capacity=1, drop_tokens=not dropless, use_rts=False,
                    top2_2nd_expert_sampling=False).to(device)
         ds.deepspeed_moe.experts.to(dtype)  # its gate keeps fp32, as ours does
-        margs = MoEArgs(num_experts=E, topk=k, d_model=d, d_expert=f, router="topk" if k > 1 else "switch",
-                        capacity_factor=None if dropless else 1.0, drop_policy="position", activation="gelu",
-                        aux_loss_coef=0.01, kernels=kernels, seed=0)
+        margs = MoEConfig(num_experts=E, topk=k, d_expert=f, router="topk" if k > 1 else "switch",
+                          capacity_factor=None if dropless else 1.0, drop_policy="position", activation="gelu",
+                          aux_loss_coef=0.01)
         groups = MoEGroups(ep=dist.group.WORLD if world > 1 else None)
-        ours = MoELayer(margs, 0, groups, sp=False, dtype=dtype).to(device)
+        layer_kw = dict(d_model=d, sp=False, dtype=dtype, runtime=MoERuntime(fused=kernels == "fused"))
+        ours = MoELayer(margs, 0, groups, **layer_kw).to(device)
         x = torch.randn(tokens // 8, 8, d, generator=torch.Generator().manual_seed(rank)).to(device, dtype)
         steps = [(_ds_step, (ds, x)), (_our_step, (ours, x))]
         if compare_overlap:  # the default is on for CUDA, off on CPU (moe.overlap_wgrad: auto)
-            flipped = MoELayer(margs, 0, groups, sp=False, dtype=dtype).to(device)
+            flipped = MoELayer(margs, 0, groups, **layer_kw).to(device)
             flipped.overlap_weight_grads = not cuda
             steps.append((_our_step, (flipped, x)))
         timed = _time_interleaved(steps, iters, warmup, sync)

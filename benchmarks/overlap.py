@@ -47,11 +47,12 @@ class _Setting:
         import torch
         import torch.distributed as dist
 
+        from moetrain.config import MoEConfig
         from moetrain.dist.groups import create_groups
         from moetrain.dist.links import LinkEngine, LinkSpec
         from moetrain.dist.topology import Layout, build_rank_grid
-        from moetrain.moe.layer import MoEArgs, MoEGroups, MoELayer
-        from moetrain.moe.tuning import DegreeTuner
+        from moetrain.moe.layer import MoEGroups, MoELayer
+        from moetrain.moe.runtime import MoERuntime
         from moetrain.parallel.data_parallel import GradReducer
 
         s = dict(SETTINGS[name])
@@ -64,15 +65,15 @@ class _Setting:
         self.engine = LinkEngine(node_of=[grid.node_of(r) for r in range(world)],
                                  simulate={k: LinkSpec(*v) for k, v in links.items()}, coschedule=s["coschedule"])
         torch.manual_seed(0)
-        args = MoEArgs(num_experts=experts, topk=topk, d_model=d, d_expert=d_expert, router="topk",
-                       capacity_factor=None, dispatch="hier2d", activation="swiglu", aux_loss_coef=0.0)
-        self.layer = MoELayer(args, 0, MoEGroups.from_parallel(groups), sp=False, dtype=torch.float32)
+        args = MoEConfig(num_experts=experts, topk=topk, d_expert=d_expert, router="topk", capacity_factor=None,
+                         dispatch="hier2d", activation="swiglu", aux_loss_coef=0.0)
         self.dense = torch.nn.Linear(d, int(dense_mb * 2**20 / 4 / d), bias=False)
-        self.reducer = GradReducer([(groups.dp, list(self.dense.parameters()))], engine=self.engine,
+        self.reducer = GradReducer([(groups.group("dp"), list(self.dense.parameters()))], engine=self.engine,
                                    hold=s["hold"], bucket_bytes=2**30)
-        self.layer.engine = self.engine
-        self.layer.tuner = DegreeTuner(*s["degrees"], profile_steps=3)
-        self.layer.release_grads = self.reducer.release if s["hold"] else None
+        runtime = MoERuntime(engine=self.engine, degrees=s["degrees"], profile_steps=3,
+                             window=(lambda report: self.reducer.release()) if s["hold"] else None)
+        self.layer = MoELayer(args, 0, MoEGroups.from_parallel(groups), d_model=d, sp=False, dtype=torch.float32,
+                              runtime=runtime)
         self.engine.record = True
         self.x = torch.randn(tokens, 1, d, generator=torch.Generator().manual_seed(dist.get_rank()))
         tuner = self.layer.tuner

@@ -22,9 +22,10 @@ import time
 
 import torch  # noqa: E402
 
-from moetrain.launch.config import load_config  # noqa: E402
+from moetrain.config import load_config  # noqa: E402
 from moetrain.launch.local import LocalRanks  # noqa: E402
-from moetrain.launch.metrics import flops_per_token, matmul_param_count, measure_matmul_flops  # noqa: E402
+from moetrain.launch.metrics import measure_matmul_flops  # noqa: E402
+from moetrain.models.spec import get_model_spec  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cluster_configs",
                       "sim_cpu_8rank.yaml")
@@ -71,8 +72,7 @@ def main() -> None:
 
     cfg = load_config(CONFIG, args.overrides)
     m = cfg.model
-    fpt = flops_per_token(matmul_param_count(m.layers, m.d_model, m.heads, cfg.kv_heads, cfg.d_ffn, m.vocab_size),
-                          m.layers, m.seq_len, m.d_model)
+    fpt = get_model_spec(cfg).facts().flops_per_token
     tokens_per_step = cfg.global_batch_size * m.seq_len
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)

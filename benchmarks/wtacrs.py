@@ -30,7 +30,7 @@ def _run(overrides: list[str]) -> dict:
 
     import torch
 
-    from moetrain.launch.config import load_config
+    from moetrain.config import load_config
     from moetrain.launch.job import setup_groups
     from moetrain.launch.metrics import peak_memory_bytes
     from moetrain.launch.trainer import Trainer

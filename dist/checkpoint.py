@@ -33,13 +33,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moetrain.errors import UserError
+
 __all__ = ["Checkpointer", "CheckpointError", "CheckpointReader", "sha256_file"]
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used (corrupt, incomplete, or saved for another model)."""
 
 

@@ -16,11 +16,18 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-__all__ = ["RankEnv", "LaunchEnvError", "from_env", "from_mpi", "detect", "free_port"]
+from moetrain.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["RankEnv", "LaunchEnvError", "from_env", "from_mpi", "detect", "free_port", "backend_for",
+           "init_distributed", "rank_device"]
 
 
-class LaunchEnvError(RuntimeError):
+class LaunchEnvError(UserError, RuntimeError):
     """The launcher's environment is missing or inconsistent."""
 
 
@@ -175,3 +182,41 @@ def detect(launcher: str) -> RankEnv:
             )
         return from_mpi()
     return from_env(launcher=launcher)
+
+
+def rank_device(device: str) -> torch.device:
+    """This rank's device for ``cluster.device``: its GPU by local rank on CUDA, else the CPU."""
+    import torch
+
+    if device != "cuda":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise LaunchEnvError(f"cluster.device=cuda but rank {os.environ.get('RANK', '?')} sees no CUDA device")
+    index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def backend_for(device: str) -> str:
+    """The collective backend for ``cluster.device``: NCCL between GPUs, gloo on CPU."""
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def init_distributed(env: RankEnv, device: str, *, timeout_s: float, store=None) -> None:
+    """``init_process_group`` for this rank, the one place every launcher goes through: the backend
+    follows ``device`` (on CUDA the rank's GPU is selected first, by local rank); the rendezvous is
+    ``store`` when the launcher hosts one (simulated local ranks), else the env's ``tcp://`` address."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise LaunchEnvError(f"cluster.device=cuda but rank {env.rank} sees no CUDA device")
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    where = {"store": store} if store is not None else {"init_method": env.init_method}
+    dist.init_process_group(backend_for(device), rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(seconds=timeout_s), **where)

@@ -16,31 +16,40 @@ import torch.distributed as dist
 
 from moetrain.dist.topology import FAMILIES, RankGrid
 
-__all__ = ["ParallelGroups", "create_groups"]
+__all__ = ["ParallelGroups", "create_groups", "rank_size", "single_rank_groups"]
 
 
-@dataclass
+def rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(this rank's index, size) of ``group``; ``None`` stands for a group of one (this rank alone)."""
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+@dataclass(frozen=True)
 class ParallelGroups:
-    """This rank's process groups, one per family, plus the ranks in each (global rank ids)."""
+    """This rank's process groups, one per family of :data:`~moetrain.dist.topology.FAMILIES`
+    (tp, pp, dp, ep, edp, etp, embedding, ep_intra, ep_inter), and the global ranks in each."""
 
     grid: RankGrid
-    rank: int
+    global_rank: int
     groups: dict[str, dist.ProcessGroup] = field(repr=False)
     members: dict[str, tuple[int, ...]]
-
-    def __getattr__(self, name: str):
-        # tp, pp, dp, ep, edp, etp, embedding, ep_intra, ep_inter
-        groups = self.__dict__.get("groups", {})
-        if name in groups:
-            return groups[name]
-        raise AttributeError(name)
 
     def size(self, family: str) -> int:
         return len(self.members[family])
 
-    def index(self, family: str) -> int:
+    def rank(self, family: str) -> int:
         """This rank's position inside its ``family`` group."""
-        return self.members[family].index(self.rank)
+        return self.members[family].index(self.global_rank)
+
+    def get(self, family: str) -> dist.ProcessGroup | None:
+        """The ``family`` group, or None when it has one rank (callers then skip the collective)."""
+        return self.groups[family] if self.size(family) > 1 else None
+
+    def group(self, family: str) -> dist.ProcessGroup:
+        """The ``family`` group even when it has one rank."""
+        return self.groups[family]
 
 
 _REUSED: dict = {"world": None, "groups": {}}
@@ -77,4 +86,13 @@ def create_groups(grid: RankGrid, backend: str | None = None, timeout: timedelta
             if rank in ranks:
                 mine[family] = group
                 members[family] = ranks
-    return ParallelGroups(grid=grid, rank=rank, groups=mine, members=members)
+    return ParallelGroups(grid=grid, global_rank=rank, groups=mine, members=members)
+
+
+def single_rank_groups() -> ParallelGroups:
+    """The groups of a one-rank layout, for building a model in a process without torch.distributed
+    (every family has one member, so layers see no group and run no collective)."""
+    from moetrain.dist.topology import Layout, build_rank_grid
+
+    grid = build_rank_grid(Layout(), ranks_per_node=1)
+    return ParallelGroups(grid=grid, global_rank=0, groups={}, members={f: (0,) for f in FAMILIES})

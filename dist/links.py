@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["LinkSpec", "LinkEngine", "Job", "Span", "link_class"]
+__all__ = ["LinkSpec", "LinkEngine", "Job", "Span", "link_class", "link_engine_for"]
 
 
 @dataclass(frozen=True)
@@ -274,3 +274,17 @@ class LinkEngine:
     def clear_records(self) -> None:
         self.spans.clear()
         self.waits.clear()
+
+
+def link_engine_for(cfg, grid, *, profile: bool = False) -> LinkEngine | None:
+    """The job's link engine, when MoE chunk pipelining, simulated links or a profile are asked for
+    (``cfg`` a :class:`~moetrain.config.JobConfig`, ``grid`` its :class:`~moetrain.dist.topology.RankGrid`)."""
+    moe, net = cfg.moe, cfg.network
+    if not ((moe.enabled and moe.chunked) or net.simulate or profile):
+        return None
+    sim = None
+    if net.simulate:
+        sim = {name: LinkSpec(link.latency_us * 1e-6, link.bandwidth_gbps * 1e9)
+               for name, link in (("intra", net.intra), ("inter", net.inter))}
+    return LinkEngine(node_of=[grid.node_of(r) for r in range(grid.world_size)], simulate=sim,
+                      coschedule=moe.coschedule)

@@ -18,16 +18,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Layout", "RankGrid", "build_rank_grid", "FAMILIES"]
+__all__ = ["Layout", "LayoutError", "RankGrid", "build_rank_grid", "FAMILIES"]
 
 FAMILIES = ("tp", "pp", "dp", "ep", "edp", "etp", "embedding", "ep_intra", "ep_inter")
 
 Groups = tuple[tuple[int, ...], ...]
 
 
+class LayoutError(ValueError):
+    """Parallel degrees that do not form a rank grid; ``field`` names the degree to change, ``world`` says
+    whether the reason is the world size."""
+
+    def __init__(self, field: str, reason: str, *, world: bool = False):
+        self.field, self.reason, self.world = field, reason, world
+        super().__init__(f"{field}: {reason}")
+
+
 @dataclass(frozen=True)
 class Layout:
-    """Parallel degrees; ``edp`` (expert data parallel) is derived."""
+    """Parallel degrees; ``edp`` (expert data parallel) is derived.
+
+    The rules of a valid grid are stated here once (the config reports them with its dotted paths)."""
 
     tp: int = 1
     pp: int = 1
@@ -38,11 +49,22 @@ class Layout:
     def __post_init__(self):
         for name in ("tp", "pp", "dp", "ep", "etp"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise LayoutError(name, f"must be >= 1, got {getattr(self, name)}")
         if (self.tp * self.dp) % (self.ep * self.etp):
-            raise ValueError(
-                f"ep*etp = {self.ep * self.etp} must divide the tp*dp = {self.tp * self.dp} ranks of a stage"
-            )
+            raise LayoutError("ep", f"ep*etp = {self.ep}*{self.etp} must divide the tp*dp = {self.tp}*{self.dp} = "
+                                    f"{self.tp * self.dp} ranks of a pipeline stage")
+
+    @classmethod
+    def from_world(cls, world: int, *, tp: int = 1, pp: int = 1, dp: int | None = None, ep: int = 1,
+                   etp: int = 1) -> Layout:
+        """The layout of ``world`` ranks; ``dp`` derived as world / (tp * pp) when None."""
+        if world % (tp * pp):
+            raise LayoutError("tp", f"tp*pp = {tp}*{pp} = {tp * pp} does not divide the world size {world}",
+                              world=True)
+        if dp is not None and tp * pp * dp != world:
+            raise LayoutError("dp", f"tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp} but the world size is {world}",
+                              world=True)
+        return cls(tp=tp, pp=pp, dp=world // (tp * pp) if dp is None else dp, ep=ep, etp=etp)
 
     @property
     def world_size(self) -> int:

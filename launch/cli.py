@@ -12,27 +12,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from moetrain.launch.config import ConfigError, JobConfig, load_config
+from moetrain.config import ConfigError, JobConfig, load_config
+from moetrain.errors import UserError
+from moetrain.models.spec import get_model_spec
 
 __all__ = ["main"]
-
-
-def _param_count(cfg: JobConfig) -> tuple[int, int]:
-    """(total, active-per-token) parameter counts of the model described by ``cfg``."""
-    m, moe = cfg.model, cfg.moe
-    d, hd = m.d_model, m.d_model // m.heads
-    attn = d * (m.heads * hd) + 2 * d * (cfg.kv_heads * hd) + (m.heads * hd) * d
-    dense_mlp = 3 * d * cfg.d_ffn
-    d_exp = moe.d_expert or cfg.d_ffn
-    total = active = 0
-    for layer in range(m.layers):
-        is_moe = moe.num_experts > 0 and (layer + 1) % moe.every == 0
-        mlp_total = moe.num_experts * 3 * d * d_exp + d * moe.num_experts if is_moe else dense_mlp
-        mlp_active = moe.topk * 3 * d * d_exp + d * moe.num_experts if is_moe else dense_mlp
-        total += attn + mlp_total + 2 * d
-        active += attn + mlp_active + 2 * d
-    emb = m.vocab_size * d * (1 if m.tie_embeddings else 2)
-    return total + emb + d, active + emb + d
 
 
 def _human(n: float) -> str:
@@ -45,7 +29,8 @@ def _human(n: float) -> str:
 
 def describe(cfg: JobConfig) -> str:
     c, p, m, moe, t = cfg.cluster, cfg.parallel, cfg.model, cfg.moe, cfg.train
-    total, active = _param_count(cfg)
+    facts = get_model_spec(cfg).facts()
+    total, active = facts.total_params, facts.active_params
     edp = (p.tp * cfg.dp) // (p.ep * p.etp)
     lines = [
         f"world    {cfg.world_size} ranks = {c.nodes} node(s) x {c.ranks_per_node} (launcher={c.launcher}, "
@@ -54,7 +39,7 @@ def describe(cfg: JobConfig) -> str:
         f"vpp={p.vpp} schedule={p.schedule}",
         f"model    {m.layers} layers, d_model={m.d_model}, heads={m.heads}/{cfg.kv_heads} kv, d_ffn={cfg.d_ffn}, "
         f"vocab={m.vocab_size}, seq={m.seq_len}, attention={m.attention}; params {_human(total)} "
-        f"({_human(active)} active)",
+        f"({_human(active)} active), {_human(facts.flops_per_token)}FLOP/token (training)",
     ]
     if moe.num_experts:
         if moe.router == "expert_choice":  # experts pick ceil(T * k * cf / E) tokens each; cf defaults to 1
@@ -81,10 +66,9 @@ def describe(cfg: JobConfig) -> str:
 
 
 def _grid(cfg: JobConfig):
-    from moetrain.dist.topology import Layout, build_rank_grid
+    from moetrain.dist.topology import build_rank_grid
 
-    layout = Layout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.dp, ep=cfg.parallel.ep, etp=cfg.parallel.etp)
-    return build_rank_grid(layout, ranks_per_node=cfg.cluster.ranks_per_node)
+    return build_rank_grid(cfg.layout, ranks_per_node=cfg.cluster.ranks_per_node)
 
 
 def _cmd_validate(args) -> int:
@@ -213,26 +197,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc.path}: {exc.reason}", file=sys.stderr)
         return 2
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from moetrain.launch.job import USER_ERRORS
         from moetrain.launch.local import RankFailure
 
-        if isinstance(exc, USER_ERRORS):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
         if isinstance(exc, RankFailure):
-            names = {f"{e.__module__}.{e.__qualname__}" for e in USER_ERRORS}
-            user = exc.errors_of_type(names)
+            user = exc.user_errors()
             if user:  # the same mistake seen by the ranks: say it once
                 print(f"error: {user[0].message}", file=sys.stderr)
                 return 2
             print(f"job failed: {exc}", file=sys.stderr)
             return 1
         raise
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,14 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moetrain.parallel.layers import stream_seed
+from moetrain.errors import UserError
+from moetrain.parallel.rng import stream_seed
 
 __all__ = ["DataError", "TokenBatches", "default_corpus_bytes"]
 
 _DEFAULT_CORPUS_LIMIT = 4 * 1024 * 1024
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The configured data cannot be used (missing, too short, ids out of vocabulary)."""
 
 

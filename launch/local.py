@@ -44,6 +44,7 @@ class RankReport:
     detail: str = ""
     exc_type: str = ""  # module.qualname of the exception, for state == "error"
     message: str = ""
+    user_error: bool = False  # the exception is a moetrain.errors.UserError (a mistake the user can fix)
 
 
 class RankFailure(RuntimeError):
@@ -63,6 +64,11 @@ class RankFailure(RuntimeError):
     def failed_ranks(self) -> list[int]:
         return [r.rank for r in self.reports if r.state in ("error", "died")]
 
+    def user_errors(self) -> list[RankReport]:
+        """The error reports, if every failed rank raised a user mistake (:class:`~moetrain.errors.UserError`)."""
+        failed = [r for r in self.reports if r.state in ("error", "died")]
+        return failed if failed and all(r.user_error for r in failed) else []
+
     def errors_of_type(self, qualified_names: set[str]) -> list[RankReport]:
         """The error reports, if every failed rank raised one of ``qualified_names``; else []."""
         failed = [r for r in self.reports if r.state in ("error", "died")]
@@ -71,13 +77,16 @@ class RankFailure(RuntimeError):
         return []
 
 
-def _describe_exc(exc: BaseException) -> tuple[str, str, str]:
+def _describe_exc(exc: BaseException) -> tuple[str, str, str, bool]:
+    """(traceback, module.qualname, message, is a user mistake) of ``exc``, picklable for the parent."""
+    from moetrain.errors import UserError
+
     kind = type(exc)
-    return traceback.format_exc(), f"{kind.__module__}.{kind.__qualname__}", str(exc)
+    return traceback.format_exc(), f"{kind.__module__}.{kind.__qualname__}", str(exc), isinstance(exc, UserError)
 
 
 def _rank_main(rank: int, world: int, ranks_per_node: int, port: int, workdir: str, env: dict,
-               threads: int, pg_timeout_s: float, tasks, results) -> None:
+               threads: int, pg_timeout_s: float, device: str, tasks, results) -> None:
     os.environ.update(env)
     os.environ.update({
         "RANK": str(rank),
@@ -97,12 +106,13 @@ def _rank_main(rank: int, world: int, ranks_per_node: int, port: int, workdir: s
     import torch
     import torch.distributed as dist
 
+    from moetrain.dist.env import from_env, init_distributed
+
     torch.set_num_threads(threads)
     try:
         store = dist.TCPStore("127.0.0.1", port, world, is_master=False,
                               timeout=timedelta(seconds=pg_timeout_s))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=pg_timeout_s))
+        init_distributed(from_env(launcher="local"), device, timeout_s=pg_timeout_s, store=store)
     except BaseException as exc:
         results.put((0, rank, "error", _describe_exc(exc)))
         return
@@ -137,7 +147,7 @@ class LocalRanks:
 
     def __init__(self, world_size: int, *, ranks_per_node: Optional[int] = None, timeout: float = 120.0,
                  threads: int = 1, env: Optional[dict] = None, collective_timeout_s: float = 300.0,
-                 start_timeout: float = 180.0):
+                 start_timeout: float = 180.0, device: str = "cpu"):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         rpn = ranks_per_node or world_size
@@ -150,6 +160,7 @@ class LocalRanks:
         self.env = {k: str(v) for k, v in (env or {}).items()}
         self.collective_timeout_s = collective_timeout_s
         self.start_timeout = start_timeout
+        self.device = device  # the collective backend follows it (gloo on CPU, NCCL on CUDA)
         self._procs: list = []
         self._tasks: list = []
         self._results = None
@@ -179,7 +190,7 @@ class LocalRanks:
             p = ctx.Process(
                 target=_rank_main,
                 args=(rank, self.world_size, self.ranks_per_node, port, self._workdir, self.env,
-                      self.threads, self.collective_timeout_s, self._tasks[rank], self._results),
+                      self.threads, self.collective_timeout_s, self.device, self._tasks[rank], self._results),
                 name=f"moetrain-rank{rank}",
                 daemon=True,
             )
@@ -259,7 +270,7 @@ class LocalRanks:
                         if not p.is_alive() and r not in done and r not in errors}
                 if dead:
                     for r, code in dead.items():
-                        errors[r] = (f"process exited with code {code}", "", "")
+                        errors[r] = (f"process exited with code {code}", "", "", False)
                     self._fail(f"{what}: rank(s) {sorted(dead)} died", done, errors, died=set(dead))
                 continue
             if tid != task_id:
@@ -285,8 +296,8 @@ class LocalRanks:
             if r in done:
                 reports.append(RankReport(r, "ok"))
             elif r in errors:
-                tb, kind, message = errors[r]
-                reports.append(RankReport(r, "died" if r in died else "error", tb, kind, message))
+                tb, kind, message, user = errors[r]
+                reports.append(RankReport(r, "died" if r in died else "error", tb, kind, message, user))
             else:
                 stack = ""
                 if self._workdir:

@@ -1,15 +1,9 @@
-"""Throughput and efficiency figures: model FLOPs per token, measured matmul rate, peak memory.
+"""Throughput and efficiency figures: peak FLOP/s, peak memory, saved activations.
 
-FLOPs per token (PaLM / Megatron convention, forward + backward = 3x forward, no recomputation):
-
-    flops_per_token = 6 * N_matmul + 12 * L * s * d
-
-``N_matmul`` counts the weights every token multiplies with: attention projections, the dense MLP
-or the top-k active experts plus the router, and the LM head (V*d); the embedding lookup is not a
-matmul and is excluded. ``12*L*s*d`` is attention's QK^T and AV (full, not halved for causal).
-MFU = achieved model FLOP/s / peak FLOP/s, where the peak on CPU is a matmul rate measured on each
-rank at start-up (all ranks at once, so it reflects the cores they share), and on CUDA the
-vendor's dense bf16/fp32 rate.
+Model FLOPs per token come from the model spec (``ModelSpec.facts().flops_per_token``, convention in
+moetrain/models/spec.py). MFU = achieved model FLOP/s / peak FLOP/s, where the peak on CPU is a matmul
+rate measured on each rank at start-up (all ranks at once, so it reflects the cores they share), and on
+CUDA the vendor's dense bf16/fp32 rate.
 """
 
 from __future__ import annotations
@@ -18,25 +12,9 @@ import resource
 import time
 
 import torch
+import torch.distributed as dist
 
-__all__ = ["flops_per_token", "matmul_param_count", "measure_matmul_flops", "peak_memory_bytes", "device_peak_flops"]
-
-
-def matmul_param_count(layers: int, d_model: int, heads: int, kv_heads: int, d_ffn: int, vocab_size: int,
-                       num_experts: int = 0, topk: int = 0, d_expert: int = 0, moe_every: int = 1) -> int:
-    hd = d_model // heads
-    attn = d_model * heads * hd + 2 * d_model * kv_heads * hd + heads * hd * d_model
-    total = 0
-    for layer in range(layers):
-        if num_experts and (layer + 1) % moe_every == 0:
-            total += attn + topk * 3 * d_model * d_expert + d_model * num_experts
-        else:
-            total += attn + 3 * d_model * d_ffn
-    return total + vocab_size * d_model
-
-
-def flops_per_token(n_matmul: int, layers: int, seq_len: int, d_model: int) -> float:
-    return 6.0 * n_matmul + 12.0 * layers * seq_len * d_model
+__all__ = ["measure_matmul_flops", "peak_memory_bytes", "device_peak_flops", "peak_flops_per_rank", "SavedBytes"]
 
 
 def measure_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 384, reps: int = 8,
@@ -74,3 +52,41 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def peak_flops_per_rank(device: torch.device, dtype: torch.dtype, matmul_dtype: torch.dtype) -> float:
+    """The MFU denominator: the vendor figure for known GPUs, else a matmul rate measured by every rank at
+    once (collective), so each sees its share of the cores it competes for."""
+    known = device_peak_flops(device, dtype)
+    if known:
+        return known
+    dist.barrier()
+    rate = torch.tensor([measure_matmul_flops(matmul_dtype, n=512, device=str(device))], dtype=torch.float64)
+    dist.all_reduce(rate)
+    return float(rate.item()) / dist.get_world_size()
+
+
+class SavedBytes:
+    """Bytes of the tensors autograd saves for backward inside this context (one micro-batch's
+    activations): storages counted once, parameters excluded."""
+
+    def __init__(self, params):
+        self._param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+        self._seen: set[int] = set()
+        self.nbytes = 0
+
+    def _pack(self, t: torch.Tensor):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in self._seen and ptr not in self._param_ptrs:
+            self._seen.add(ptr)
+            self.nbytes += st.nbytes()
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)

@@ -9,8 +9,8 @@
                  -> rank_main on every actor; stdout / stderr lines prefixed ``[rank r]``
                  -> rank 0's summary back to the driver
 A rank that raises, or whose actor dies (process exit, node lost), fails the attempt with a
-:class:`launch.local.RankFailure` naming it; :func:`launch.job._with_restarts` then starts again from
-the newest checkpoint, up to ``fault.max_restarts`` times.
+:class:`~moetrain.launch.local.RankFailure` naming it; :func:`~moetrain.launch.attempts.with_restarts`
+then starts again from the newest checkpoint, up to ``fault.max_restarts`` times.
 
 Why actors and not Ray Train's TorchTrainer (Ray 2.60, measured on this 2-core machine): a trivial
 4-worker TorchTrainer run took 30 s beyond ``ray.init`` (its controller, placement-group cleaner and
@@ -29,9 +29,10 @@ import sys
 import time
 from typing import Any, Optional
 
-from moetrain.launch.config import JobConfig
-from moetrain.launch.job import JobError, _with_restarts
+from moetrain.config import JobConfig
+from moetrain.launch.attempts import with_restarts
 from moetrain.launch.local import RankFailure, RankReport, _describe_exc
+from moetrain.launch.rank import JobError, rank_main
 
 __all__ = ["run_ray", "preflight"]
 
@@ -97,18 +98,15 @@ class _Rank:
         return _node_ip(), _free_port()
 
     def run(self, data: dict, profile_dir: Optional[str], addr: str, port: int, timeout_s: float):
-        """rank_main on this rank; exceptions come back as (traceback, type, message), not raised, so the
-        driver can tell user mistakes from failures."""
-        from datetime import timedelta
-
+        """rank_main on this rank; exceptions come back as (traceback, type, message, user mistake), not
+        raised, so the driver can tell user mistakes from failures."""
         import torch.distributed as dist
 
-        from moetrain.launch.job import rank_main
+        from moetrain.dist.env import from_env, init_distributed
 
         try:
-            backend = "nccl" if data["cluster"]["device"] == "cuda" else "gloo"
-            dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
-                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=timeout_s))
+            os.environ.update({"MASTER_ADDR": addr, "MASTER_PORT": str(port)})
+            init_distributed(from_env(launcher="ray"), data["cluster"]["device"], timeout_s=timeout_s)
             try:
                 return "ok", rank_main(data, profile_dir)
             finally:
@@ -263,8 +261,8 @@ def _collect(refs: list, where: list[dict]) -> list[Any]:
             if state == "ok":
                 done[r] = value
             else:
-                tb, kind, message = value
-                reports[r] = RankReport(r, "error", tb, kind, message)
+                tb, kind, message, user = value
+                reports[r] = RankReport(r, "error", tb, kind, message, user)
                 first_fail = first_fail or time.monotonic()
     if reports:
         for r in pending.values():
@@ -283,7 +281,7 @@ def run_ray(cfg: JobConfig, data: dict, profile_dir: Optional[str] = None) -> di
     t0 = time.perf_counter()
     started = _connect(cfg)
     try:
-        summary = _with_restarts(cfg, lambda attempt: _attempt(cfg, data, profile_dir, attempt), (RankFailure,))
+        summary = with_restarts(cfg, lambda attempt: _attempt(cfg, data, profile_dir, attempt), (RankFailure,))
         summary["launcher_s"] = time.perf_counter() - t0
         return summary
     finally:

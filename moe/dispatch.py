@@ -23,6 +23,10 @@ weights, the dispatch's last all-to-all (the first exchange of the backward) sta
 exchange asynchronously, computes the experts' weight gradients the experts' backward left pending,
 then waits: the exchange needs only the experts' input gradients, so the weight-gradient GEMMs hide it.
 
+The algorithms are registered by name in :data:`moetrain.registry.DISPATCHERS` (``moe.dispatch``): each is
+a function from a :class:`Counts` view (the count matrix and where this member sits) to a list of
+:class:`Step` s; a new algorithm only has to deliver the same receive buffer.
+
 Members of an EP group are its ranks in ascending order, which is node-major (ranks of a node are
 contiguous), so member m lives on node m // L at local index m % L.
 """
@@ -34,12 +38,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from moetrain.dist.groups import rank_size
 from moetrain.parallel.weight_grad import PendingWeightGrads
+from moetrain.registry import DISPATCHERS
 
-__all__ = ["all_to_all", "Plan", "build_plan", "exchange_counts", "segments_perm", "permute_rows",
-           "inverse_permutation", "DISPATCHERS"]
-
-DISPATCHERS = ("flat", "hier2d", "hier1d")
+__all__ = ["all_to_all", "Plan", "Step", "Counts", "build_plan", "exchange_counts", "segments_perm", "permute_rows",
+           "inverse_permutation", "flat_steps", "hier2d_steps", "hier1d_steps"]
 
 
 def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group, async_op: bool = False):
@@ -125,7 +129,7 @@ def exchange_counts(counts_E: torch.Tensor, group) -> torch.Tensor:
     """``C[src, e]`` over the EP group from each member's per-expert send counts (one all-gather).
 
     ``group=None`` means a single-member group (never WORLD, as it would in torch)."""
-    n = 1 if group is None else dist.get_world_size(group)
+    n = rank_size(group)[1]
     if n == 1:
         return counts_E.view(1, -1).cpu()
     out = [torch.empty_like(counts_E) for _ in range(n)]
@@ -134,7 +138,10 @@ def exchange_counts(counts_E: torch.Tensor, group) -> torch.Tensor:
 
 
 @dataclass
-class _Step:
+class Step:
+    """One step of a plan: an uneven all-to-all in ``group`` (``send`` / ``recv`` rows per member) or a
+    local row permutation (``index``: out = x[index])."""
+
     kind: str  # "a2a" | "perm"
     group: object = None
     send: list[int] | None = None
@@ -156,7 +163,7 @@ def segments_perm(sizes: list[list[int]], order: list[tuple[int, int]]) -> torch
 class Plan:
     """Steps that carry expert-sorted rows to their experts (``dispatch``) and back (``combine``)."""
 
-    def __init__(self, steps: list[_Step], recv_counts: torch.Tensor):
+    def __init__(self, steps: list[Step], recv_counts: torch.Tensor):
         # an exchange within a single-member group (group None: e.g. the inter-node step of an EP group
         # that lives on one node) moves nothing; None must never reach torch, where it means WORLD
         for st in steps:
@@ -190,79 +197,114 @@ class Plan:
         return y
 
 
+@dataclass(frozen=True)
+class Counts:
+    """What a dispatch algorithm plans from: member ``me``'s view of the EP group's row counts.
+
+    ``c[src][dst]``: rows EP member ``src`` sends to member ``dst``; members are node-major, so member
+    ``m`` is on node ``m // per_node`` at local index ``m % per_node`` (:meth:`member`)."""
+
+    c: list[list[int]]
+    me: int
+    per_node: int
+    ep_group: object = None
+    intra_group: object = None
+    inter_group: object = None
+    inter_first: bool = False
+
+    @property
+    def members(self) -> int:
+        return len(self.c)
+
+    @property
+    def nodes(self) -> int:
+        return self.members // self.per_node
+
+    def member(self, node: int, local: int) -> int:
+        return node * self.per_node + local
+
+
+def flat_steps(k: Counts) -> list[Step]:
+    """One all-to-all in the EP group."""
+    c, me, n = k.c, k.me, k.members
+    return [Step("a2a", k.ep_group, [c[me][d] for d in range(n)], [c[s][me] for s in range(n)])]
+
+
+def hier2d_steps(k: Counts) -> list[Step]:
+    """Tutel's 2D all-to-all: inside the node, then among same-local-index peers (``inter_first``: the
+    other way round)."""
+    c, me, L, N, m = k.c, k.me, k.per_node, k.nodes, k.member
+    a, i = divmod(me, L)
+    if k.inter_first:
+        return [
+            # my rows are [dst node][dst local]: each node's block goes to my same-local-index peer there
+            Step("a2a", k.inter_group, [sum(c[me][m(nn, j)] for j in range(L)) for nn in range(N)],
+                 [sum(c[m(src_node, i)][m(a, j)] for j in range(L)) for src_node in range(N)]),
+            # received [src node][dst local]; regroup to [dst local][src node]
+            Step("perm", index=segments_perm([[c[m(sn, i)][m(a, j)] for j in range(L)] for sn in range(N)],
+                                              [(sn, j) for j in range(L) for sn in range(N)])),
+            Step("a2a", k.intra_group, [sum(c[m(sn, i)][m(a, j)] for sn in range(N)) for j in range(L)],
+                 [sum(c[m(sn, s)][me] for sn in range(N)) for s in range(L)]),
+            # received [src local][src node]; regroup to member order [src node][src local]
+            Step("perm", index=segments_perm([[c[m(sn, s)][me] for sn in range(N)] for s in range(L)],
+                                              [(s, sn) for sn in range(N) for s in range(L)])),
+        ]
+    return [
+        # my rows are [dst node][dst local]; regroup to [dst local][dst node]
+        Step("perm", index=segments_perm([[c[me][m(nn, j)] for j in range(L)] for nn in range(N)],
+                                          [(nn, j) for j in range(L) for nn in range(N)])),
+        Step("a2a", k.intra_group, [sum(c[me][m(nn, j)] for nn in range(N)) for j in range(L)],
+             [sum(c[m(a, s)][m(nn, i)] for nn in range(N)) for s in range(L)]),
+        # received [src local][dst node]; regroup to [dst node][src local]
+        Step("perm", index=segments_perm([[c[m(a, s)][m(nn, i)] for nn in range(N)] for s in range(L)],
+                                          [(s, nn) for nn in range(N) for s in range(L)])),
+        Step("a2a", k.inter_group, [sum(c[m(a, s)][m(nn, i)] for s in range(L)) for nn in range(N)],
+             [sum(c[m(src_node, s)][me] for s in range(L)) for src_node in range(N)]),
+    ]
+
+
+def hier1d_steps(k: Counts) -> list[Step]:
+    """Gather to the node leader, exchange among leaders, scatter from the leader."""
+    c, me, n, L, N, m = k.c, k.me, k.members, k.per_node, k.nodes, k.member
+    a, i = divmod(me, L)
+    total_sent = [sum(c[m(a, s)]) for s in range(L)]  # what each local member sends to the leader
+    gather = Step("a2a", k.intra_group, [sum(c[me]) if j == 0 else 0 for j in range(L)],
+                  total_sent if i == 0 else [0] * L)
+    scatter_recv = [sum(c[m(src_node, s)][me] for src_node in range(N) for s in range(L)) if j == 0 else 0
+                    for j in range(L)]
+    if i != 0:
+        return [gather, Step("a2a", k.intra_group, [0] * L, scatter_recv)]
+    # leader: buffer is [src local][dst member]; regroup to [dst node][src local][dst local]
+    to_nodes = Step("perm", index=segments_perm([[c[m(a, s)][d] for d in range(n)] for s in range(L)],
+                                                 [(s, m(nn, j)) for nn in range(N) for s in range(L)
+                                                  for j in range(L)]))
+    exchange = Step("a2a", k.inter_group,
+                    [sum(c[m(a, s)][m(nn, j)] for s in range(L) for j in range(L)) for nn in range(N)],
+                    [sum(c[m(src_node, s)][m(a, j)] for s in range(L) for j in range(L)) for src_node in range(N)])
+    # received [src node][src local][dst local]; regroup to [dst local][src node][src local]
+    sizes = [[c[m(src_node, s)][m(a, j)] for s in range(L) for j in range(L)] for src_node in range(N)]
+    to_locals = Step("perm", index=segments_perm(sizes, [(src_node, s * L + j) for j in range(L)
+                                                          for src_node in range(N) for s in range(L)]))
+    scatter = Step("a2a", k.intra_group,
+                   [sum(c[m(src_node, s)][m(a, j)] for src_node in range(N) for s in range(L)) for j in range(L)],
+                   scatter_recv)
+    return [gather, to_nodes, exchange, to_locals, scatter]
+
+
 def build_plan(algo: str, counts: torch.Tensor, me: int, *, local_experts: int, ep_group, intra_group=None,
                inter_group=None, ranks_per_node: int = 0, inter_first: bool = False) -> Plan:
-    """The plan for member ``me`` given ``counts[src, e]`` (all members' per-expert send counts).
+    """The plan for member ``me`` given ``counts[src, e]`` (all members' per-expert send counts), by the
+    algorithm registered as ``algo`` (:data:`moetrain.registry.DISPATCHERS`).
 
     ``inter_first`` (hier2d only): the inter-node phase before the intra-node one."""
     n = counts.shape[0]
-    c = counts.view(n, n, local_experts).sum(-1).tolist()  # c[src][dst] rows
     recv_counts = counts[:, me * local_experts:(me + 1) * local_experts]
     if n == 1:
         return Plan([], recv_counts)
-    if algo == "flat":
-        return Plan([_Step("a2a", ep_group, [c[me][d] for d in range(n)], [c[s][me] for s in range(n)])], recv_counts)
-    L = ranks_per_node
+    L = ranks_per_node if algo != "flat" else n
     if L < 1 or n % L:
         raise ValueError(f"{algo} needs the same number of EP members on every node ({n} members, {L} per node)")
-    N = n // L
-    a, i = divmod(me, L)
-
-    def m(node: int, local: int) -> int:
-        return node * L + local
-
-    if algo == "hier2d" and inter_first:
-        steps = [
-            # my rows are [dst node][dst local]: each node's block goes to my same-local-index peer there
-            _Step("a2a", inter_group, [sum(c[me][m(nn, j)] for j in range(L)) for nn in range(N)],
-                  [sum(c[m(src_node, i)][m(a, j)] for j in range(L)) for src_node in range(N)]),
-            # received [src node][dst local]; regroup to [dst local][src node]
-            _Step("perm", index=segments_perm([[c[m(sn, i)][m(a, j)] for j in range(L)] for sn in range(N)],
-                                               [(sn, j) for j in range(L) for sn in range(N)])),
-            _Step("a2a", intra_group, [sum(c[m(sn, i)][m(a, j)] for sn in range(N)) for j in range(L)],
-                  [sum(c[m(sn, s)][me] for sn in range(N)) for s in range(L)]),
-            # received [src local][src node]; regroup to member order [src node][src local]
-            _Step("perm", index=segments_perm([[c[m(sn, s)][me] for sn in range(N)] for s in range(L)],
-                                               [(s, sn) for sn in range(N) for s in range(L)])),
-        ]
-        return Plan(steps, recv_counts)
-    if algo == "hier2d":
-        steps = [
-            # my rows are [dst node][dst local]; regroup to [dst local][dst node]
-            _Step("perm", index=segments_perm([[c[me][m(nn, j)] for j in range(L)] for nn in range(N)],
-                                               [(nn, j) for j in range(L) for nn in range(N)])),
-            _Step("a2a", intra_group, [sum(c[me][m(nn, j)] for nn in range(N)) for j in range(L)],
-                  [sum(c[m(a, s)][m(nn, i)] for nn in range(N)) for s in range(L)]),
-            # received [src local][dst node]; regroup to [dst node][src local]
-            _Step("perm", index=segments_perm([[c[m(a, s)][m(nn, i)] for nn in range(N)] for s in range(L)],
-                                               [(s, nn) for nn in range(N) for s in range(L)])),
-            _Step("a2a", inter_group, [sum(c[m(a, s)][m(nn, i)] for s in range(L)) for nn in range(N)],
-                  [sum(c[m(src_node, s)][me] for s in range(L)) for src_node in range(N)]),
-        ]
-        return Plan(steps, recv_counts)
-    if algo == "hier1d":
-        total_sent = [sum(c[m(a, s)]) for s in range(L)]  # what each local member sends to the leader
-        gather = _Step("a2a", intra_group, [sum(c[me]) if j == 0 else 0 for j in range(L)],
-                       total_sent if i == 0 else [0] * L)
-        scatter_recv = [sum(c[m(src_node, s)][me] for src_node in range(N) for s in range(L)) if j == 0 else 0
-                        for j in range(L)]
-        if i != 0:
-            scatter = _Step("a2a", intra_group, [0] * L, scatter_recv)
-            return Plan([gather, scatter], recv_counts)
-        # leader: buffer is [src local][dst member]; regroup to [dst node][src local][dst local]
-        to_nodes = _Step("perm", index=segments_perm([[c[m(a, s)][d] for d in range(n)] for s in range(L)],
-                                                      [(s, m(nn, j)) for nn in range(N) for s in range(L)
-                                                       for j in range(L)]))
-        exchange = _Step("a2a", inter_group,
-                         [sum(c[m(a, s)][m(nn, j)] for s in range(L) for j in range(L)) for nn in range(N)],
-                         [sum(c[m(src_node, s)][m(a, j)] for s in range(L) for j in range(L))
-                          for src_node in range(N)])
-        # received [src node][src local][dst local]; regroup to [dst local][src node][src local]
-        sizes = [[c[m(src_node, s)][m(a, j)] for s in range(L) for j in range(L)] for src_node in range(N)]
-        to_locals = _Step("perm", index=segments_perm(sizes, [(src_node, s * L + j) for j in range(L)
-                                                               for src_node in range(N) for s in range(L)]))
-        scatter = _Step("a2a", intra_group,
-                        [sum(c[m(src_node, s)][m(a, j)] for src_node in range(N) for s in range(L)) for j in range(L)],
-                        scatter_recv)
-        return Plan([gather, to_nodes, exchange, to_locals, scatter], recv_counts)
-    raise ValueError(f"unknown dispatch algorithm {algo!r}; known: {', '.join(DISPATCHERS)}")
+    c = counts.view(n, n, local_experts).sum(-1).tolist()  # c[src][dst] rows
+    view = Counts(c, me, L, ep_group=ep_group, intra_group=intra_group, inter_group=inter_group,
+                  inter_first=inter_first)
+    return Plan(DISPATCHERS.get(algo)(view), recv_counts)

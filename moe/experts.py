@@ -23,9 +23,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain.dist.groups import rank_size
 from moetrain.moe.dispatch import all_to_all, inverse_permutation, segments_perm
 from moetrain.parallel.grad_storage import fresh_grad
-from moetrain.parallel.layers import init_normal
+from moetrain.parallel.rng import init_normal
 from moetrain.parallel.weight_grad import PendingWeightGrads, weight_grad
 
 __all__ = ["GroupedExperts", "grouped_mm"]
@@ -192,14 +193,14 @@ def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int],
 class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, d_model: int, d_expert: int, *, ep_rank: int, ep_size: int, seed: int,
                  name: str, activation: str = "swiglu", etp_group=None, ep_group=None,
-                 dtype: torch.dtype = torch.float32, num_layers: int = 1):
+                 dtype: torch.dtype = torch.float32, num_layers: int = 1, sample_up: bool = False,
+                 sample_down: bool = False):
         super().__init__()
         self.ep_group = ep_group
         if num_experts % ep_size:
             raise ValueError(f"{num_experts} experts do not split over ep={ep_size}")
         self.etp_group = etp_group
-        etp = 1 if etp_group is None else dist.get_world_size(etp_group)
-        etp_rank = 0 if etp_group is None else dist.get_rank(etp_group)
+        etp_rank, etp = rank_size(etp_group)
         if d_expert % etp:
             raise ValueError(f"expert hidden size {d_expert} does not split over etp={etp}")
         self.num_local = num_experts // ep_size
@@ -221,7 +222,8 @@ class GroupedExperts(nn.Module):
         for p in (self.w_up_EFD, self.w_down_EDF):
             p.is_expert = True
             p.tp_sharded = True
-        self.sample_up = self.sample_down = False  # WTA-CRS on the up / down projection (set by the model)
+        # WTA-CRS on the up / down projection: the rows' sample weights come with the rows
+        self.sample_up, self.sample_down = sample_up, sample_down
 
     @property
     def weights(self) -> tuple[nn.Parameter, nn.Parameter]:
@@ -293,8 +295,9 @@ class GroupedExperts(nn.Module):
                 t = torch.cat([gates, ups], dim=1)
             else:
                 t = torch.cat(parts, dim=1 if pname == "w_up_EFD" else 2)
-        if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
-            parts = [torch.empty_like(t) for _ in range(dist.get_world_size(self.ep_group))]
+        ep = rank_size(self.ep_group)[1]
+        if ep > 1:
+            parts = [torch.empty_like(t) for _ in range(ep)]
             dist.all_gather(parts, t.contiguous(), group=self.ep_group)
             t = torch.cat(parts, dim=0)
         return t

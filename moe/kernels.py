@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import torch
 
+from moetrain.errors import UserError
 from moetrain.parallel.cuda_ext import CSRC, Extension
 
 __all__ = ["load", "route_topk_ref", "rank_in_expert_ref", "pack_rows_ref", "combine_rows_ref", "positions_ref",
-           "CSRC", "KernelError", "require", "select_experts", "positions", "pack_rows", "combine_rows"]
+           "CSRC", "KernelError", "require", "use_fused", "select_experts", "positions", "pack_rows", "combine_rows"]
 
 
 
@@ -73,7 +74,7 @@ _EXT = Extension("moetrain_moe_ops", ["moe_ops.cpp", "moe_kernels.cu"],  # preci
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class KernelError(RuntimeError):
+class KernelError(UserError, RuntimeError):
     """The CUDA kernels were asked for (``moe.kernels: cuda``) but cannot be used."""
 
 
@@ -84,6 +85,17 @@ def require():
         raise KernelError(f"moe.kernels=cuda but the csrc kernels are unavailable ({_EXT.reason}); "
                           "use moe.kernels=auto to fall back to the torch path")
     return ext
+
+
+def use_fused(choice: str, device: torch.device) -> bool:
+    """``moe.kernels`` resolved for ``device``: the csrc kernels need a CUDA device and a successful build
+    (``cuda``: or :class:`KernelError`; ``auto``: a failed build is logged once and torch ops run)."""
+    if choice == "torch" or device.type != "cuda":
+        return False
+    if choice == "cuda":
+        require()
+        return True
+    return load() is not None
 
 
 def _ext_for(*tensors: torch.Tensor):

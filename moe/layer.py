@@ -25,50 +25,24 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain.config import MoEConfig
+from moetrain.dist.groups import rank_size
 from moetrain.moe import kernels
 from moetrain.moe.dispatch import build_plan, exchange_counts, inverse_permutation, permute_rows, segments_perm
 from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.overlap import SectionTimes, pipelined_experts
-from moetrain.moe.routers import RouterConfig, Routing, SparseRouting, build_router, token_bags, weighted_token_sum
-from moetrain.parallel.layers import tp_rank_size
+from moetrain.moe.routers import Routing, SparseRouting, token_bags, weighted_token_sum
+from moetrain.moe.runtime import MoERuntime
 from moetrain.parallel.mappings import copy_to_tp, gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
+from moetrain.parallel.rng import stream_seed
 from moetrain.parallel.weight_grad import PendingWeightGrads
+from moetrain.parallel.wtacrs import WTACRSConfig, budget, draw_sample, sampling_probs
+from moetrain.registry import ROUTERS
 
-__all__ = ["MoEArgs", "MoEGroups", "MoELayer"]
-
-
-@dataclass(frozen=True)
-class MoEArgs:
-    num_experts: int
-    topk: int
-    d_model: int
-    d_expert: int
-    router: str = "topk"
-    capacity_factor: float | None = None
-    drop_policy: str = "probs"
-    dispatch: str = "flat"
-    activation: str = "swiglu"
-    shared_experts: int = 0
-    aux_loss_coef: float = 0.0
-    seq_aux_loss_coef: float = 0.0
-    z_loss_coef: float = 0.0
-    n_groups: int = 1
-    topk_groups: int | None = None
-    bias_update_rate: float = 0.0
-    xmoe_dim: int = 16
-    slots_per_expert: int = 1
-    seed: int = 0
-    num_layers: int = 1
-    kernels: str = "torch"
-    """``torch``: sort / index_select / index_add stages; ``fused``: the csrc routing, packing and combine
-    kernels (each call takes the torch reference where the kernel cannot run: CPU, float64)."""
-    overlap_wgrad: bool | None = None
-    """Experts' weight gradients computed while the dispatch all-to-all's backward is in flight; None: on
-    for CUDA inputs only (``moe.overlap_wgrad: auto``)."""
+__all__ = ["MoEGroups", "MoELayer"]
 
 
 @dataclass
@@ -83,10 +57,8 @@ class MoEGroups:
 
     @staticmethod
     def from_parallel(groups) -> MoEGroups:
-        def g(name):
-            return groups.groups[name] if groups.size(name) > 1 else None
-
-        return MoEGroups(tp=g("tp"), ep=g("ep"), ep_intra=g("ep_intra"), ep_inter=g("ep_inter"), etp=g("etp"))
+        """The layer's view of a :class:`~moetrain.dist.groups.ParallelGroups`."""
+        return MoEGroups(**{name: groups.get(name) for name in ("tp", "ep", "ep_intra", "ep_inter", "etp")})
 
 
 class _AuxLoss(torch.autograd.Function):
@@ -194,8 +166,8 @@ class Dispatch(nn.Module):
     def __init__(self, algo: str, groups: MoEGroups, local_experts: int):
         super().__init__()
         self.algo, self.groups, self.local_experts = algo, groups, local_experts
-        self.me = 0 if groups.ep is None else dist.get_rank(groups.ep)
-        self.per_node = 1 if groups.ep_intra is None else dist.get_world_size(groups.ep_intra)
+        self.me = rank_size(groups.ep)[0]
+        self.per_node = rank_size(groups.ep_intra)[1]
 
     def plan_for(self, counts: torch.Tensor, inter_first: bool = False):
         """The plan that moves rows with count matrix ``counts[src, e]`` (all EP members); ``inter_first``:
@@ -250,63 +222,67 @@ class InverseOrder(nn.Module):
 
 
 class MoELayer(nn.Module):
-    """Drop-in feed-forward: ``[s(/tp), b, d] -> [s(/tp), b, d]``."""
+    """Drop-in feed-forward: ``[s(/tp), b, d] -> [s(/tp), b, d]``.
 
-    def __init__(self, args: MoEArgs, layer: int, groups: MoEGroups, *, sp: bool, dtype: torch.dtype,
-                 shared_factory=None):
+    ``cfg`` is the ``moe`` config section (``d_expert`` resolved); ``d_model``, ``layer``, ``num_layers`` and
+    ``seed`` place it in its model (parameter names, init streams); ``streams`` are the model's per-token
+    random streams (stochastic routers); ``runtime`` holds the run's collaborators (aux-loss weight,
+    fused kernels, the chunk-pipelined path's link engine, degree tuner and gradient window); ``shared``
+    is the shared-expert MLP (``moe.shared_experts > 0``), added to the routed output. ``wtacrs``: the
+    experts' up / down weight gradients (``wtacrs_sites`` mlp_up / mlp_down) are WTA-CRS estimates, sampled
+    per expert over the micro-batch's assignments at routing time (so every layout draws the same rows).
+    """
+
+    def __init__(self, cfg: MoEConfig, layer: int, groups: MoEGroups, *, d_model: int, sp: bool,
+                 dtype: torch.dtype, seed: int = 0, num_layers: int = 1, streams=None,
+                 runtime: MoERuntime | None = None, shared: nn.Module | None = None,
+                 wtacrs: WTACRSConfig | None = None, wtacrs_sites: tuple[str, ...] = ()):
         super().__init__()
-        self.args, self.layer, self.groups = args, layer, groups
-        self.tp_rank, self.tp_size = tp_rank_size(groups.tp)
+        if cfg.d_expert is None:
+            raise ValueError("MoELayer needs moe.d_expert (JobConfig fills it from model.d_ffn)")
+        runtime = runtime or MoERuntime()
+        self.cfg, self.layer, self.groups, self.d_model = cfg, layer, groups, d_model
+        self.tp_rank, self.tp_size = rank_size(groups.tp)
         self.sp = sp and self.tp_size > 1
-        ep_size = 1 if groups.ep is None else dist.get_world_size(groups.ep)
-        ep_rank = 0 if groups.ep is None else dist.get_rank(groups.ep)
+        ep_rank, ep_size = rank_size(groups.ep)
         name = f"layers.{layer}.moe"
-        shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(RouterConfig) if hasattr(args, f.name)}
-        rcfg = RouterConfig(**shared, kind=args.router, name=f"{name}.router")
-        router = build_router(rcfg, dtype)
+        router_cls = ROUTERS.get(cfg.router)
+        sample_up, sample_down = (wtacrs is not None and s in wtacrs_sites for s in ("mlp_up", "mlp_down"))
+        if (sample_up or sample_down) and router_cls.mixes_tokens:
+            raise ValueError(f"WTA-CRS on experts needs token routing; router {cfg.router!r} mixes tokens")
+        self.wtacrs = wtacrs if (sample_up or sample_down) else None
+        # soft MoE mixes tokens into slots: nothing to pack, it keeps the torch stages
+        self.fused = runtime.fused and not router_cls.mixes_tokens
+        router = router_cls(cfg, d_model=d_model, seed=seed, name=f"{name}.router", dtype=dtype, streams=streams,
+                            fused_select=self.fused)
         for p in router.parameters():
             p.tp_partial_grad = self.tp_size > 1
         self.gate = Gate(router)
-        if args.kernels not in ("torch", "fused"):
-            raise ValueError(f"MoEArgs.kernels must be 'torch' or 'fused', got {args.kernels!r}")
-        # soft MoE mixes tokens into slots: nothing to pack, it keeps the torch stages
-        self.fused = args.kernels == "fused" and args.router != "softmoe"
-        router.fused_select = self.fused
-        self.order = FusedOrder(args.num_experts) if self.fused else Order(args.num_experts)
-        experts = GroupedExperts(args.num_experts, args.d_model, args.d_expert, ep_rank=ep_rank, ep_size=ep_size,
-                                 seed=args.seed, name=f"{name}.experts", activation=args.activation,
-                                 etp_group=groups.etp, ep_group=groups.ep, dtype=dtype, num_layers=args.num_layers)
-        self.dispatch = Dispatch(args.dispatch, groups, experts.num_local)
+        self.order = FusedOrder(cfg.num_experts) if self.fused else Order(cfg.num_experts)
+        experts = GroupedExperts(cfg.num_experts, d_model, cfg.d_expert, ep_rank=ep_rank, ep_size=ep_size,
+                                 seed=seed, name=f"{name}.experts", activation=cfg.activation,
+                                 etp_group=groups.etp, ep_group=groups.ep, dtype=dtype, num_layers=num_layers,
+                                 sample_up=sample_up, sample_down=sample_down)
+        self.dispatch = Dispatch(cfg.dispatch, groups, experts.num_local)
         self.experts = ExpertStage(experts)
         self.combine = Combine()
-        self.unorder = FusedInverseOrder(args.num_experts) if self.fused else InverseOrder()
-        self.shared = shared_factory() if (shared_factory and args.shared_experts) else None
-        self.aux_scale = 1.0  # the trainer sets 1/accum so aux losses weigh like the main loss
+        self.unorder = FusedInverseOrder(cfg.num_experts) if self.fused else InverseOrder()
+        self.shared = shared
+        self.aux_scale = runtime.aux_scale  # aux losses weigh like the main loss (1 / micro-batches)
         self.last_stats: dict = {}
-        self.wtacrs = None  # WTACRSConfig when the experts' weight gradients are sampled
-        # chunk pipelining (moe/overlap.py), set up by the trainer: the link engine, (fwd, bwd) degrees
-        # or a tuner that picks them, the reducer's window callback, and the measured expert compute
-        self.engine = None
-        self.degrees: tuple[int, int] = (1, 1)
-        self.tuner = None
-        self.release_grads = None
+        # chunk pipelining (moe/overlap.py): the link engine, a tuner that picks (fwd, bwd) degrees, the
+        # reducer's gradient window, and the measured expert compute
+        self.engine = runtime.engine
+        self.tuner = runtime.tuner()
+        self.release_grads = (lambda: runtime.window(getattr(self, "overlap_report", None))) \
+            if runtime.window is not None else None
         self.section_times = SectionTimes()
         # the experts' weight-gradient GEMMs run while the dispatch all-to-all's backward is in flight
         # (moe/dispatch.py); None: on for CUDA inputs
-        self.overlap_weight_grads: bool | None = args.overlap_wgrad
-
-    def enable_wtacrs(self, cfg, up: bool, down: bool) -> None:
-        """Estimate the experts' up/down weight gradients with WTA-CRS, sampled per expert over the
-        micro-batch's assignments at routing time (so every layout draws the same rows)."""
-        if self.args.router == "softmoe":
-            raise ValueError("WTA-CRS on experts needs token routing; router 'softmoe' mixes tokens into slots")
-        self.wtacrs = cfg
-        self.experts.experts.sample_up, self.experts.experts.sample_down = up, down
+        self.overlap_weight_grads: bool | None = None if cfg.overlap_wgrad == "auto" else cfg.overlap_wgrad
 
     def _sample_assignments(self, routing, x_TD: torch.Tensor) -> torch.Tensor:
         """WTA-CRS weight of each assignment: per expert, over its assignments, p proportional to ||x||."""
-        from moetrain.parallel.layers import stream_seed
-        from moetrain.parallel.wtacrs import budget, draw_sample, sampling_probs
 
         streams = self.router.streams
         first = streams.sample_ids[0] if len(getattr(streams, "sample_ids", ())) else 0
@@ -314,7 +290,7 @@ class MoELayer(nn.Module):
         norms = x_TD.detach().to(torch.float64).norm(dim=-1).cpu()
         expert_A, token_A = routing.expert_A.cpu(), routing.token_A.cpu()
         w_A = torch.zeros(expert_A.numel(), dtype=torch.float64)
-        for e in range(self.args.num_experts):
+        for e in range(self.cfg.num_experts):
             cand = (expert_A == e).nonzero().squeeze(-1)
             if cand.numel() == 0:
                 continue
@@ -332,7 +308,7 @@ class MoELayer(nn.Module):
     def _pipelined(self, rows_sorted: torch.Tensor, counts_E: torch.Tensor, shape: tuple) -> torch.Tensor:
         """dispatch -> experts -> combine chunked and overlapped on the link channels (moe/overlap.py)."""
         counts = exchange_counts(counts_E, self.groups.ep)
-        degrees = self.tuner.degrees(shape) if self.tuner is not None else self.degrees
+        degrees = self.tuner.degrees(shape)
         inter_first = self.tuner is not None and self.tuner.inter_first  # read after degrees(): it may reset
 
         def expert_fn(x: torch.Tensor, recv_counts: list[list[int]]) -> torch.Tensor:
@@ -343,14 +319,13 @@ class MoELayer(nn.Module):
                                  engine=self.engine, expert_fn=expert_fn,
                                  degrees=degrees, tag=f"moe{self.layer}", times=self.section_times,
                                  release_grads=self.release_grads,
-                                 record_shape=self.tuner is None or self.tuner.profiling
-                                 or self.section_times.shape is None)
+                                 record_shape=self.tuner.profiling or self.section_times.shape is None)
 
     def _sorted_weights(self, mine: SparseRouting, order: torch.Tensor) -> torch.Tensor:
         """The WTA-CRS weight of each row of the expert-sorted buffer."""
         if not self.fused:
             return mine.sample_w_A.index_select(0, order)
-        slot_A, _ = _assignment_table(mine, self.args.num_experts)
+        slot_A, _ = _assignment_table(mine, self.cfg.num_experts)
         pos_A = order.reshape(-1)[slot_A].long()
         return mine.sample_w_A.new_empty(pos_A.numel()).index_copy(0, pos_A, mine.sample_w_A)
 

@@ -28,6 +28,11 @@ routing group. ``position`` keeps assignments in the order (choice rank, token i
 choices before second choices (GShard/Tutel convention); ``probs`` keeps each expert's C assignments
 with the highest probability. Dropped assignments contribute nothing (no renormalisation).
 
+Routers are looked up by name in :data:`moetrain.registry.ROUTERS` (``moe.router``); each takes the
+``moe`` config section itself (:class:`~moetrain.config.MoEConfig`) plus the few facts the section does
+not hold (model width, seed, parameter name, dtype, per-token random streams). A user's router
+subclasses :class:`Router` and is registered there or named by its import path.
+
 Losses (computed on pre-drop routing): load balancing ``E * sum_i f_i P_i`` with f_i the fraction of
 the T*k assignments that chose expert i and P_i the mean prob of i (1 under perfectly uniform
 routing); sequence-level, the same per sequence then averaged; z-loss ``mean(logsumexp(logits)^2)``.
@@ -37,64 +42,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain.config import MoEConfig
 from moetrain.moe.kernels import select_experts
-from moetrain.parallel.layers import init_normal, stream_seed
 from moetrain.parallel.recompute import is_recomputing
+from moetrain.parallel.rng import StaticStreams, TokenStreams, init_normal
+from moetrain.registry import ROUTERS
 
-__all__ = ["Routing", "SparseRouting", "SoftRouting", "RouterConfig", "build_router", "capacity_keep",
-           "capacity", "token_bags", "weighted_token_sum", "load_balancing_loss", "token_uniforms", "StaticStreams",
-           "ROUTERS"]
-
-ROUTERS = ("gshard", "switch", "topk", "sigmoid", "xmoe", "softmoe", "expert_choice")
-
-
-def token_uniforms(seed: int, site: str, step: int, sample_ids, seq_len: int) -> torch.Tensor:
-    """``[seq_len * b]`` uniforms in ``[s, b]`` order, one stream per (site, step, sample): layout-free."""
-    cols = []
-    for sid in sample_ids:
-        gen = torch.Generator().manual_seed(stream_seed(seed, f"{site}/{step}/{sid}"))
-        cols.append(torch.rand(seq_len, generator=gen, dtype=torch.float64))
-    return torch.stack(cols, dim=1).reshape(-1)
-
-
-class TokenStreams(Protocol):
-    def uniform_per_token(self, site: str, seq_len: int, batch: int) -> torch.Tensor: ...
-
-
-class StaticStreams:
-    """Streams for a layer used outside a training loop: step 0, samples 0..b-1."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def uniform_per_token(self, site: str, seq_len: int, batch: int) -> torch.Tensor:
-        return token_uniforms(self.seed, site, 0, range(batch), seq_len)
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    kind: str
-    num_experts: int
-    topk: int
-    d_model: int
-    capacity_factor: float | None = None
-    drop_policy: str = "probs"
-    aux_loss_coef: float = 0.0
-    seq_aux_loss_coef: float = 0.0
-    z_loss_coef: float = 0.0
-    n_groups: int = 1
-    topk_groups: int | None = None
-    bias_update_rate: float = 0.0
-    xmoe_dim: int = 16
-    slots_per_expert: int = 1
-    seed: int = 0
-    name: str = "router"
+__all__ = ["Routing", "SparseRouting", "SoftRouting", "Router", "build_router", "capacity_keep", "capacity",
+           "token_bags", "weighted_token_sum", "load_balancing_loss"]
 
 
 def token_bags(token_R: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,25 +195,40 @@ def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ routers
 class Router(nn.Module):
-    """Base: a linear gate ``[E, D]`` in the router dtype; subclasses choose and weigh experts."""
+    """Base: a linear gate ``[E, D]`` in the router dtype; subclasses choose and weigh experts.
 
-    def __init__(self, cfg: RouterConfig, dtype: torch.dtype):
+    ``streams``: per-token random numbers for stochastic routers (the model's per-step streams; a fixed
+    step-0 stream outside training). ``fused_select``: top-k selection by the csrc routing kernel
+    (``moe.kernels``); gates stay torch ops, for autograd.
+    """
+
+    mixes_tokens = False
+    """Soft MoE: experts see mixtures of tokens (no token rows to pack or sample)."""
+    fixed_topk: int | None = None
+    """Routers that always pick the same number of experts (switch: 1, GShard: 2) ignore ``moe.topk``."""
+
+    def __init__(self, cfg: MoEConfig, *, d_model: int, seed: int = 0, name: str = "router",
+                 dtype: torch.dtype = torch.float32, streams: TokenStreams | None = None, fused_select: bool = False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.d_model, self.seed, self.name = cfg, d_model, seed, name
+        self.num_experts = cfg.num_experts
+        self.topk = self.fixed_topk or cfg.topk
         self.dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        self.weight = nn.Parameter(init_normal((cfg.num_experts, cfg.d_model), 1.0 / math.sqrt(cfg.d_model),
-                                               cfg.seed, f"{cfg.name}.weight").to(self.dtype))
-        self.weight.tp_sharded = False
-        # per-token random numbers for stochastic routers; the model replaces this with its step streams
-        self.streams: TokenStreams = StaticStreams(cfg.seed)
-        # top-k selection by the csrc routing kernel (moe.kernels); gates stay torch ops, for autograd
-        self.fused_select = False
+        self.weight = self._param((self.num_experts, d_model), 1.0 / math.sqrt(d_model), "weight")
+        self.streams: TokenStreams = streams if streams is not None else StaticStreams(seed)
+        self.fused_select = fused_select
+
+    def _param(self, shape: tuple[int, ...], std: float, part: str) -> nn.Parameter:
+        """A router parameter drawn from its own layout-free stream ``{name}.{part}``, replicated over TP."""
+        p = nn.Parameter(init_normal(shape, std, self.seed, f"{self.name}.{part}").to(self.dtype))
+        p.tp_sharded = False
+        return p
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         return x_TD.to(self.dtype) @ self.weight.t()
 
     def _stats(self, T: int, expert_TK: torch.Tensor, kept: torch.Tensor | None, valid=None) -> dict:
-        E = self.cfg.num_experts
+        E = self.num_experts
         chosen = expert_TK.reshape(-1) if valid is None else expert_TK[valid]
         counts = torch.bincount(chosen, minlength=E)
         dropped = 0 if kept is None else int(chosen.numel() - int(kept.sum()))
@@ -261,7 +236,7 @@ class Router(nn.Module):
                 "assignments": int(expert_TK.numel())}
 
     def _losses(self, logits, prob_TE, expert_TK, batch) -> tuple[torch.Tensor, dict]:
-        c, E = self.cfg, self.cfg.num_experts
+        c, E = self.cfg, self.num_experts
         total = logits.new_zeros(())
         values = {}
         if c.aux_loss_coef:
@@ -291,7 +266,7 @@ class Router(nn.Module):
         ``valid_TK`` marks choices that exist at all (GShard's second-expert draw); invalid ones take no
         capacity. Losses see the full pre-drop choices.
         """
-        c, E = self.cfg, self.cfg.num_experts
+        c, E = self.cfg, self.num_experts
         keep = valid_TK
         if c.capacity_factor is not None:
             cap = capacity(T, expert_TK.shape[1], E, c.capacity_factor)
@@ -315,57 +290,69 @@ class Router(nn.Module):
 
 
 class TopKRouter(Router):
-    """``topk`` (renormalised), ``switch`` (k=1, raw prob), ``xmoe`` (cosine logits) share this."""
+    """``topk``: the k most probable experts, gates renormalised to sum 1 (Mixtral)."""
 
-    def __init__(self, cfg: RouterConfig, dtype: torch.dtype, *, renormalize: bool = True, cosine: bool = False):
-        super().__init__(cfg, dtype)
-        self.renormalize = renormalize
-        self.cosine = cosine
-        if cosine:
-            d = cfg.xmoe_dim
-            self.proj = nn.Parameter(init_normal((d, cfg.d_model), 1.0 / math.sqrt(cfg.d_model), cfg.seed,
-                                                 f"{cfg.name}.proj").to(self.dtype))
-            self.weight = nn.Parameter(init_normal((cfg.num_experts, d), 1.0, cfg.seed,
-                                                   f"{cfg.name}.weight").to(self.dtype))
-            self.log_temp = nn.Parameter(torch.tensor(math.log(0.07), dtype=self.dtype))
-            for p in (self.proj, self.weight, self.log_temp):
-                p.tp_sharded = False
-
-    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if not self.cosine:
-            return super().logits(x_TD)
-        h = F.normalize(x_TD.to(self.dtype) @ self.proj.t(), dim=-1)
-        e = F.normalize(self.weight, dim=-1)
-        return (h @ e.t()) / self.log_temp.exp()
+    renormalize = True
 
     def forward(self, x_TD: torch.Tensor, batch: int) -> Routing:
         logits = self.logits(x_TD)
         prob = logits.softmax(dim=-1)
         if self.fused_select:
-            top_e = select_experts(logits, None, self.cfg.topk, sigmoid=False)
+            top_e = select_experts(logits, None, self.topk, sigmoid=False)
             top_p = prob.gather(1, top_e)
         else:
-            top_p, top_e = prob.topk(self.cfg.topk, dim=-1)
+            top_p, top_e = prob.topk(self.topk, dim=-1)
         gates = top_p / top_p.sum(dim=-1, keepdim=True) if self.renormalize else top_p
         return self._finish(x_TD.shape[0], top_e, gates, prob, logits, batch)
 
 
+class SwitchRouter(TopKRouter):
+    """``switch``: top-1; the gate is the raw probability (not renormalised)."""
+
+    fixed_topk = 1
+    renormalize = False
+
+
+class XMoERouter(TopKRouter):
+    """``xmoe``: logits are cosine similarities in a ``xmoe_dim``-dimensional space over a learnable
+    temperature; then as ``topk``."""
+
+    def __init__(self, cfg: MoEConfig, **kw):
+        super().__init__(cfg, **kw)
+        d = cfg.xmoe_dim
+        self.proj = self._param((d, self.d_model), 1.0 / math.sqrt(self.d_model), "proj")
+        self.weight = self._param((self.num_experts, d), 1.0, "weight")
+        self.log_temp = nn.Parameter(torch.tensor(math.log(0.07), dtype=self.dtype))
+        self.log_temp.tp_sharded = False
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        h = F.normalize(x_TD.to(self.dtype) @ self.proj.t(), dim=-1)
+        e = F.normalize(self.weight, dim=-1)
+        return (h @ e.t()) / self.log_temp.exp()
+
+
 class GShardRouter(Router):
+    """``gshard``: top-2, gates renormalised; the second choice kept with probability min(1, 2 g2)."""
+
+    fixed_topk = 2
+
     def forward(self, x_TD: torch.Tensor, batch: int) -> Routing:
         logits = self.logits(x_TD)
         prob = logits.softmax(dim=-1)
         top_p, top_e = prob.topk(2, dim=-1)
         gates = top_p / top_p.sum(dim=-1, keepdim=True)
         T = x_TD.shape[0]
-        u = self.streams.uniform_per_token(f"gshard/{self.cfg.name}", T // batch, batch).to(x_TD.device)
+        u = self.streams.uniform_per_token(f"gshard/{self.name}", T // batch, batch).to(x_TD.device)
         valid = torch.ones_like(top_e, dtype=torch.bool)
         valid[:, 1] = 2 * gates[:, 1].detach() > u.to(gates.dtype)
         return self._finish(T, top_e, gates, prob, logits, batch, valid_TK=valid)
 
 
 class SigmoidRouter(Router):
-    def __init__(self, cfg: RouterConfig, dtype: torch.dtype):
-        super().__init__(cfg, dtype)
+    """``sigmoid`` (DeepSeek-V3): sigmoid scores, optional group-limited selection, aux-loss-free bias."""
+
+    def __init__(self, cfg: MoEConfig, **kw):
+        super().__init__(cfg, **kw)
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
         self.register_buffer("load", torch.zeros(cfg.num_experts, dtype=torch.float64), persistent=False)
 
@@ -383,11 +370,11 @@ class SigmoidRouter(Router):
             mask.scatter_(1, top_groups, True)
             biased = biased.masked_fill(~mask.repeat_interleave(E // c.n_groups, dim=1), float("-inf"))
         if self.fused_select and c.n_groups == 1:
-            top_e = select_experts(logits, self.expert_bias, c.topk, sigmoid=True)
+            top_e = select_experts(logits, self.expert_bias, self.topk, sigmoid=True)
         else:
-            top_e = biased.topk(c.topk, dim=-1).indices
+            top_e = biased.topk(self.topk, dim=-1).indices
         top_s = scores.gather(1, top_e)
-        gates = top_s / top_s.sum(dim=-1, keepdim=True) if c.topk > 1 else top_s
+        gates = top_s / top_s.sum(dim=-1, keepdim=True) if self.topk > 1 else top_s
         prob = scores / scores.sum(dim=-1, keepdim=True)
         if torch.is_grad_enabled() and not is_recomputing():  # count each micro-batch once
             self.load += torch.bincount(top_e.reshape(-1), minlength=c.num_experts).to(self.load.dtype)
@@ -407,12 +394,14 @@ class SigmoidRouter(Router):
 
 
 class ExpertChoiceRouter(Router):
+    """``expert_choice``: each expert takes its C most probable tokens."""
+
     def forward(self, x_TD: torch.Tensor, batch: int) -> Routing:
         c = self.cfg
         logits = self.logits(x_TD)
         prob = logits.softmax(dim=-1)  # [T, E]
         T = x_TD.shape[0]
-        cap = min(T, capacity(T, c.topk, c.num_experts, c.capacity_factor or 1.0))
+        cap = min(T, capacity(T, self.topk, c.num_experts, c.capacity_factor or 1.0))
         gate_EC, token_EC = prob.t().topk(cap, dim=-1)  # each expert's best tokens
         expert_EC = torch.arange(c.num_experts, device=x_TD.device).unsqueeze(1).expand_as(token_EC)
         # token-major order, like the token-choice routers
@@ -425,12 +414,14 @@ class ExpertChoiceRouter(Router):
 
 
 class SoftMoERouter(Router):
-    def __init__(self, cfg: RouterConfig, dtype: torch.dtype):
-        super().__init__(cfg, dtype)
+    """``softmoe``: slot inputs mixed from the sequence's tokens, token outputs mixed from the slots."""
+
+    mixes_tokens = True
+
+    def __init__(self, cfg: MoEConfig, **kw):
+        super().__init__(cfg, **kw)
         n = cfg.num_experts * cfg.slots_per_expert
-        self.weight = nn.Parameter(init_normal((n, cfg.d_model), 1.0 / math.sqrt(cfg.d_model), cfg.seed,
-                                               f"{cfg.name}.weight").to(self.dtype))
-        self.weight.tp_sharded = False
+        self.weight = self._param((n, self.d_model), 1.0 / math.sqrt(self.d_model), "weight")
 
     def forward(self, x_TD: torch.Tensor, batch: int) -> Routing:
         c = self.cfg
@@ -457,22 +448,6 @@ class SoftMoERouter(Router):
         return SoftRouting(rows, expert, combine_TA, aux, stats)
 
 
-def build_router(cfg: RouterConfig, dtype: torch.dtype) -> Router:
-    if cfg.kind == "topk":
-        return TopKRouter(cfg, dtype)
-    if cfg.kind == "switch":
-        return TopKRouter(RouterConfig(**{**cfg.__dict__, "topk": 1}), dtype, renormalize=False)
-    if cfg.kind == "xmoe":
-        return TopKRouter(cfg, dtype, cosine=True)
-    if cfg.kind == "gshard":
-        return GShardRouter(RouterConfig(**{**cfg.__dict__, "topk": 2}), dtype)
-    if cfg.kind == "sigmoid":
-        return SigmoidRouter(cfg, dtype)
-    if cfg.kind == "expert_choice":
-        return ExpertChoiceRouter(cfg, dtype)
-    if cfg.kind == "softmoe":
-        return SoftMoERouter(cfg, dtype)
-    raise ValueError(f"unknown router {cfg.kind!r}; known: {', '.join(ROUTERS)}")
-
-
-
+def build_router(cfg: MoEConfig, **kw) -> Router:
+    """The router named by ``cfg.router`` (a registered name or an import path), built from the section."""
+    return ROUTERS.get(cfg.router)(cfg, **kw)

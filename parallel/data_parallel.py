@@ -28,9 +28,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moetrain.dist.groups import rank_size
 from moetrain.parallel.mappings import _reduce_scatter_single
 
-__all__ = ["GradReducer", "finalize_tp_partial_grads", "clip_grad_norm", "grad_norm_sq_local"]
+__all__ = ["grad_replicas", "GradReducer", "finalize_tp_partial_grads", "clip_grad_norm", "grad_norm_sq_local"]
 
 
 @dataclass(eq=False)
@@ -78,7 +79,7 @@ class GradReducer:
         self._scale_only: list[tuple[list[nn.Parameter], int]] = []
         for entry in param_groups:
             group, params = entry[0], entry[1]
-            size = 1 if group is None else dist.get_world_size(group)
+            size = rank_size(group)[1]
             divisor = entry[2] if len(entry) > 2 else size
             params = [p for p in params if p.requires_grad]
             if not params:
@@ -167,7 +168,7 @@ class GradReducer:
         self.events.append(("launch", b.index, time.perf_counter(), source))
 
     def _launch_scatter(self, b: _Bucket, grads: list[torch.Tensor]) -> None:
-        world = 1 if b.group is None else dist.get_world_size(b.group)
+        world = rank_size(b.group)[1]
         per = -(-b.flat_numel() // world)
         b.flat = grads[0].new_zeros(world * per)
         offset = 0
@@ -248,9 +249,26 @@ class GradReducer:
         self._hooks.clear()
 
 
-def finalize_tp_partial_grads(params: Iterable[nn.Parameter], tp_group) -> None:
+def grad_replicas(params: Iterable[nn.Parameter], *, tp: int, dp: int, edp: int,
+                  tied: Iterable[nn.Parameter] = ()) -> dict[int, int]:
+    """How many ranks of the world hold an identical copy of each parameter's gradient (the clipping norm
+    counts every logical gradient once): dense ``dp`` (times ``tp`` unless sharded over TP), experts ``edp``
+    (their gradients already sum the dp replicas of their EP group), a tied embedding twice as many (the
+    first and the last pipeline stage each hold one)."""
+    out = {}
+    for p in params:
+        if getattr(p, "is_expert", False):
+            out[id(p)] = edp
+        else:
+            out[id(p)] = dp * (1 if getattr(p, "tp_sharded", False) else tp)
+    for p in tied:
+        out[id(p)] *= 2
+    return out
+
+
+def finalize_tp_partial_grads(params: Iterable[nn.Parameter], tp_group: dist.ProcessGroup | None) -> None:
     """Sum over TP the gradients of replicated parameters whose per-rank gradient is partial (SP norms, routers)."""
-    if tp_group is None or dist.get_world_size(tp_group) == 1:
+    if rank_size(tp_group)[1] == 1:
         return
     grads = [p.grad for p in params if getattr(p, "tp_partial_grad", False) and p.grad is not None]
     if not grads:

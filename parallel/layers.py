@@ -8,7 +8,6 @@ separately and the local slices are concatenated, so the fused output splits bac
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 
@@ -17,44 +16,25 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain.dist.groups import rank_size
 from moetrain.parallel.mappings import (
     copy_to_tp,
     gather_from_sp,
     reduce_from_tp,
     reduce_scatter_to_sp,
 )
+from moetrain.parallel.rng import init_normal
 from moetrain.parallel.weight_grad import linear
+from moetrain.parallel.wtacrs import SampledWeightGrad
 
 __all__ = [
-    "stream_seed",
-    "init_normal",
     "ColumnParallelLinear",
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "vocab_parallel_cross_entropy",
     "padded_vocab_size",
-    "tp_rank_size",
     "gather_dim",
-    "enable_wtacrs",
 ]
-
-
-def stream_seed(seed: int, name: str) -> int:
-    """A 63-bit seed for the named RNG stream (stable across processes and Python versions)."""
-    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def init_normal(shape: Sequence[int], std: float, seed: int, name: str) -> torch.Tensor:
-    """The full (unsharded) weight ``name`` ~ N(0, std^2), float32 on CPU."""
-    gen = torch.Generator().manual_seed(stream_seed(seed, name))
-    return torch.randn(*shape, generator=gen, dtype=torch.float32) * std
-
-
-def tp_rank_size(group) -> tuple[int, int]:
-    if group is None:
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
@@ -64,7 +44,7 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
 
 
 def gather_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    _, tp = tp_rank_size(group)
+    _, tp = rank_size(group)
     if tp == 1:
         return x.detach().clone()
     parts = [torch.empty_like(x) for _ in range(tp)]
@@ -80,30 +60,13 @@ def _mark(p: nn.Parameter, *, tp_sharded: bool) -> nn.Parameter:
     return p
 
 
-def enable_wtacrs(layer: nn.Module, cfg, streams, name: str) -> None:
-    """Make ``layer`` (column/row-parallel) estimate its weight gradient with WTA-CRS (parallel/wtacrs.py).
-
-    ``streams`` supplies ``step`` and ``sample_ids`` (the model's per-step stream context), which key the
-    draws so that every TP rank, and the single-process run, draw the same rows for a micro-batch.
-    """
-    from moetrain.parallel.wtacrs import NormCache
-
-    layer.wtacrs = (cfg, streams, name)
-    layer.norm_cache = NormCache()
-
-
-def _sampled_linear(layer: nn.Module, x: torch.Tensor, *, x_group=None, g_group=None) -> torch.Tensor | None:
-    spec = getattr(layer, "wtacrs", None)
-    if spec is None or not torch.is_grad_enabled() or not layer.weight.requires_grad:
-        return None
-    from moetrain.parallel.wtacrs import wtacrs_linear
-
-    cfg, streams, name = spec
-    first = streams.sample_ids[0] if len(streams.sample_ids) else 0
-    _, tp = tp_rank_size(layer.tp_group)
-    return wtacrs_linear(x, layer.weight, None, cfg, f"wtacrs/{name}/{streams.step}/{first}", seq_len=x.shape[0],
-                         cache=layer.norm_cache, x_group=x_group if tp > 1 else None,
-                         g_group=g_group if tp > 1 else None)
+def _matmul(layer: nn.Module, x: torch.Tensor, *, x_group=None, g_group=None) -> torch.Tensor:
+    """``x W^T`` with the layer's weight-gradient strategy: WTA-CRS sampling when one was given at
+    construction (only while gradients are recorded), the exact (deferrable) weight gradient otherwise.
+    ``x_group`` / ``g_group``: the TP group over which input / output-gradient rows are partial."""
+    if layer.wgrad is not None and torch.is_grad_enabled() and layer.weight.requires_grad:
+        return layer.wgrad.linear(x, layer.weight, x_group=x_group, g_group=g_group)
+    return linear(x, layer.weight)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -113,9 +76,10 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_parts: Sequence[int], *, tp_group, sp: bool, seed: int, name: str,
-                 std: float, dtype: torch.dtype = torch.float32, weights: torch.Tensor | None = None):
+                 std: float, dtype: torch.dtype = torch.float32, weights: torch.Tensor | None = None,
+                 wgrad: SampledWeightGrad | None = None):
         super().__init__()
-        rank, tp = tp_rank_size(tp_group)
+        rank, tp = rank_size(tp_group)
         for n in out_parts:
             if n % tp:
                 raise ValueError(f"{name}: output size {n} is not divisible by tp={tp}")
@@ -130,16 +94,16 @@ class ColumnParallelLinear(nn.Module):
         else:
             local = weights
         self.weight = _mark(nn.Parameter(local.to(dtype).contiguous()), tp_sharded=tp > 1)
+        self.wgrad = wgrad
 
     @property
     def local_parts(self) -> list[int]:
-        _, tp = tp_rank_size(self.tp_group)
+        _, tp = rank_size(self.tp_group)
         return [n // tp for n in self.out_parts]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = gather_from_sp(x, self.tp_group) if self.sp else copy_to_tp(x, self.tp_group)
-        sampled = _sampled_linear(self, x, g_group=self.tp_group)
-        return sampled if sampled is not None else linear(x, self.weight)
+        return _matmul(self, x, g_group=self.tp_group)
 
     def full(self, local: torch.Tensor) -> torch.Tensor:
         """The logical ``[sum(out_parts), in]`` tensor from this rank's slice of it (collective over TP)."""
@@ -148,7 +112,7 @@ class ColumnParallelLinear(nn.Module):
 
     def shard(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the logical tensor (inverse of :meth:`full`, no communication)."""
-        rank, tp = tp_rank_size(self.tp_group)
+        rank, tp = rank_size(self.tp_group)
         return torch.cat([p.chunk(tp, dim=0)[rank] for p in full.split(list(self.out_parts), dim=0)], dim=0)
 
 
@@ -159,18 +123,18 @@ class RowParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, *, tp_group, sp: bool, seed: int, name: str,
-                 std: float, dtype: torch.dtype = torch.float32):
+                 std: float, dtype: torch.dtype = torch.float32, wgrad: SampledWeightGrad | None = None):
         super().__init__()
-        rank, tp = tp_rank_size(tp_group)
+        rank, tp = rank_size(tp_group)
         if in_features % tp:
             raise ValueError(f"{name}: input size {in_features} is not divisible by tp={tp}")
         self.tp_group, self.sp = tp_group, sp
         full = init_normal((out_features, in_features), std, seed, name)
         self.weight = _mark(nn.Parameter(full.chunk(tp, dim=1)[rank].to(dtype).contiguous()), tp_sharded=tp > 1)
+        self.wgrad = wgrad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _sampled_linear(self, x, x_group=self.tp_group)
-        y = y if y is not None else linear(x, self.weight)
+        y = _matmul(self, x, x_group=self.tp_group)
         return reduce_scatter_to_sp(y, self.tp_group) if self.sp else reduce_from_tp(y, self.tp_group)
 
     def full(self, local: torch.Tensor) -> torch.Tensor:
@@ -178,7 +142,7 @@ class RowParallelLinear(nn.Module):
         return gather_dim(local, 1, self.tp_group)
 
     def shard(self, full: torch.Tensor) -> torch.Tensor:
-        rank, tp = tp_rank_size(self.tp_group)
+        rank, tp = rank_size(self.tp_group)
         return full.chunk(tp, dim=1)[rank]
 
 
@@ -191,7 +155,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int, *, tp_group, sp: bool, seed: int, name: str, std: float,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        rank, tp = tp_rank_size(tp_group)
+        rank, tp = rank_size(tp_group)
         self.tp_group, self.sp = tp_group, sp
         self.vocab_size = vocab_size
         self.padded = padded_vocab_size(vocab_size, tp)
@@ -267,7 +231,7 @@ class _VocabParallelCE(torch.autograd.Function):
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group, vocab_size: int,
                                  vocab_start: int | None = None) -> torch.Tensor:
     """Per-token loss from logits ``[..., V_pad/tp]`` (this rank's vocab slice) and global targets."""
-    rank, tp = tp_rank_size(tp_group)
+    rank, tp = rank_size(tp_group)
     if vocab_start is None:
         vocab_start = rank * logits.shape[-1]
     return _VocabParallelCE.apply(logits, target, tp_group if tp > 1 else None, vocab_start, vocab_size)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moetrain.parallel.layers import gather_dim, pad_rows, tp_rank_size
+from moetrain.dist.groups import rank_size
+from moetrain.parallel.layers import gather_dim, pad_rows
 
 __all__ = ["LogicalParam", "logical_params"]
 
@@ -33,7 +34,7 @@ class LogicalParam:
 
 
 def _experts(mod, mod_name: str, pname: str, p: nn.Parameter) -> LogicalParam:
-    E = mod.num_local * (1 if mod.ep_group is None else torch.distributed.get_world_size(mod.ep_group))
+    E = mod.num_local * rank_size(mod.ep_group)[1]
     keys = [f"{mod_name}.{gid}.{pname}" for gid in range(E)]  # the names the state_dict uses too
     own = keys[mod.first:mod.first + mod.num_local]
 
@@ -53,7 +54,7 @@ def _head(chunk, name: str, p: nn.Parameter) -> LogicalParam:
         return {name: gather_dim(t.detach(), 0, chunk.tp_group)[:vocab]}
 
     def shard(get: Getter) -> torch.Tensor:
-        rank, tp = tp_rank_size(chunk.tp_group)
+        rank, tp = rank_size(chunk.tp_group)
         return pad_rows(get(name), chunk.vocab_padded).chunk(tp, dim=0)[rank]
 
     return LogicalParam(name, p, [name], gather, shard)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from moetrain.dist.groups import rank_size
+
 __all__ = [
     "copy_to_tp",
     "reduce_from_tp",
@@ -34,8 +36,8 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
+def _size(group: dist.ProcessGroup | None) -> int:
+    return rank_size(group)[1]
 
 
 def all_gather_dim0(x: torch.Tensor, group) -> torch.Tensor:

@@ -4,12 +4,16 @@ RMSNorm -> grouped-query attention with rotary embedding (heads split over TP) -
 RMSNorm -> feed-forward (SwiGLU MLP, or whatever ``ffn_factory`` builds, e.g. an MoE layer) -> residual.
 Activations are ``[s, b, d]``; with sequence parallelism the residual stream is ``[s/tp, b, d]``.
 
-RNG streams (all derived with :func:`parallel.layers.stream_seed` from ``seed``), so that every layout
+RNG streams (all derived with :func:`moetrain.parallel.rng.stream_seed` from ``seed``), so that every layout
 computes the same function as one process:
 - weights: ``layers.{i}.attn.qkv.{0,1,2}``, ``layers.{i}.attn.out``, ``layers.{i}.mlp.up.{0,1}``,
   ``layers.{i}.mlp.down``, ``embed``, ``head``; each drawn in full and sliced per rank;
 - dropout: ``dropout/{step}/{sample}/{site}``, one full ``[s, d]`` mask per global sample index and
   site (``{layer}.attn``, ``{layer}.mlp``, ``embed``), sliced to the rank's sequence shard.
+
+WTA-CRS enters through one seam: each linear takes a weight-gradient strategy at construction
+(``wgrad``, a :class:`~moetrain.parallel.wtacrs.SampledWeightGrad` for the sites in ``args.wtacrs_sites``,
+None for exact gradients); the feed-forward factory gets the same ``sampler`` for its MLPs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain.dist.groups import rank_size
 from moetrain.parallel import fused_attention
 from moetrain.parallel.layers import (
     ColumnParallelLinear,
@@ -30,15 +35,15 @@ from moetrain.parallel.layers import (
     VocabParallelEmbedding,
     gather_dim,
     padded_vocab_size,
-    stream_seed,
-    tp_rank_size,
     vocab_parallel_cross_entropy,
 )
 from moetrain.parallel.mappings import gather_from_sp
 from moetrain.parallel.recompute import recompute
+from moetrain.parallel.rng import DropoutStream, init_normal
 from moetrain.parallel.weight_grad import linear
+from moetrain.parallel.wtacrs import SampledWeightGrad, WTACRSConfig
 
-__all__ = ["TransformerArgs", "Transformer", "DropoutStream", "RMSNorm", "SwiGLU"]
+__all__ = ["TransformerArgs", "Transformer", "DropoutStream", "RMSNorm", "SwiGLU", "Sampler"]
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,10 @@ class TransformerArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     seed: int = 0
-    wtacrs_keep_ratio: float | None = None
-    """WTA-CRS keep ratio for the linears named in ``wtacrs_layers`` (None: exact everywhere)."""
-    wtacrs_layers: tuple[str, ...] = ()
-    wtacrs_min_rows: int = 10
+    wtacrs: WTACRSConfig | None = None
+    """WTA-CRS for the linears named in ``wtacrs_sites`` (None: exact weight gradients everywhere)."""
+    wtacrs_sites: tuple[str, ...] = ()
+    """qkv | attn_out | mlp_up | mlp_down (mlp_* also cover shared experts and routed experts)."""
     recompute: str = "none"
     """Activation recomputation: none | selective (core attention) | full (whole blocks)."""
 
@@ -89,41 +94,6 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-class DropoutStream:
-    """Dropout masks that do not depend on the layout: see the module docstring."""
-
-    def __init__(self, seed: int, p: float, seq_len: int):
-        self.seed, self.p, self.seq_len = seed, p, seq_len
-        self.step = 0
-        self.sample_ids: Sequence[int] = ()
-        self.seq_offset = 0
-
-    def set(self, step: int, sample_ids: Sequence[int]) -> None:
-        self.step, self.sample_ids = step, list(sample_ids)
-
-    def uniform_per_token(self, site: str, seq_len: int, batch: int) -> torch.Tensor:
-        """One uniform per token of the full micro-batch, ``[s * b]`` in ``[s, b]`` order (stochastic routers)."""
-        from moetrain.moe.routers import token_uniforms
-
-        if len(self.sample_ids) != batch:
-            raise RuntimeError(f"step streams have {len(self.sample_ids)} sample ids for a batch of {batch}")
-        return token_uniforms(self.seed, site, self.step, self.sample_ids, seq_len)
-
-    def __call__(self, x_SBD: torch.Tensor, site: str) -> torch.Tensor:
-        if self.p == 0.0 or not torch.is_grad_enabled():
-            return x_SBD
-        s, b, d = x_SBD.shape
-        if len(self.sample_ids) != b:
-            raise RuntimeError(f"dropout stream has {len(self.sample_ids)} sample ids for a batch of {b}")
-        masks = []
-        for sid in self.sample_ids:
-            gen = torch.Generator().manual_seed(stream_seed(self.seed, f"dropout/{self.step}/{sid}/{site}"))
-            full = torch.rand(self.seq_len, d, generator=gen)
-            masks.append(full[self.seq_offset:self.seq_offset + s])
-        keep = (torch.stack(masks, dim=1) >= self.p).to(device=x_SBD.device, dtype=x_SBD.dtype)
-        return x_SBD * keep / (1.0 - self.p)
-
-
 def _rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     ang = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv)  # [s, hd/2]
@@ -136,12 +106,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-b, a], dim=-1)
 
 
+Sampler = Callable[[str], "SampledWeightGrad | None"]
+"""A block's WTA-CRS seam: the weight-gradient strategy for a linear site (qkv, attn_out, mlp_up, mlp_down)."""
+
+
+def _exact(site: str) -> None:
+    return None
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention; each TP rank owns heads/tp query heads and kv_heads/tp kv heads."""
 
-    def __init__(self, args: TransformerArgs, layer: int, *, tp_group, sp: bool, dtype: torch.dtype):
+    def __init__(self, args: TransformerArgs, layer: int, *, tp_group, sp: bool, dtype: torch.dtype,
+                 sampler: Sampler = _exact):
         super().__init__()
-        _, tp = tp_rank_size(tp_group)
+        _, tp = rank_size(tp_group)
         hd, d = args.head_dim, args.d_model
         self.hd = hd
         self.heads, self.kv_heads = args.heads // tp, args.kv_heads // tp
@@ -150,10 +129,10 @@ class Attention(nn.Module):
         std = 1.0 / math.sqrt(d)
         self.qkv = ColumnParallelLinear(d, [args.heads * hd, args.kv_heads * hd, args.kv_heads * hd],
                                         tp_group=tp_group, sp=sp, seed=args.seed, name=f"layers.{layer}.attn.qkv",
-                                        std=std, dtype=dtype)
+                                        std=std, dtype=dtype, wgrad=sampler("qkv"))
         self.out = RowParallelLinear(args.heads * hd, d, tp_group=tp_group, sp=sp, seed=args.seed,
                                      name=f"layers.{layer}.attn.out", std=std / math.sqrt(2 * args.layers),
-                                     dtype=dtype)
+                                     dtype=dtype, wgrad=sampler("attn_out"))
         cos, sin = _rope_tables(args.seq_len, hd, args.rope_theta)
         self.register_buffer("cos", cos.to(dtype), persistent=False)
         self.register_buffer("sin", sin.to(dtype), persistent=False)
@@ -194,30 +173,32 @@ class SwiGLU(nn.Module):
     """``down(silu(gate(x)) * up(x))`` with gate/up column-parallel and down row-parallel."""
 
     def __init__(self, d_model: int, d_ffn: int, layers: int, layer: int, *, tp_group, sp: bool, seed: int,
-                 dtype: torch.dtype, name: str | None = None):
+                 dtype: torch.dtype, name: str | None = None, sampler: Sampler = _exact):
         super().__init__()
         name = name or f"layers.{layer}.mlp"
         std = 1.0 / math.sqrt(d_model)
         self.up = ColumnParallelLinear(d_model, [d_ffn, d_ffn], tp_group=tp_group, sp=sp, seed=seed,
-                                       name=f"{name}.up", std=std, dtype=dtype)
+                                       name=f"{name}.up", std=std, dtype=dtype, wgrad=sampler("mlp_up"))
         self.down = RowParallelLinear(d_ffn, d_model, tp_group=tp_group, sp=sp, seed=seed, name=f"{name}.down",
-                                      std=1.0 / math.sqrt(d_ffn) / math.sqrt(2 * layers), dtype=dtype)
+                                      std=1.0 / math.sqrt(d_ffn) / math.sqrt(2 * layers), dtype=dtype,
+                                      wgrad=sampler("mlp_down"))
 
     def forward(self, x_SBD: torch.Tensor) -> torch.Tensor:
         gate, up = self.up(x_SBD).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 
-FFNFactory = Callable[[int], nn.Module]
+FFNFactory = Callable[[int, DropoutStream, Sampler], nn.Module]
+"""Builds block ``layer``'s feed-forward given the chunk's streams and the block's WTA-CRS sampler."""
 
 
 class Block(nn.Module):
     def __init__(self, args: TransformerArgs, layer: int, ffn: nn.Module, *, tp_group, sp: bool,
-                 dtype: torch.dtype, dropout: DropoutStream):
+                 dtype: torch.dtype, dropout: DropoutStream, sampler: Sampler = _exact):
         super().__init__()
         self.layer = layer
         self.attn_norm = RMSNorm(args.d_model, args.norm_eps, sequence_parallel=sp, dtype=dtype)
-        self.attn = Attention(args, layer, tp_group=tp_group, sp=sp, dtype=dtype)
+        self.attn = Attention(args, layer, tp_group=tp_group, sp=sp, dtype=dtype, sampler=sampler)
         self.ffn_norm = RMSNorm(args.d_model, args.norm_eps, sequence_parallel=sp, dtype=dtype)
         self.ffn = ffn
         self.dropout = dropout
@@ -247,7 +228,7 @@ class Transformer(nn.Module):
                  ffn_factory: FFNFactory | None = None, layer_ids: Sequence[int] | None = None,
                  pre: bool = True, post: bool = True):
         super().__init__()
-        rank, tp = tp_rank_size(tp_group)
+        rank, tp = rank_size(tp_group)
         self.args, self.tp_group, self.sp = args, tp_group, sp and tp > 1
         self.pre, self.post = pre, post
         self.layer_ids = list(range(args.layers) if layer_ids is None else layer_ids)
@@ -260,18 +241,17 @@ class Transformer(nn.Module):
             self.embed = VocabParallelEmbedding(args.vocab_size, args.d_model, tp_group=tp_group, sp=self.sp,
                                                 seed=args.seed, name="embed", std=1.0, dtype=dtype)
 
-        def dense(layer: int) -> nn.Module:
+        def dense(layer: int, streams: DropoutStream, sampler: Sampler) -> nn.Module:
             return SwiGLU(args.d_model, args.d_ffn, args.layers, layer, tp_group=tp_group, sp=self.sp,
-                          seed=args.seed, dtype=dtype)
+                          seed=args.seed, dtype=dtype, sampler=sampler)
 
         factory = ffn_factory or dense
         self.layers = nn.ModuleDict({
-            str(i): Block(args, i, factory(i), tp_group=tp_group, sp=self.sp, dtype=dtype, dropout=self.dropout)
+            str(i): Block(args, i, factory(i, self.dropout, self._sampler(i)), tp_group=tp_group, sp=self.sp,
+                          dtype=dtype, dropout=self.dropout, sampler=self._sampler(i))
             for i in self.layer_ids
         })
         self.norm = RMSNorm(args.d_model, args.norm_eps, sequence_parallel=self.sp, dtype=dtype) if post else None
-        if args.wtacrs_keep_ratio is not None:
-            self._enable_wtacrs(args)
         if args.tie_embeddings or not post:
             self.head = None
         else:
@@ -279,27 +259,19 @@ class Transformer(nn.Module):
                                              seed=args.seed, name="head", std=1.0 / math.sqrt(args.d_model),
                                              dtype=dtype, weights=self._head_init(dtype))
 
-    def _enable_wtacrs(self, args: TransformerArgs) -> None:
-        """WTA-CRS on the chosen linears of every block (dense MLPs and shared experts included); never
-        on the embedding or the LM head."""
-        from moetrain.parallel.layers import enable_wtacrs
-        from moetrain.parallel.wtacrs import WTACRSConfig
+    def _sampler(self, layer: int) -> Sampler:
+        """Block ``layer``'s WTA-CRS seam: a sampled weight gradient for each site in ``args.wtacrs_sites``
+        (dense MLPs and shared experts as mlp_up / mlp_down); never the embedding or the LM head."""
+        args = self.args
+        if args.wtacrs is None:
+            return _exact
 
-        cfg = WTACRSConfig(keep_ratio=args.wtacrs_keep_ratio, k_min=args.wtacrs_min_rows, seed=args.seed)
-        for block in self.layers.values():
-            i = block.layer
-            sites = {"qkv": [block.attn.qkv], "attn_out": [block.attn.out], "mlp_up": [], "mlp_down": []}
-            for mod in block.ffn.modules():
-                if isinstance(mod, SwiGLU):
-                    sites["mlp_up"].append(mod.up)
-                    sites["mlp_down"].append(mod.down)
-            for site in args.wtacrs_layers:
-                for j, layer in enumerate(sites[site]):
-                    enable_wtacrs(layer, cfg, self.dropout, f"layers.{i}.{site}.{j}")
-            if hasattr(block.ffn, "enable_wtacrs"):  # MoE: the experts' up / down projections
-                up, down = "mlp_up" in args.wtacrs_layers, "mlp_down" in args.wtacrs_layers
-                if up or down:
-                    block.ffn.enable_wtacrs(cfg, up, down)
+        def for_site(site: str) -> SampledWeightGrad | None:
+            if site not in args.wtacrs_sites:
+                return None
+            return SampledWeightGrad(args.wtacrs, self.dropout, f"layers.{layer}.{site}.0")
+
+        return for_site
 
     def full_tensors(self, grads: bool = False) -> dict[str, torch.Tensor]:
         """Every parameter (or its gradient) as the logical unsharded tensor, by name (collective over TP)."""
@@ -321,9 +293,7 @@ class Transformer(nn.Module):
         return out
 
     def _head_init(self, dtype: torch.dtype) -> torch.Tensor:
-        from moetrain.parallel.layers import init_normal
-
-        rank, tp = tp_rank_size(self.tp_group)
+        rank, tp = rank_size(self.tp_group)
         full = torch.zeros(self.vocab_padded, self.args.d_model)
         full[: self.args.vocab_size] = init_normal((self.args.vocab_size, self.args.d_model),
                                                    1.0 / math.sqrt(self.args.d_model), self.args.seed, "head")

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from moetrain.parallel.schedules import Action, build_schedule
 from moetrain.parallel.weight_grad import DeferredGrads, defer_weight_grads, run_deferred
 
-__all__ = ["partition_layers", "PipelineRunner"]
+__all__ = ["partition_layers", "stage_layers", "chunk_layers", "ModelChunks", "PipelineRunner"]
 
 
 def partition_layers(costs: Sequence[float], parts: int, last_extra: float = 0.0) -> list[int]:
@@ -55,6 +55,35 @@ def partition_layers(costs: Sequence[float], parts: int, last_extra: float = 0.0
         sizes.append(i - j)
         i = j
     return sizes[::-1]
+
+
+def stage_layers(pp: int, vpp: int, layer_costs: Sequence[float], head_cost: float,
+                 configured: Sequence[int] | None = None) -> list[int]:
+    """Layers of each of the ``pp * vpp`` virtual stages: ``configured`` (``parallel.pipeline_layers``), or
+    balanced by cost (a block's parameter count; the LM head's added to the last stage)."""
+    if configured is not None:
+        return list(configured)
+    return partition_layers(layer_costs, pp * vpp, last_extra=head_cost)
+
+
+def chunk_layers(stages: Sequence[int], pp: int, vpp: int, stage: int) -> list[range]:
+    """The global layer ids of each chunk pipeline rank ``stage`` holds (virtual stages ``c * pp + stage``)."""
+    starts = [sum(stages[:i]) for i in range(len(stages))]
+    return [range(starts[c * pp + stage], starts[c * pp + stage] + stages[c * pp + stage]) for c in range(vpp)]
+
+
+class ModelChunks(torch.nn.Module):
+    """This rank's pipeline model chunks (one per virtual stage it holds), as one module."""
+
+    def __init__(self, chunks: Sequence[torch.nn.Module]):
+        super().__init__()
+        self.chunks = torch.nn.ModuleList(chunks)
+
+    def full_tensors(self, grads: bool = False) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for chunk in self.chunks:
+            out.update(chunk.full_tensors(grads))
+        return out
 
 
 class PipelineRunner:

@@ -32,11 +32,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moetrain.parallel.layers import stream_seed
+from moetrain.dist.groups import rank_size
+from moetrain.parallel.rng import stream_seed
 from moetrain.parallel.weight_grad import weight_grad
 
 __all__ = ["Sample", "choose_winners", "draw_sample", "importance_scale", "sampling_probs", "WTACRSConfig",
-           "NormCache", "wtacrs_linear", "budget"]
+           "NormCache", "wtacrs_linear", "budget", "SampledWeightGrad", "norm_caches"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class NormCache:
         total = torch.stack([v[0] for v in self._pending.values()]).sum(0)
         count = sum(v[1] for v in self._pending.values())
         t = torch.cat([total, torch.tensor([float(count)], dtype=total.dtype)])
-        if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        if dist.is_initialized() and rank_size(group)[1] > 1:
             dist.all_reduce(t, group=group)
         self.norms_S = t[:-1] / t[-1]
         self._pending.clear()
@@ -137,7 +138,7 @@ def draw_sample(p: torch.Tensor, k: int, generator: torch.Generator) -> Sample:
 
 
 def _sum_sq_over(t_N: torch.Tensor, group) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
+    if rank_size(group)[1] > 1:
         t_N = t_N.clone()
         dist.all_reduce(t_N, group=group)
     return t_N
@@ -195,3 +196,23 @@ def wtacrs_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     groups over which this rank holds only a slice of the input / output features (None: full).
     """
     return _WTACRSLinear.apply(x, weight, bias, cfg, key, seq_len, cache or NormCache(), x_group, g_group)
+
+
+class SampledWeightGrad:
+    """The weight-gradient strategy of one sampled linear, given to it at construction: its WTA-CRS
+    config, the model's step streams (``step`` and ``sample_ids`` key each micro-batch's draw, the same on
+    every TP rank and in the single-process run) and its own gradient-norm cache."""
+
+    def __init__(self, cfg: WTACRSConfig, streams, name: str):
+        self.cfg, self.streams, self.name = cfg, streams, name
+        self.norm_cache = NormCache()
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, *, x_group=None, g_group=None) -> torch.Tensor:
+        first = self.streams.sample_ids[0] if len(self.streams.sample_ids) else 0
+        return wtacrs_linear(x, weight, None, self.cfg, f"wtacrs/{self.name}/{self.streams.step}/{first}",
+                             seq_len=x.shape[0], cache=self.norm_cache, x_group=x_group, g_group=g_group)
+
+
+def norm_caches(model: torch.nn.Module) -> list[NormCache]:
+    """The gradient-norm caches of every sampled linear in ``model`` (finalized after each optimizer step)."""
+    return [m.wgrad.norm_cache for m in model.modules() if getattr(m, "wgrad", None) is not None]

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moetrain.dist.groups import rank_size
 from moetrain.parallel.mappings import _all_gather_single
 
 __all__ = ["ShardedAdamW"]
@@ -119,8 +120,7 @@ class ShardedAdamW:
             group, params = entry[0], [p for p in entry[1] if p.requires_grad]
             if not params:
                 continue
-            world = 1 if group is None else dist.get_world_size(group)
-            rank = 0 if group is None else dist.get_rank(group)
+            rank, world = rank_size(group)
             divisor = entry[2] if len(entry) > 2 else world
             numel = sum(p.numel() for p in params)
             size = -(-numel // world)

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from moetrain.config import load_config
 from moetrain.dist.checkpoint import Checkpointer, CheckpointError
-from moetrain.launch.config import load_config
 from moetrain.launch.job import setup_groups
 from moetrain.launch.local import RankFailure
 from moetrain.launch.trainer import Trainer

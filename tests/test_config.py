@@ -10,7 +10,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moetrain.launch.config import ConfigError, JobConfig, config_from_dict, load_config, write_resolved
+from moetrain.config import ConfigError, JobConfig, config_from_dict, load_config, write_resolved
 
 CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("cluster_configs").glob("*.yaml"))
 

@@ -85,7 +85,7 @@ def test_mpiexec_rank_environment_and_training_job(tmp_path):
     assert data["world_size"] == 4 and data["layout"] == {"tp": 2, "pp": 1, "ep": 4, "dp": 2}  # MoE, EP=4
     assert data["steps"] == 2 and len(data["losses"]) == 2
     # the same job under the local launcher: the same losses
-    from moetrain.launch.config import load_config
+    from moetrain.config import load_config
     from moetrain.launch.job import run_job
 
     local = run_job(load_config(str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"), [

@@ -148,7 +148,7 @@ def test_pack_and_combine_autograd_pass_gradcheck():
 
 
 def test_cuda_kernels_refused_without_a_device_and_auto_falls_back():
-    from moetrain.launch.config import ConfigError, load_config
+    from moetrain.config import ConfigError, load_config
     from moetrain.moe.kernels import KernelError, require
 
     with pytest.raises(ConfigError, match="cluster.device=cuda"):
@@ -164,15 +164,18 @@ ROUTERS_SPARSE = ["topk", "switch", "gshard", "sigmoid", "xmoe", "expert_choice"
 
 @pytest.mark.parametrize("capacity_factor,policy", [(None, "probs"), (1.0, "probs"), (0.75, "position")])
 def test_fused_stages_equal_torch_stages_for_every_router(capacity_factor, policy):
-    from moetrain.moe.layer import FusedInverseOrder, FusedOrder, MoEArgs, MoEGroups, MoELayer
+    from moetrain.config import MoEConfig
+    from moetrain.moe.layer import FusedInverseOrder, FusedOrder, MoEGroups, MoELayer
+    from moetrain.moe.runtime import MoERuntime
 
     for router in ROUTERS_SPARSE:
         outs = []
         for kern in ("torch", "fused"):
-            args = MoEArgs(num_experts=8, topk=1 if router == "switch" else 3, d_model=16, d_expert=12, router=router,
-                           capacity_factor=capacity_factor, drop_policy=policy, aux_loss_coef=0.1, z_loss_coef=0.01,
-                           n_groups=1, kernels=kern)
-            layer = MoELayer(args, 0, MoEGroups(), sp=False, dtype=torch.float64)
+            args = MoEConfig(num_experts=8, topk=1 if router == "switch" else 3, d_expert=12, router=router,
+                             capacity_factor=capacity_factor, drop_policy=policy, aux_loss_coef=0.1, z_loss_coef=0.01,
+                             n_groups=1)
+            layer = MoELayer(args, 0, MoEGroups(), d_model=16, sp=False, dtype=torch.float64,
+                             runtime=MoERuntime(fused=kern == "fused"))
             fused = kern == "fused"
             assert isinstance(layer.order, FusedOrder) == isinstance(layer.unorder, FusedInverseOrder) == fused
             x = torch.randn(6, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1),
@@ -211,17 +214,17 @@ def _train_fused(overrides: list[str]) -> dict | None:
     from tests.test_model_parallel import _train
 
     calls = {"pack": 0}
-    pack, choose = kernels.pack_rows, trainer_mod.Trainer._moe_kernels
+    pack, choose = kernels.pack_rows, trainer_mod.kernels.use_fused
 
     def counting_pack(*a):
         calls["pack"] += 1
         return pack(*a)
 
-    kernels.pack_rows, trainer_mod.Trainer._moe_kernels = counting_pack, lambda self, choice: "fused"
+    kernels.pack_rows, trainer_mod.kernels.use_fused = counting_pack, lambda choice, device: True
     try:
         out = _train(overrides)
     finally:
-        kernels.pack_rows, trainer_mod.Trainer._moe_kernels = pack, choose
+        kernels.pack_rows, trainer_mod.kernels.use_fused = pack, choose
     return out if out is None else {**out, "pack_calls": calls["pack"]}
 
 
@@ -240,15 +243,17 @@ def test_fused_stages_in_the_whole_model_under_tp_sp_ep_capacity_and_wtacrs(rank
 @pytest.mark.parametrize("router", ["topk", "sigmoid", "expert_choice"])
 def test_fused_layer_equals_torch_layer_on_gpu(router):
     """The layer with the csrc kernels (fp32 on CUDA) against its torch stages: output and every gradient."""
+    from moetrain.config import MoEConfig
     from moetrain.moe.kernels import load
-    from moetrain.moe.layer import MoEArgs, MoEGroups, MoELayer
+    from moetrain.moe.layer import MoEGroups, MoELayer
+    from moetrain.moe.runtime import MoERuntime
 
     assert load() is not None, "CUDA present but the kernels did not build"
     outs = []
     for kern in ("torch", "fused"):
-        args = MoEArgs(num_experts=64, topk=8, d_model=256, d_expert=128, router=router, capacity_factor=1.25,
-                       aux_loss_coef=0.01, kernels=kern)
-        layer = MoELayer(args, 0, MoEGroups(), sp=False, dtype=torch.float32).cuda()
+        args = MoEConfig(num_experts=64, topk=8, d_expert=128, router=router, capacity_factor=1.25, aux_loss_coef=0.01)
+        layer = MoELayer(args, 0, MoEGroups(), d_model=256, sp=False, dtype=torch.float32,
+                         runtime=MoERuntime(fused=kern == "fused")).cuda()
         x = torch.randn(512, 4, 256, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3),
                         requires_grad=True)
         y = layer(x)

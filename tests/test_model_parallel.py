@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moetrain.launch.config import load_config
+from moetrain.config import load_config
 from moetrain.launch.job import setup_groups
 from moetrain.launch.trainer import Trainer
 

@@ -9,17 +9,18 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.distributed as dist
 
+from moetrain.config import MoEConfig
 from moetrain.dist.groups import create_groups
 from moetrain.dist.topology import Layout, build_rank_grid
 from moetrain.moe.dispatch import build_plan, exchange_counts
-from moetrain.moe.layer import MoEArgs, MoEGroups, MoELayer
-from moetrain.moe.routers import ROUTERS, SparseRouting
+from moetrain.moe.layer import MoEGroups, MoELayer
+from moetrain.moe.routers import SparseRouting
+from moetrain.moe.runtime import MoERuntime
+from moetrain.registry import ROUTERS
 
 _GROUPS: dict = {}
 
@@ -43,11 +44,12 @@ def _dispatch_case(pattern: str, rpn: int):
     # each row tagged (source, expert, index within the source's segment)
     tags = [[me, e, i] for e, n in enumerate(counts_E.tolist()) for i in range(n)]
     rows = torch.tensor(tags, dtype=torch.float64).reshape(-1, 3)
-    counts = exchange_counts(counts_E, g.ep)
+    counts = exchange_counts(counts_E, g.group("ep"))
     out = {}
     for algo in ("flat", "hier2d", "hier1d", "hier2d_inter_first"):
-        plan = build_plan(algo.removesuffix("_inter_first"), counts, g.index("ep"), local_experts=2, ep_group=g.ep,
-                          intra_group=g.ep_intra, inter_group=g.ep_inter, ranks_per_node=g.size("ep_intra"),
+        plan = build_plan(algo.removesuffix("_inter_first"), counts, g.rank("ep"), local_experts=2,
+                          ep_group=g.group("ep"), intra_group=g.group("ep_intra"), inter_group=g.group("ep_inter"),
+                          ranks_per_node=g.size("ep_intra"),
                           inter_first=algo.endswith("_inter_first"))
         x = rows.clone().requires_grad_()
         recv = plan.dispatch(x)
@@ -98,12 +100,13 @@ def _layer_case(router: str, forced: str | None, k: int, capacity_factor, dispat
     g = _groups(world, 2)
     E = 2 * world
     extra = dict(ROUTER_EXTRA.get(router, {}))
-    args = MoEArgs(num_experts=E, topk=extra.pop("topk", k), d_model=8, d_expert=6, router=router,
-                   capacity_factor=capacity_factor, aux_loss_coef=0.1, z_loss_coef=0.01, seed=3, dispatch=dispatch,
-                   **extra)
-    ep_layer = MoELayer(dataclasses.replace(args, kernels=kernels), 0,
-                        MoEGroups(ep=g.ep, ep_intra=g.ep_intra, ep_inter=g.ep_inter), sp=False, dtype=torch.float64)
-    ref_layer = MoELayer(args, 0, MoEGroups(), sp=False, dtype=torch.float64)
+    args = MoEConfig(num_experts=E, topk=extra.pop("topk", k), d_expert=6, router=router,
+                     capacity_factor=capacity_factor, aux_loss_coef=0.1, z_loss_coef=0.01, dispatch=dispatch, **extra)
+    kw = dict(d_model=8, seed=3, sp=False, dtype=torch.float64)
+    ep_layer = MoELayer(args, 0, MoEGroups(ep=g.group("ep"), ep_intra=g.group("ep_intra"),
+                                           ep_inter=g.group("ep_inter")),
+                        runtime=MoERuntime(fused=kernels == "fused"), **kw)
+    ref_layer = MoELayer(args, 0, MoEGroups(), **kw)
     if forced:
         for layer in (ep_layer, ref_layer):
             layer.gate.forward = lambda x, b, _k=forced: _forced(_k, x.shape[0], E, rank)
@@ -135,7 +138,7 @@ def _layer_case(router: str, forced: str | None, k: int, capacity_factor, dispat
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_every_router_at_ep_world_equals_all_local(ranks, world):
     pool = ranks(world, 2 if world > 2 else 2)
-    for router in ROUTERS:
+    for router in ROUTERS.names():
         for rank, ok in enumerate(pool.run(_layer_case, router, None, 2, None, "flat")):
             assert all(ok.values()), (router, rank, {k: v for k, v in ok.items() if not v})
 
@@ -229,8 +232,7 @@ def _overlap_case(dispatch: str):
     (asynchronously), with it off before that (blocking) all-to-all."""
     world, rank = dist.get_world_size(), dist.get_rank()
     g = _groups(world, 2)
-    args = MoEArgs(num_experts=2 * world, topk=2, d_model=8, d_expert=6, router="topk", aux_loss_coef=0.1, seed=3,
-                   dispatch=dispatch)
+    args = MoEConfig(num_experts=2 * world, topk=2, d_expert=6, router="topk", aux_loss_coef=0.1, dispatch=dispatch)
     x = torch.randn(4, 2, 8, generator=torch.Generator().manual_seed(100 + rank), dtype=torch.float64)
     from moetrain.parallel.weight_grad import PendingWeightGrads
 
@@ -249,7 +251,8 @@ def _overlap_case(dispatch: str):
     dist.all_to_all_single, PendingWeightGrads.take = a2a, take
     try:
         for overlap in (False, True):
-            layer = MoELayer(args, 0, MoEGroups(ep=g.ep, ep_intra=g.ep_intra, ep_inter=g.ep_inter), sp=False,
+            layer = MoELayer(args, 0, MoEGroups(ep=g.group("ep"), ep_intra=g.group("ep_intra"),
+                                                ep_inter=g.group("ep_inter")), d_model=8, seed=3, sp=False,
                              dtype=torch.float64)
             layer.overlap_weight_grads = overlap
             for p in layer.experts.experts.weights:

@@ -71,7 +71,7 @@ def test_chunked_equals_unchunked(ranks, i):
 def _grads_and_events(overrides: list[str]) -> dict | None:
     import torch.distributed as dist
 
-    from moetrain.launch.config import load_config
+    from moetrain.config import load_config
     from moetrain.launch.job import setup_groups
     from moetrain.launch.trainer import Trainer
 
@@ -121,23 +121,25 @@ def _pipelined_layer(degrees, inter_first: bool) -> dict | None:
     phases in either order, or unchunked (degrees None)."""
     import torch.distributed as dist
 
+    from moetrain.config import MoEConfig
     from moetrain.dist.groups import create_groups
     from moetrain.dist.links import LinkEngine
     from moetrain.dist.topology import Layout, build_rank_grid
-    from moetrain.moe.layer import MoEArgs, MoEGroups, MoELayer
-    from moetrain.moe.tuning import DegreeTuner
+    from moetrain.moe.layer import MoEGroups, MoELayer
+    from moetrain.moe.runtime import MoERuntime
 
     world = dist.get_world_size()
     grid = build_rank_grid(Layout(dp=world, ep=world), ranks_per_node=2)
     groups = create_groups(grid)
-    args = MoEArgs(num_experts=8, topk=2, d_model=12, d_expert=10, dispatch="hier2d", activation="swiglu", seed=3)
-    layer = MoELayer(args, 0, MoEGroups.from_parallel(groups), sp=False, dtype=torch.float64)
+    args = MoEConfig(num_experts=8, topk=2, d_expert=10, dispatch="hier2d", activation="swiglu", aux_loss_coef=0.0)
     engine = None
+    runtime = MoERuntime()
     if degrees is not None:
         engine = LinkEngine(node_of=[grid.node_of(r) for r in range(world)], coschedule=True)
         engine.record = True
-        layer.engine = engine
-        layer.tuner = DegreeTuner(*degrees, inter_first=inter_first)
+        runtime = MoERuntime(engine=engine, degrees=degrees, inter_first=inter_first)
+    layer = MoELayer(args, 0, MoEGroups.from_parallel(groups), d_model=12, seed=3, sp=False, dtype=torch.float64,
+                     runtime=runtime)
     out = {}
     for step in range(3):
         x = torch.randn(9, 2, 12, generator=torch.Generator().manual_seed(10 * dist.get_rank() + step),

@@ -166,7 +166,7 @@ def test_explicit_stage_layers_and_summary(ranks):
 
 
 def _fit_pipe(overrides: list[str]) -> dict:
-    from moetrain.launch.config import load_config
+    from moetrain.config import load_config
     from moetrain.launch.job import setup_groups
     from moetrain.launch.trainer import Trainer
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from moetrain.launch.config import load_config
+from moetrain.config import load_config
 from moetrain.launch.job import JobError, run_job
 from moetrain.launch.local import RankFailure
 

@@ -57,7 +57,7 @@ def test_zero2_on_eight_ranks(ranks, layout):
 
 
 def _memory(overrides: list[str]) -> dict | None:
-    from moetrain.launch.config import load_config
+    from moetrain.config import load_config
     from moetrain.launch.job import setup_groups
     from moetrain.launch.trainer import Trainer
 
@@ -118,7 +118,7 @@ def test_checkpoints_reshard_across_layouts_and_zero_stages(ranks, tmp_path):
 
 
 def _fit(overrides: list[str]) -> dict:
-    from moetrain.launch.config import load_config
+    from moetrain.config import load_config
     from moetrain.launch.job import setup_groups
     from moetrain.launch.trainer import Trainer
 

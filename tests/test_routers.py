@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moetrain.config import MoEConfig
 from moetrain.moe.layer import InverseOrder, Order
 from moetrain.moe.routers import (
-    RouterConfig,
     SparseRouting,
     build_router,
     capacity,
@@ -25,7 +25,8 @@ def _x(T: int, D: int, seed: int) -> torch.Tensor:
 
 
 def _router(kind: str, E: int, k: int, D: int = 8, **kw):
-    return build_router(RouterConfig(kind=kind, num_experts=E, topk=k, d_model=D, **kw), torch.float64)
+    kw.setdefault("aux_loss_coef", 0.0)
+    return build_router(MoEConfig(router=kind, num_experts=E, topk=k, **kw), d_model=D, dtype=torch.float64)
 
 
 @given(T=st.integers(1, 40), E=st.integers(1, 12), k=st.integers(1, 12), seed=st.integers(0, 2**16),

@@ -184,7 +184,8 @@ def test_saved_bytes_drop_by_the_keep_ratio_and_backward_can_run_twice():
 
 # ------------------------------------------------------------------------------ TP consistency
 def _tp_case(kind: str, ratio: float):
-    from moetrain.parallel.layers import ColumnParallelLinear, RowParallelLinear, enable_wtacrs
+    from moetrain.parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from moetrain.parallel.wtacrs import SampledWeightGrad
 
     tp = dist.get_world_size()
     group = dist.group.WORLD
@@ -200,9 +201,9 @@ def _tp_case(kind: str, ratio: float):
     out = {}
     for name, grp in (("tp", group), ("serial", None)):
         cls = ColumnParallelLinear if kind == "column" else RowParallelLinear
-        kw = dict(tp_group=grp, sp=False, seed=1, name="lin", std=0.3, dtype=torch.float64)
+        kw = dict(tp_group=grp, sp=False, seed=1, name="lin", std=0.3, dtype=torch.float64,
+                  wgrad=SampledWeightGrad(cfg, Streams, "lin"))
         layer = cls(16, [16], **kw) if kind == "column" else cls(16, 16, **kw)
-        enable_wtacrs(layer, cfg, Streams, "lin")
         for _ in range(2):  # the second step uses the gradient-norm cache filled by the first
             xi = x.clone() if (kind == "column" or grp is None) else x.chunk(tp, -1)[rank].clone()
             xi.requires_grad_()
@@ -210,7 +211,7 @@ def _tp_case(kind: str, ratio: float):
             g = dy.chunk(tp, -1)[rank] if (kind == "column" and grp is not None) else dy
             layer.weight.grad = None
             y.backward(g)
-            layer.norm_cache.finalize()  # what the trainer does after the optimizer step
+            layer.wgrad.norm_cache.finalize()  # what the trainer does after the optimizer step
         out[name] = layer.full(layer.weight.grad) if grp is not None else layer.weight.grad
     return bool(torch.allclose(out["tp"], out["serial"], rtol=1e-12, atol=1e-12))
 
@@ -221,7 +222,7 @@ def test_tp2_sampled_layer_equals_single_process_sampled_layer(ranks, kind):
 
 
 def _fit_text(overrides: list[str]) -> dict:
-    from moetrain.launch.config import load_config
+    from moetrain.config import load_config
     from moetrain.launch.job import setup_groups
     from moetrain.launch.trainer import Trainer
 

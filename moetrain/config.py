@@ -1,24 +1,38 @@
 """Typed job configuration: one YAML file per job, dotted ``KEY=VALUE`` overrides, strict validation.
 
 Every section is a pydantic model that forbids unknown keys and does strict typing (``"3"`` is not an
-int, ``true`` is not a number). Cross-field rules live in :func:`check_consistency` and each names the
-field it rejects. Every user mistake surfaces as :class:`ConfigError` with a dotted path, which the CLI
+int, ``true`` is not a number). A section's own rules live in its ``check_rules`` method; the rules
+that involve several sections are in :func:`check_consistency`, each stated once and naming the field
+it rejects. Every user mistake surfaces as :class:`ConfigError` with a dotted path, which the CLI
 prints as one line ``config error: <path>: <reason>``.
+
+Sections are the constructors' arguments: the MoE layer and its routers take :class:`MoEConfig`, the
+model spec reads :class:`ModelConfig`. Derived defaults (``model.kv_heads``, ``model.d_ffn``,
+``moe.d_expert``) are filled in at validation, so every consumer sees the same resolved value.
+
+This module sits at the bottom of the import graph (no torch) so ``moetrain validate`` stays fast.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moetrain.dist.topology import Layout, LayoutError, build_rank_grid
+from moetrain.errors import UserError
+from moetrain.registry import DISPATCHERS, MODEL_FAMILIES, ROUTERS
 
 __all__ = [
     "ConfigError",
     "JobConfig",
+    "ModelConfig",
+    "MoEConfig",
     "load_config",
     "parse_overrides",
     "apply_overrides",
@@ -28,7 +42,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user mistake in a job config, located by a dotted path (``parallel.tp``) or a file name."""
 
     def __init__(self, path: str, reason: str):
@@ -39,6 +53,13 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
+
+    def check_rules(self, path: str) -> None:
+        """Rules among this section's own fields; ``path`` is the section's dotted name."""
+
+    def _fill(self, name: str, value: Any) -> None:
+        """Set a derived default without marking the field as given by the user."""
+        self.__dict__[name] = value
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -54,6 +75,25 @@ class ClusterConfig(_Section):
     """How long Ray may take to find resources for the ranks before the job fails."""
     collective_timeout_s: float = Field(300.0, gt=0)
     """A collective that waits longer than this fails with an error instead of hanging."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+    def check_rules(self, path: str) -> None:
+        if self.launcher == "local" and self.ray_address:
+            raise ConfigError(f"{path}.ray_address", "only used with cluster.launcher=ray")
+        if self.device == "cuda" and self.launcher == "local":
+            # Local ranks run on this machine, so its GPUs are what the job gets. Other launchers start
+            # ranks elsewhere; each rank checks its own device at start-up.
+            import torch
+
+            have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if have == 0:
+                raise ConfigError(f"{path}.device", "cuda requested but this machine has no CUDA device")
+            if self.ranks_per_node > have:
+                raise ConfigError(f"{path}.ranks_per_node",
+                                  f"{self.ranks_per_node} ranks per node but only {have} CUDA devices")
 
 
 class LinkConfig(_Section):
@@ -84,8 +124,23 @@ class ParallelConfig(_Section):
     pipeline_layers: Optional[list[Annotated[int, Field(ge=1)]]] = None
     """Layers of each of the pp*vpp virtual stages, in order; default: balanced by parameter count."""
 
+    def check_rules(self, path: str) -> None:
+        if self.vpp > 1:
+            if self.pp == 1:
+                raise ConfigError(f"{path}.vpp", "virtual pipeline stages need parallel.pp > 1")
+            if self.schedule != "interleaved":
+                raise ConfigError(f"{path}.schedule", f"parallel.vpp={self.vpp} needs schedule 'interleaved'")
+        if self.schedule == "interleaved" and self.vpp == 1 and self.pp > 1:
+            raise ConfigError(f"{path}.vpp", "schedule 'interleaved' needs parallel.vpp > 1")
+        if self.pipeline_layers is not None and len(self.pipeline_layers) != self.pp * self.vpp:
+            raise ConfigError(f"{path}.pipeline_layers", f"{len(self.pipeline_layers)} entries for pp*vpp = "
+                                                         f"{self.pp}*{self.vpp} = {self.pp * self.vpp} pipeline chunks")
+
 
 class ModelConfig(_Section):
+    family: str = "llama"
+    """Model family (a registered model spec): ``llama`` is the Llama-style decoder, dense or with MoE blocks
+    (Mixtral-style) as the ``moe`` section says."""
     layers: int = Field(2, ge=1)
     d_model: int = Field(64, ge=1)
     heads: int = Field(4, ge=1)
@@ -101,18 +156,48 @@ class ModelConfig(_Section):
     norm_eps: float = Field(1e-5, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
 
+    @model_validator(mode="after")
+    def _derived_defaults(self) -> ModelConfig:
+        if self.kv_heads is None:
+            self._fill("kv_heads", self.heads)
+        if self.d_ffn is None:
+            self._fill("d_ffn", 4 * self.d_model)
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.heads
+
+    def check_rules(self, path: str) -> None:
+        why = MODEL_FAMILIES.check(self.family)
+        if why:
+            raise ConfigError(f"{path}.family", why)
+        if self.kv_heads > self.heads or self.heads % self.kv_heads:
+            raise ConfigError(f"{path}.kv_heads", f"{self.kv_heads} kv heads must divide model.heads={self.heads}")
+        if self.d_model % self.heads:
+            raise ConfigError(f"{path}.d_model", f"{self.d_model} is not divisible by model.heads={self.heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"{path}.d_model", f"head dim {self.head_dim} must be even for rotary embedding")
+
+
+# routers that do not pick k experts per token (so topk is not bounded by num_experts)
+_NOT_TOKEN_CHOICE = ("softmoe", "expert_choice")
+
 
 class MoEConfig(_Section):
     num_experts: int = Field(0, ge=0)
     """0 means a dense model."""
     topk: int = Field(2, ge=1)
-    router: Literal["gshard", "switch", "topk", "sigmoid", "xmoe", "softmoe", "expert_choice"] = "topk"
+    router: str = "topk"
+    """A registered router (topk, switch, gshard, sigmoid, xmoe, softmoe, expert_choice) or an import path
+    ``package.module:Router`` (moetrain.registry)."""
     capacity_factor: Optional[float] = Field(None, gt=0)
     """None means dropless."""
     drop_policy: Literal["position", "probs"] = "probs"
     every: int = Field(1, ge=1)
     """Every n-th block is an MoE block (the others dense)."""
-    dispatch: Literal["flat", "hier2d", "hier1d"] = "flat"
+    dispatch: str = "flat"
+    """A registered dispatch algorithm (flat, hier2d, hier1d) or an import path (moetrain.registry)."""
     pipeline_degree: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = 1
     """Forward chunks of the dispatch/experts/combine pipeline: an integer or ``auto`` (chosen by the model)."""
     bwd_pipeline_degree: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = 1
@@ -133,7 +218,7 @@ class MoEConfig(_Section):
     """Expert hidden size; defaults to model.d_ffn."""
     activation: Literal["swiglu", "gelu"] = "swiglu"
     shared_experts: int = Field(0, ge=0)
-    """Number of shared experts (always active, run as one dense MLP of shared_experts * d_expert)."""
+    """Number of shared experts (always active, run as one dense SwiGLU MLP of shared_experts * d_expert)."""
     aux_loss_coef: float = Field(0.01, ge=0)
     """Switch/GShard load-balancing loss weight."""
     seq_aux_loss_coef: float = Field(0.0, ge=0)
@@ -150,6 +235,48 @@ class MoEConfig(_Section):
     torch ops, ``auto`` = the kernels on CUDA devices when they build and pass their self-check, torch ops
     otherwise."""
 
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def chunked(self) -> bool:
+        """Chunk-pipelined dispatch -> experts -> combine (moe/overlap.py)."""
+        return (self.pipeline_degree, self.bwd_pipeline_degree) != (1, 1)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block ``layer`` (0-based) is an MoE block: every ``every``-th one."""
+        return self.enabled and (layer + 1) % self.every == 0
+
+    def check_rules(self, path: str) -> None:
+        for key, registry in (("router", ROUTERS), ("dispatch", DISPATCHERS)):
+            why = registry.check(getattr(self, key))
+            if why:
+                raise ConfigError(f"{path}.{key}", why)
+        if not self.enabled:
+            return
+        E, r = self.num_experts, self.router
+        if r not in _NOT_TOKEN_CHOICE and self.topk > E:
+            raise ConfigError(f"{path}.topk", f"top-{self.topk} of only {E} experts")
+        if r == "switch" and self.topk != 1:
+            raise ConfigError(f"{path}.topk", f"router 'switch' is top-1, got topk={self.topk}")
+        if r == "gshard" and (self.topk != 2 or E < 2):
+            raise ConfigError(f"{path}.topk", f"router 'gshard' is top-2 of >= 2 experts, got topk={self.topk}")
+        if r == "softmoe" and self.capacity_factor is not None:
+            raise ConfigError(f"{path}.capacity_factor", "router 'softmoe' has fixed slots and takes no capacity")
+        if E % self.n_groups:
+            raise ConfigError(f"{path}.n_groups", f"{self.n_groups} groups do not split {E} experts")
+        if self.n_groups > 1 and r != "sigmoid":
+            raise ConfigError(f"{path}.n_groups", "group-limited routing needs router 'sigmoid'")
+        if self.topk_groups is not None:
+            if self.topk_groups > self.n_groups:
+                raise ConfigError(f"{path}.topk_groups", f"{self.topk_groups} exceeds moe.n_groups={self.n_groups}")
+            if self.topk > self.topk_groups * (E // self.n_groups):
+                raise ConfigError(f"{path}.topk", f"top-{self.topk} does not fit in {self.topk_groups} groups of "
+                                                  f"{E // self.n_groups} experts")
+        if self.bias_update_rate and r != "sigmoid":
+            raise ConfigError(f"{path}.bias_update_rate", "the aux-loss-free expert bias needs router 'sigmoid'")
+
 
 class OptimizerConfig(_Section):
     zero_stage: Literal[0, 1, 2] = 0
@@ -158,6 +285,10 @@ class OptimizerConfig(_Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
+
+    def check_rules(self, path: str) -> None:
+        if self.offload != "none" and self.zero_stage == 0:
+            raise ConfigError(f"{path}.offload", "CPU offload needs train.optimizer.zero_stage >= 1")
 
 
 class TrainConfig(_Section):
@@ -177,6 +308,11 @@ class TrainConfig(_Section):
     """Activation recomputation: selective = core attention, full = whole transformer blocks."""
     optimizer: OptimizerConfig = OptimizerConfig()
 
+    def check_rules(self, path: str) -> None:
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{path}.min_lr", f"{self.min_lr} exceeds train.lr={self.lr}")
+        self.optimizer.check_rules(f"{path}.optimizer")
+
 
 class WTACRSConfig(_Section):
     enabled: bool = False
@@ -186,6 +322,10 @@ class WTACRSConfig(_Section):
     min_rows: int = Field(10, ge=1)
     """Keep at least this many rows per estimate (k = max(floor(keep_ratio * n), min_rows), at most n)."""
 
+    @property
+    def samples_experts(self) -> bool:
+        return self.enabled and bool({"mlp_up", "mlp_down"} & set(self.layers))
+
 
 class DataConfig(_Section):
     source: Literal["synthetic", "text", "tokens"] = "synthetic"
@@ -193,6 +333,12 @@ class DataConfig(_Section):
     """text: a file or folder of .txt files (default: Python's own stdlib sources); tokens: a .bin file."""
     token_dtype: Literal["uint16", "uint32"] = "uint16"
     """Element type of a ``tokens`` file."""
+
+    def check_rules(self, path: str) -> None:
+        if self.source == "tokens" and not self.path:
+            raise ConfigError(f"{path}.path", "data.source=tokens needs a token file path")
+        if self.path and self.source == "synthetic":
+            raise ConfigError(f"{path}.path", "data.source=synthetic takes no path")
 
 
 class CheckpointConfig(_Section):
@@ -202,6 +348,12 @@ class CheckpointConfig(_Section):
     resume: str = "auto"
     """auto | never | a checkpoint path."""
     keep: int = Field(3, ge=1)
+
+    def check_rules(self, path: str) -> None:
+        if self.every > 0 and not self.dir:
+            raise ConfigError(f"{path}.dir", "checkpoint.every > 0 needs a checkpoint directory")
+        if self.resume not in ("auto", "never") and not self.resume.strip():
+            raise ConfigError(f"{path}.resume", "must be auto, never or a checkpoint path")
 
 
 class LoggingConfig(_Section):
@@ -218,10 +370,18 @@ class FaultInjectConfig(_Section):
     step: Optional[int] = Field(None, ge=0)
     kind: Optional[Literal["exit", "hang", "exception"]] = None
 
+    def check_rules(self, path: str) -> None:
+        given = [v is not None for v in (self.rank, self.step, self.kind)]
+        if any(given) and not all(given):
+            raise ConfigError(path, "rank, step and kind must be given together")
+
 
 class FaultConfig(_Section):
     inject: FaultInjectConfig = FaultInjectConfig()
     max_restarts: int = Field(0, ge=0)
+
+    def check_rules(self, path: str) -> None:
+        self.inject.check_rules(f"{path}.inject")
 
 
 class JobConfig(_Section):
@@ -237,10 +397,16 @@ class JobConfig(_Section):
     logging: LoggingConfig = LoggingConfig()
     fault: FaultConfig = FaultConfig()
 
+    @model_validator(mode="after")
+    def _derived_defaults(self) -> JobConfig:
+        if self.moe.d_expert is None:
+            self.moe._fill("d_expert", self.model.d_ffn)
+        return self
+
     # ----------------------------------------------------------------------- derived values
     @property
     def world_size(self) -> int:
-        return self.cluster.nodes * self.cluster.ranks_per_node
+        return self.cluster.world_size
 
     @property
     def dp(self) -> int:
@@ -249,12 +415,18 @@ class JobConfig(_Section):
         return max(self.world_size // (self.parallel.tp * self.parallel.pp), 1)
 
     @property
+    def layout(self) -> Layout:
+        """The parallel degrees (checked by :func:`check_consistency`)."""
+        p = self.parallel
+        return Layout(tp=p.tp, pp=p.pp, dp=self.dp, ep=p.ep, etp=p.etp)
+
+    @property
     def kv_heads(self) -> int:
-        return self.model.kv_heads if self.model.kv_heads is not None else self.model.heads
+        return self.model.kv_heads
 
     @property
     def d_ffn(self) -> int:
-        return self.model.d_ffn if self.model.d_ffn is not None else 4 * self.model.d_model
+        return self.model.d_ffn
 
     @property
     def global_batch_size(self) -> int:
@@ -270,12 +442,11 @@ class JobConfig(_Section):
         """The config with every derived default filled in, as plain data."""
         data = self.model_dump(mode="json")
         data["parallel"]["dp"] = self.dp
-        data["model"]["kv_heads"] = self.kv_heads
-        data["model"]["d_ffn"] = self.d_ffn
         data["train"]["global_batch_size"] = self.global_batch_size
-        if data["moe"]["d_expert"] is None:
-            data["moe"]["d_expert"] = self.d_ffn
         return data
+
+
+_SECTIONS = tuple(JobConfig.model_fields)
 
 
 # ------------------------------------------------------------------------------- loading
@@ -382,8 +553,6 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 
 def apply_overrides(data: dict, overrides: list[tuple[str, Any]]) -> dict:
     """Return a copy of ``data`` with each dotted key set (intermediate mappings are created)."""
-    import copy
-
     data = copy.deepcopy(data) if data else {}
     for key, value in overrides:
         parts = key.split(".")
@@ -427,187 +596,103 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Optional[list[st
     return config_from_dict(data, check=check)
 
 
-# ------------------------------------------------------------------------ cross-field rules
+# ------------------------------------------------------------------------ cross-section rules
 def check_consistency(cfg: JobConfig) -> None:
-    """Rules that involve several fields; each failure names the field to change."""
-    c, p, m, moe, t = cfg.cluster, cfg.parallel, cfg.model, cfg.moe, cfg.train
-    world = cfg.world_size
+    """Every section's own rules, then the rules that involve several sections; each failure names the
+    field to change."""
+    for name in _SECTIONS:
+        getattr(cfg, name).check_rules(name)
+    _check_layout(cfg)
+    _check_model_fits_layout(cfg)
+    if cfg.moe.enabled:
+        _check_moe(cfg)
+    _check_training(cfg)
 
-    if world % (p.tp * p.pp) != 0:
-        raise ConfigError(
-            "parallel.tp",
-            f"tp*pp = {p.tp}*{p.pp} = {p.tp * p.pp} does not divide the world size "
-            f"{world} (cluster.nodes*cluster.ranks_per_node = {c.nodes}*{c.ranks_per_node})",
-        )
-    if p.dp is not None and p.tp * p.pp * p.dp != world:
-        raise ConfigError(
-            "parallel.dp",
-            f"tp*pp*dp = {p.tp}*{p.pp}*{p.dp} = {p.tp * p.pp * p.dp} but the world size is {world} "
-            f"(cluster.nodes*cluster.ranks_per_node = {c.nodes}*{c.ranks_per_node})",
-        )
-    dp = cfg.dp
 
+def _check_layout(cfg: JobConfig) -> None:
+    p, c = cfg.parallel, cfg.cluster
+    if not cfg.moe.enabled:
+        for key in ("ep", "etp"):
+            if getattr(p, key) > 1:
+                raise ConfigError(f"parallel.{key}", f"{key}={getattr(p, key)} needs experts (moe.num_experts > 0)")
+    try:
+        Layout.from_world(cfg.world_size, tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep, etp=p.etp)
+    except LayoutError as exc:
+        world = f" (cluster.nodes*cluster.ranks_per_node = {c.nodes}*{c.ranks_per_node})" if exc.world else ""
+        raise ConfigError(f"parallel.{exc.field}", exc.reason + world) from None
+
+
+def _check_model_fits_layout(cfg: JobConfig) -> None:
+    p, m = cfg.parallel, cfg.model
     if m.heads % p.tp:
         raise ConfigError("model.heads", f"{m.heads} heads are not divisible by parallel.tp={p.tp}")
-    kv = cfg.kv_heads
-    if kv > m.heads or m.heads % kv:
-        raise ConfigError("model.kv_heads", f"{kv} kv heads must divide model.heads={m.heads}")
-    if kv % p.tp:
-        raise ConfigError("model.kv_heads", f"{kv} kv heads are not divisible by parallel.tp={p.tp}")
-    if m.d_model % m.heads:
-        raise ConfigError("model.d_model", f"{m.d_model} is not divisible by model.heads={m.heads}")
-    if (m.d_model // m.heads) % 2:
-        raise ConfigError("model.d_model", f"head dim {m.d_model // m.heads} must be even for rotary embedding")
-    if cfg.d_ffn % p.tp:
-        raise ConfigError("model.d_ffn", f"{cfg.d_ffn} is not divisible by parallel.tp={p.tp}")
+    if m.kv_heads % p.tp:
+        raise ConfigError("model.kv_heads", f"{m.kv_heads} kv heads are not divisible by parallel.tp={p.tp}")
+    if m.d_ffn % p.tp:
+        raise ConfigError("model.d_ffn", f"{m.d_ffn} is not divisible by parallel.tp={p.tp}")
     if p.sp and m.seq_len % p.tp:
         raise ConfigError("model.seq_len", f"{m.seq_len} is not divisible by parallel.tp={p.tp} (parallel.sp=true)")
-
     if p.pp > m.layers:
         raise ConfigError("parallel.pp", f"{p.pp} pipeline stages but only model.layers={m.layers} layers")
-    if p.vpp > 1:
-        if p.pp == 1:
-            raise ConfigError("parallel.vpp", "virtual pipeline stages need parallel.pp > 1")
-        if m.layers < p.pp * p.vpp:
-            raise ConfigError(
-                "model.layers", f"{m.layers} layers cannot fill pp*vpp = {p.pp}*{p.vpp} pipeline chunks of at "
-                                "least one layer each"
-            )
-        if p.schedule != "interleaved":
-            raise ConfigError("parallel.schedule", f"parallel.vpp={p.vpp} needs schedule 'interleaved'")
-    if p.schedule == "interleaved" and p.vpp == 1 and p.pp > 1:
-        raise ConfigError("parallel.vpp", "schedule 'interleaved' needs parallel.vpp > 1")
-    if p.pipeline_layers is not None:
-        if len(p.pipeline_layers) != p.pp * p.vpp:
-            raise ConfigError("parallel.pipeline_layers", f"{len(p.pipeline_layers)} entries for pp*vpp = "
-                                                          f"{p.pp}*{p.vpp} = {p.pp * p.vpp} pipeline chunks")
-        if sum(p.pipeline_layers) != m.layers:
-            raise ConfigError("parallel.pipeline_layers", f"the entries sum to {sum(p.pipeline_layers)} layers "
-                                                          f"but model.layers={m.layers}")
+    if p.vpp > 1 and m.layers < p.pp * p.vpp:
+        raise ConfigError("model.layers", f"{m.layers} layers cannot fill pp*vpp = {p.pp}*{p.vpp} pipeline chunks "
+                                          "of at least one layer each")
+    if p.pipeline_layers is not None and sum(p.pipeline_layers) != m.layers:
+        raise ConfigError("parallel.pipeline_layers", f"the entries sum to {sum(p.pipeline_layers)} layers "
+                                                      f"but model.layers={m.layers}")
+    if cfg.data.source == "text" and m.vocab_size < 256:
+        raise ConfigError("model.vocab_size", f"{m.vocab_size} is too small for byte-level text (needs >= 256)")
 
-    # MoE: experts are folded out of the tp*dp ranks of each pipeline stage (etp*ep*edp).
-    if moe.num_experts == 0:
-        if p.ep > 1:
-            raise ConfigError("parallel.ep", f"ep={p.ep} needs experts (moe.num_experts > 0)")
-        if p.etp > 1:
-            raise ConfigError("parallel.etp", f"etp={p.etp} needs experts (moe.num_experts > 0)")
-    else:
-        if moe.num_experts % p.ep:
-            raise ConfigError(
-                "moe.num_experts", f"{moe.num_experts} experts are not divisible by parallel.ep={p.ep}"
-            )
-        if moe.router not in ("softmoe", "expert_choice") and moe.topk > moe.num_experts:
-            raise ConfigError("moe.topk", f"top-{moe.topk} of only {moe.num_experts} experts")
-        if moe.router == "switch" and moe.topk != 1:
-            raise ConfigError("moe.topk", f"router 'switch' is top-1, got topk={moe.topk}")
-        if moe.router == "gshard" and (moe.topk != 2 or moe.num_experts < 2):
-            raise ConfigError("moe.topk", f"router 'gshard' is top-2 of >= 2 experts, got topk={moe.topk}")
-        if moe.router == "softmoe" and moe.capacity_factor is not None:
-            raise ConfigError("moe.capacity_factor", "router 'softmoe' has fixed slots and takes no capacity")
-        if moe.num_experts % moe.n_groups:
-            raise ConfigError("moe.n_groups", f"{moe.n_groups} groups do not split {moe.num_experts} experts")
-        if moe.n_groups > 1 and moe.router != "sigmoid":
-            raise ConfigError("moe.n_groups", "group-limited routing needs router 'sigmoid'")
-        if moe.topk_groups is not None:
-            if moe.topk_groups > moe.n_groups:
-                raise ConfigError("moe.topk_groups", f"{moe.topk_groups} exceeds moe.n_groups={moe.n_groups}")
-            if moe.topk > moe.topk_groups * (moe.num_experts // moe.n_groups):
-                raise ConfigError("moe.topk", f"top-{moe.topk} does not fit in {moe.topk_groups} groups of "
-                                              f"{moe.num_experts // moe.n_groups} experts")
-        if moe.bias_update_rate and moe.router != "sigmoid":
-            raise ConfigError("moe.bias_update_rate", "the aux-loss-free expert bias needs router 'sigmoid'")
-        stage_ranks = p.tp * dp
-        if stage_ranks % (p.ep * p.etp):
-            raise ConfigError(
-                "parallel.ep",
-                f"ep*etp = {p.ep}*{p.etp} must divide the tp*dp = {p.tp}*{dp} = {stage_ranks} ranks "
-                "of a pipeline stage",
-            )
-        d_expert = moe.d_expert or cfg.d_ffn
-        if d_expert % p.etp:
-            raise ConfigError("moe.d_expert", f"{d_expert} is not divisible by parallel.etp={p.etp}")
-        if moe.every > m.layers:
-            raise ConfigError("moe.every", f"{moe.every} exceeds model.layers={m.layers}: no MoE block")
-        if moe.dispatch != "flat" and p.ep > 1:
-            from moetrain.dist.topology import Layout, build_rank_grid
 
-            grid = build_rank_grid(Layout(tp=p.tp, pp=p.pp, dp=dp, ep=p.ep, etp=p.etp),
-                                   ranks_per_node=c.ranks_per_node)
-            if not grid.ep_is_uniform():
-                raise ConfigError("moe.dispatch", f"{moe.dispatch} needs the same number of ranks of every EP group "
-                                                  "on each node; use dispatch 'flat' for this layout")
-
-    w = cfg.wtacrs
-    if w.enabled and moe.num_experts and ({"mlp_up", "mlp_down"} & set(w.layers)):
+def _check_moe(cfg: JobConfig) -> None:
+    p, moe = cfg.parallel, cfg.moe
+    if moe.num_experts % p.ep:
+        raise ConfigError("moe.num_experts", f"{moe.num_experts} experts are not divisible by parallel.ep={p.ep}")
+    if moe.d_expert % p.etp:
+        raise ConfigError("moe.d_expert", f"{moe.d_expert} is not divisible by parallel.etp={p.etp}")
+    if moe.every > cfg.model.layers:
+        raise ConfigError("moe.every", f"{moe.every} exceeds model.layers={cfg.model.layers}: no MoE block")
+    if moe.dispatch != "flat" and p.ep > 1:
+        grid = build_rank_grid(cfg.layout, ranks_per_node=cfg.cluster.ranks_per_node)
+        if not grid.ep_is_uniform():
+            raise ConfigError("moe.dispatch", f"{moe.dispatch} needs the same number of ranks of every EP group "
+                                              "on each node; use dispatch 'flat' for this layout")
+    if cfg.wtacrs.samples_experts:
         if p.etp > 1:
             raise ConfigError("wtacrs.layers", "sampling the experts' projections with parallel.etp > 1 is not "
                                                "supported; drop mlp_up/mlp_down or set parallel.etp=1")
         if moe.router == "softmoe":
             raise ConfigError("wtacrs.layers", "router 'softmoe' mixes tokens into slots: drop mlp_up/mlp_down")
-        if (moe.pipeline_degree, moe.bwd_pipeline_degree) != (1, 1) or cfg.network.simulate:
+        if moe.chunked or cfg.network.simulate:
             raise ConfigError("wtacrs.layers", "sampling the experts' projections is not supported on the chunk-"
                                                "pipelined MoE path (moe.pipeline_degree / network.simulate); drop "
                                                "mlp_up/mlp_down")
-    gbs = cfg.global_batch_size
+    if moe.kernels == "cuda" and cfg.cluster.device != "cuda":
+        raise ConfigError("moe.kernels", "cuda kernels need cluster.device=cuda (use auto or torch on CPU)")
+
+
+def _check_training(cfg: JobConfig) -> None:
+    p, t, c = cfg.parallel, cfg.train, cfg.cluster
+    dp, gbs = cfg.dp, cfg.global_batch_size
     if gbs % (t.micro_batch_size * dp):
-        raise ConfigError(
-            "train.global_batch_size",
-            f"{gbs} is not divisible by micro_batch_size*dp = {t.micro_batch_size}*{dp}",
-        )
+        raise ConfigError("train.global_batch_size",
+                          f"{gbs} is not divisible by micro_batch_size*dp = {t.micro_batch_size}*{dp}")
     if p.pp > 1 and p.schedule == "interleaved" and cfg.grad_accum_steps % p.pp:
         raise ConfigError(
             "train.global_batch_size",
             f"schedule 'interleaved' needs the micro-batch count per step (global_batch_size / "
             f"(micro_batch_size*dp) = {cfg.grad_accum_steps}) to be a multiple of parallel.pp={p.pp}",
         )
-    if t.min_lr > t.lr:
-        raise ConfigError("train.min_lr", f"{t.min_lr} exceeds train.lr={t.lr}")
-    if t.optimizer.offload != "none" and t.optimizer.zero_stage == 0:
-        raise ConfigError("train.optimizer.offload", "CPU offload needs train.optimizer.zero_stage >= 1")
-    if cfg.fault.max_restarts and (not cfg.checkpoint.dir or cfg.checkpoint.resume == "never"
-                                   or not cfg.checkpoint.every):
+    f, ck = cfg.fault, cfg.checkpoint
+    if f.max_restarts and (not ck.dir or ck.resume == "never" or not ck.every):
         raise ConfigError("fault.max_restarts", "restarts resume from checkpoints: set checkpoint.dir and "
                           "checkpoint.every, and keep checkpoint.resume=auto")
-    if cfg.fault.max_restarts and c.launcher in ("mpi", "env"):
+    if f.max_restarts and c.launcher in ("mpi", "env"):
         raise ConfigError("fault.max_restarts", f"with cluster.launcher={c.launcher} the launcher restarts the "
                           "job (torchrun --max-restarts, srun --requeue); set it there, this process is one rank")
-
-    if c.device == "cuda" and c.launcher == "local":
-        # Local ranks run on this machine, so its GPUs are what the job gets. Other launchers start
-        # ranks elsewhere; each rank checks its own device at start-up.
-        import torch
-
-        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if have == 0:
-            raise ConfigError("cluster.device", "cuda requested but this machine has no CUDA device")
-        if c.ranks_per_node > have:
-            raise ConfigError(
-                "cluster.ranks_per_node", f"{c.ranks_per_node} ranks per node but only {have} CUDA devices"
-            )
-    if cfg.moe.kernels == "cuda" and c.device != "cuda":
-        raise ConfigError("moe.kernels", "cuda kernels need cluster.device=cuda (use auto or torch on CPU)")
-    if c.launcher == "local" and c.ray_address:
-        raise ConfigError("cluster.ray_address", "only used with cluster.launcher=ray")
-
-    if cfg.data.source == "tokens" and not cfg.data.path:
-        raise ConfigError("data.path", "data.source=tokens needs a token file path")
-    if cfg.data.source == "text" and m.vocab_size < 256:
-        raise ConfigError("model.vocab_size", f"{m.vocab_size} is too small for byte-level text (needs >= 256)")
-    if cfg.data.path and cfg.data.source == "synthetic":
-        raise ConfigError("data.path", "data.source=synthetic takes no path")
-
-    ck = cfg.checkpoint
-    if ck.every > 0 and not ck.dir:
-        raise ConfigError("checkpoint.dir", "checkpoint.every > 0 needs a checkpoint directory")
-    if ck.resume not in ("auto", "never") and not ck.resume.strip():
-        raise ConfigError("checkpoint.resume", "must be auto, never or a checkpoint path")
-
-    inj = cfg.fault.inject
-    set_fields = [v is not None for v in (inj.rank, inj.step, inj.kind)]
-    if any(set_fields) and not all(set_fields):
-        raise ConfigError("fault.inject", "rank, step and kind must be given together")
-    if inj.rank is not None and inj.rank >= world:
-        raise ConfigError("fault.inject.rank", f"rank {inj.rank} does not exist in a world of {world}")
+    inj = f.inject
+    if inj.rank is not None and inj.rank >= cfg.world_size:
+        raise ConfigError("fault.inject.rank", f"rank {inj.rank} does not exist in a world of {cfg.world_size}")
     if inj.step is not None and inj.step >= t.steps:
         raise ConfigError("fault.inject.step", f"step {inj.step} is never reached (train.steps={t.steps})")
 

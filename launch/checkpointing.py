@@ -1,0 +1,96 @@
+"""The run's checkpoints: the trainer state saved layout-free, and resumed at any layout.
+
+What a checkpoint holds besides the tensors (launch/resharding.py): the resolved config, the model's
+shape keys (a checkpoint of another model is refused, naming every difference), the layout it was
+saved at, the step, the loss and gradient-norm history and the samples consumed; and each rank's RNG
+state, restored only when the layout is unchanged (dropout, routing noise and WTA-CRS draws come from
+layout-free streams, so nothing else depends on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moetrain.config import JobConfig
+from moetrain.dist.checkpoint import Checkpointer, CheckpointError, CheckpointReader
+from moetrain.launch.resharding import logical_state, restore_logical
+from moetrain.models.spec import ModelSpec
+
+__all__ = ["RunState", "RunCheckpoints"]
+
+
+@dataclass
+class RunState:
+    """Where a run stands: its next step and its history."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+
+
+class RunCheckpoints:
+    """Saves and resumes one rank's part of the run (collective: every rank calls the same methods)."""
+
+    def __init__(self, cfg: JobConfig, spec: ModelSpec, chunks: list[torch.nn.Module], optimizer, *,
+                 device: torch.device, rank: int, say: Callable[[str], None]):
+        self.cfg, self.spec, self.chunks, self.optimizer = cfg, spec, chunks, optimizer
+        self.device, self.rank = device, rank
+        self.checkpointer = (Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, log=say)
+                             if cfg.checkpoint.dir else None)
+        self.say = say
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.checkpoint.every
+        return self.checkpointer is not None and bool(every) and step % every == 0
+
+    def layout(self) -> dict[str, int]:
+        r = self.cfg.resolved()
+        layout = {k: r["parallel"][k] for k in ("tp", "pp", "dp", "ep", "etp", "vpp")}
+        layout["zero_stage"] = self.cfg.train.optimizer.zero_stage
+        return layout
+
+    def meta(self, state: RunState) -> dict[str, Any]:
+        return {"config": self.cfg.resolved(), "shape": self.spec.shape_keys(), "layout": self.layout(),
+                "losses": state.losses, "grad_norms": state.grad_norms,
+                "samples_consumed": state.step * self.cfg.global_batch_size}
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's checkpoint file (collective): the logical tensors it writes, its RNG states."""
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        return logical_state(self.chunks, self.optimizer, {"rng": rng})
+
+    def save(self, state: RunState) -> None:
+        self.checkpointer.save(state.step, self.state_dict(), self.meta(state))
+
+    def resume(self) -> tuple[RunState, str] | None:
+        """The state of the newest usable checkpoint (``checkpoint.resume``), loaded into the model and the
+        optimizer at this layout; None when starting fresh."""
+        if self.checkpointer is None:
+            return None
+        found = self.checkpointer.find(self.cfg.checkpoint.resume)
+        if found is None:
+            return None
+        path, manifest = found
+        mine = self.spec.shape_keys()
+        saved = manifest.get("shape", {})
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in mine.items() if saved.get(k) != v]
+        if diffs:
+            raise CheckpointError(f"checkpoint {path} was saved for a different model ({'; '.join(diffs)})")
+        reader = CheckpointReader(path, manifest)
+        restore_logical(self.chunks, self.optimizer, reader)
+        state = RunState(int(manifest["step"]), list(manifest.get("losses", [])),
+                         list(manifest.get("grad_norms", [])))
+        same_layout = manifest.get("layout") == self.layout()
+        own = reader.rank_state(self.rank) if same_layout else None
+        if own is not None:  # the same ranks: continue their RNG streams exactly
+            torch.set_rng_state(own["rng"]["cpu"])
+            if own["rng"].get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(own["rng"]["cuda"], self.device)
+        moved = "" if same_layout else f" (saved at {manifest.get('layout')}, resharded)"
+        self.say(f"[moetrain] resumed from {path} at step {state.step}{moved}")
+        return state, str(path)

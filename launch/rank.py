@@ -1,0 +1,74 @@
+"""What every rank does once its launcher has started it: rank grid, process groups, training.
+
+    rank_main: node map (all_gather of NODE_RANK) -> rank grid -> process groups -> train -> summary
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any, Optional
+
+from moetrain.config import JobConfig, config_from_dict
+from moetrain.dist.groups import ParallelGroups
+from moetrain.errors import UserError
+
+__all__ = ["rank_main", "setup_groups", "JobError"]
+
+
+class JobError(UserError, RuntimeError):
+    """The job could not start or run for a reason the user can act on."""
+
+
+def rank_main(cfg_data: dict[str, Any], profile_dir: Optional[str] = None) -> dict[str, Any]:
+    """Everything one rank does, launcher-agnostic. Returns this rank's summary."""
+    from moetrain.launch.trainer import train
+
+    cfg = config_from_dict(cfg_data, check=False)
+    groups = setup_groups(cfg)
+    summary = train(cfg, groups, profile_dir=profile_dir)
+    summary["node_of_rank"] = [groups.grid.node_of(r) for r in range(cfg.world_size)]
+    return summary
+
+
+def setup_groups(cfg: JobConfig) -> ParallelGroups:
+    """Rank grid and process groups for ``cfg`` on the running world (collective)."""
+    import torch.distributed as dist
+
+    from moetrain.dist.groups import create_groups
+    from moetrain.dist.topology import build_rank_grid
+
+    if dist.get_world_size() != cfg.world_size:
+        raise JobError(
+            f"the launcher started {dist.get_world_size()} ranks but the config needs {cfg.world_size} "
+            f"(cluster.nodes={cfg.cluster.nodes} x cluster.ranks_per_node={cfg.cluster.ranks_per_node})"
+        )
+    node_of = _gather_node_map()
+    if cfg.cluster.device == "cuda":
+        node_of = _nvlink_islands(node_of)
+    return create_groups(build_rank_grid(cfg.layout, node_of=node_of),
+                         timeout=timedelta(seconds=cfg.cluster.collective_timeout_s))
+
+
+def _gather_node_map() -> list[int]:
+    """Each rank's node id, from NODE_RANK (set by every launcher we support) gathered over the world."""
+    import torch.distributed as dist
+
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")))
+    out: list[Optional[int]] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, node)
+    return [int(n) for n in out]  # type: ignore[arg-type]
+
+
+def _nvlink_islands(node_of: list[int]) -> list[int]:
+    """On GPU nodes, "intra-node" groups follow NVLink connectivity found through NVML (collective)."""
+    import torch
+    import torch.distributed as dist
+
+    from moetrain.launch.gpu_monitor import GpuMonitor, nvlink_node_map
+
+    local = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
+    mon = GpuMonitor.create(torch.device("cuda", local))
+    links: list = [None] * dist.get_world_size()
+    dist.all_gather_object(links, mon.island() if mon is not None else None)
+    return nvlink_node_map(node_of, links)
