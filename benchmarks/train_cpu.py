@@ -81,7 +81,7 @@ def main() -> None:
     with LocalRanks(cfg.world_size, ranks_per_node=cfg.cluster.ranks_per_node, timeout=1800) as pool:
         par = pool.run(_bench_rank, list(args.overrides), args.steps, args.warmup, True)[0]
     serial_over = list(args.overrides) + ["cluster.nodes=1", "cluster.ranks_per_node=1", "parallel.tp=1",
-                                          "parallel.sp=false"]
+                                          "parallel.sp=false", "parallel.ep=1"]
     with LocalRanks(1, threads=threads, timeout=1800) as pool:
         ser = pool.run(_bench_rank, serial_over, args.steps, args.warmup, False)[0]
 
