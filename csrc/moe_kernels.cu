@@ -94,23 +94,33 @@ __device__ __forceinline__ void route_one_token(const T* __restrict__ row, const
   float chosen[kMaxK];
   int chosen_e[kMaxK];
   float total = 0.f;
+  // A NaN key (a NaN logit, or the whole row after softmax) ranks as -inf, below every real score, so
+  // some expert is always chosen (the lowest free ids when every key is NaN), as the torch reference's
+  // stable sort does; the id is clamped to [0, E) so nothing downstream can index out of bounds.
+  constexpr int kNone = 0x7fffffff;
   for (int k = 0; k < K; ++k) {
     float best = -INFINITY;
-    int best_e = 0x7fffffff;
+    int best_e = kNone;
     float best_score = 0.f;
 #pragma unroll
     for (int i = 0; i < kMaxExpertsPerLane; ++i) {
       int e = lane + i * kWarp;
       if (e >= E || taken[i]) continue;
       float key = score[i] + (bias != nullptr ? bias[e] : 0.f);
-      if (key > best || (key == best && e < best_e)) { best = key; best_e = e; best_score = score[i]; }
+      if (key != key) key = -INFINITY;
+      if (best_e == kNone || key > best || (key == best && e < best_e)) {
+        best = key; best_e = e; best_score = score[i];
+      }
     }
     for (int o = kWarp / 2; o > 0; o >>= 1) {
       float ob = __shfl_xor_sync(0xffffffffu, best, o);
       int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
       float os = __shfl_xor_sync(0xffffffffu, best_score, o);
-      if (ob > best || (ob == best && oe < best_e)) { best = ob; best_e = oe; best_score = os; }
+      if (oe != kNone && (best_e == kNone || ob > best || (ob == best && oe < best_e))) {
+        best = ob; best_e = oe; best_score = os;
+      }
     }
+    best_e = best_e < 0 ? 0 : (best_e >= E ? E - 1 : best_e);  // K <= E: only a corrupt input gets here
     if (best_e % kWarp == lane) taken[best_e / kWarp] = true;
     chosen[k] = best_score;
     chosen_e[k] = best_e;
@@ -169,6 +179,10 @@ __global__ void rank_chunks_kernel(const int32_t* __restrict__ expert_TK, const 
     int64_t a = valid ? visit(i, num_tokens, K, order) : 0;
     bool ranked = valid && (keep == nullptr || keep[a]);
     int e = ranked ? expert_TK[a] : -1 - lane;  // distinct dummies never match a real expert
+    if (ranked && (e < 0 || e >= E)) {  // an id outside [0, E) would index the shared counters out of bounds
+      ranked = false;
+      e = -1 - lane;
+    }
     unsigned peers = __match_any_sync(0xffffffffu, e);
     unsigned below = peers & ((1u << lane) - 1u);
     int before = __popc(below);

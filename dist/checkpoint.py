@@ -26,6 +26,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,7 @@ import torch.distributed as dist
 
 from moetrain.errors import UserError
 
-__all__ = ["Checkpointer", "CheckpointError", "CheckpointReader", "sha256_file"]
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointReader", "CheckpointLock", "sha256_file"]
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
@@ -43,6 +46,92 @@ FORMAT_VERSION = 2
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used (corrupt, incomplete, or saved for another model)."""
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, Linux), to tell it from a later one with its pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int, ticks: int | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return ticks is None or _start_ticks(pid) in (None, ticks)
+
+
+class CheckpointLock:
+    """One job per checkpoint directory: ``DIR/.lock`` names the holder (host, pid, process start, command).
+
+    A second job fails at start with one line naming the holder. A lock whose holder is gone (a crashed or
+    killed job on this host: its pid is dead, or now another process) is taken over, with a line saying so;
+    a holder on another host cannot be checked from here, so its lock is reported, not broken."""
+
+    NAME = ".lock"
+
+    def __init__(self, directory: str | os.PathLike, *, log=print):
+        self.path = Path(directory) / self.NAME
+        self.log = log
+        self.mine: dict[str, Any] | None = None
+
+    def _create(self, record: dict[str, Any]) -> bool:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        return True
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        pid = os.getpid()
+        record = {"host": socket.gethostname(), "pid": pid, "start_ticks": _start_ticks(pid),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:200]}
+        for _ in range(3):
+            if self._create(record):
+                self.mine = record
+                return
+            try:
+                held = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                held = None  # being written, or damaged: look again
+            if held is None:
+                time.sleep(0.2)
+                continue
+            holder = f"pid {held.get('pid')} on {held.get('host')} since {held.get('since')} ({held.get('command')})"
+            same_host = held.get("host") == record["host"]
+            if not same_host or _alive(int(held.get("pid", -1)), held.get("start_ticks")):
+                where = "" if same_host else f"; if that job is gone, delete {self.path}"
+                raise CheckpointError(f"checkpoint.dir {self.path.parent} is in use by {holder}{where}")
+            self.log(f"[moetrain] taking over the lock of {self.path.parent} from {holder}, which is no longer "
+                     "running")
+            self.path.unlink(missing_ok=True)
+        raise CheckpointError(f"could not lock checkpoint.dir {self.path.parent} ({self.path} keeps changing)")
+
+    def release(self) -> None:
+        if self.mine is None:
+            return
+        try:
+            if json.loads(self.path.read_text()) == self.mine:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+        self.mine = None
+
+    def __enter__(self) -> CheckpointLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def sha256_file(path: Path) -> str:
@@ -100,7 +189,10 @@ class Checkpointer:
         tmp = self.dir / f"step_{step:08d}.tmp"
         if self.rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            for left in sorted(self.dir.glob("step_*.tmp")):  # a crashed save's leftovers (the lock is ours)
+                shutil.rmtree(left, ignore_errors=True)
+                if left != tmp:
+                    self.log(f"[moetrain] removed {left}, an incomplete save of an earlier run")
             tmp.mkdir()
         self._barrier()
         part = tmp / (_rank_file(self.rank) + ".part")
@@ -158,13 +250,16 @@ class Checkpointer:
     def find(self, resume: str) -> tuple[Path, dict] | None:
         """The newest usable checkpoint for ``checkpoint.resume`` (auto | never | PATH) at any world size:
         its manifest is complete and every file has its recorded size and checksum (each rank hashes a
-        share of the files). None = fresh start."""
+        share of the files). None = fresh start: no checkpoint yet, or ``never``. When checkpoints exist but
+        none is usable, :class:`CheckpointError` lists each and why (never silently start over in a directory
+        whose evidence the new run's saves would replace)."""
         if resume == "never":
             return None
         explicit = resume != "auto"
         paths = [Path(resume)] if explicit else self.candidates()
         if explicit and not paths[0].is_dir():
             raise CheckpointError(f"checkpoint.resume: {resume} is not a checkpoint directory")
+        unusable: list[str] = []
         for path in paths:
             manifest, why = self._check_manifest(path) if self.rank == 0 else (None, "")
             manifest, why = self._broadcast((manifest, why))
@@ -187,8 +282,10 @@ class Checkpointer:
                          + ("" if explicit else "; trying the previous one"))
             if explicit:
                 raise CheckpointError(f"checkpoint {path} is unusable: {why}")
-        if paths and self.rank == 0:
-            self.log(f"[moetrain] no usable checkpoint in {self.dir}; starting from scratch")
+            unusable.append(f"{path.name}: {why}")
+        if paths:
+            raise CheckpointError(f"no usable checkpoint in {self.dir} ({'; '.join(unusable)}); set "
+                                  "checkpoint.resume=never to start over there, or point checkpoint.dir elsewhere")
         return None
 
     def load(self, resume: str) -> Loaded | None:

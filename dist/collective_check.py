@@ -26,6 +26,15 @@ _saved: dict[str, object] = {}
 _state: dict = {}
 _epochs = [0]  # enable() calls in this process: the same count on every rank, so keys of two runs never mix
 _lock = threading.Lock()
+_threads = threading.local()  # one store client per thread: a TCPStore connection is not thread-safe
+
+
+def _store():
+    """This thread's connection to the job's store (the link engine's channels check from their own threads;
+    two threads sharing one connection interleave their requests and replies and hang)."""
+    if getattr(_threads, "epoch", None) != _state["epoch"]:
+        _threads.store, _threads.epoch = _state["store"].clone(), _state["epoch"]
+    return _threads.store
 
 
 class CollectiveMismatch(RuntimeError):
@@ -64,7 +73,7 @@ def _check(op: str, args, kwargs) -> None:
         seq = _state["seq"].get(ranks, 0)
         _state["seq"][ranks] = seq + 1
         _state["last"][ranks] = (seq, sig)
-    store, timeout = _state["store"], _state["timeout"]
+    store, timeout = _store(), _state["timeout"]
     key = f"moetrain/cc/{_state['epoch']}/{','.join(map(str, ranks))}/{seq}"
     store.set(f"{key}/{me}", sig)
     for other in ranks:

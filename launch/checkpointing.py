@@ -9,6 +9,7 @@ layout-free streams, so nothing else depends on it).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,9 @@ class RunState:
     step: int = 0
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
+    lr_horizon: int = 0
+    """The LR schedule's length: the first run's train.steps, kept when a resumed run asks for more steps
+    (so the cosine never climbs back up; past it the LR stays at train.min_lr)."""
 
 
 class RunCheckpoints:
@@ -42,6 +46,7 @@ class RunCheckpoints:
         self.checkpointer = (Checkpointer(cfg.checkpoint.dir, keep=cfg.checkpoint.keep, log=say)
                              if cfg.checkpoint.dir else None)
         self.say = say
+        self.save_s = 0.0  # how long the last save took (the time limit keeps room for one)
 
     def due(self, step: int) -> bool:
         every = self.cfg.checkpoint.every
@@ -55,7 +60,7 @@ class RunCheckpoints:
 
     def meta(self, state: RunState) -> dict[str, Any]:
         return {"config": self.cfg.resolved(), "shape": self.spec.shape_keys(), "layout": self.layout(),
-                "losses": state.losses, "grad_norms": state.grad_norms,
+                "losses": state.losses, "grad_norms": state.grad_norms, "lr_schedule_steps": state.lr_horizon,
                 "samples_consumed": state.step * self.cfg.global_batch_size}
 
     def state_dict(self) -> dict[str, Any]:
@@ -65,7 +70,14 @@ class RunCheckpoints:
         return logical_state(self.chunks, self.optimizer, {"rng": rng})
 
     def save(self, state: RunState) -> None:
+        t0 = time.perf_counter()
         self.checkpointer.save(state.step, self.state_dict(), self.meta(state))
+        self.save_s = time.perf_counter() - t0
+
+    def latest(self) -> str | None:
+        """The newest complete checkpoint in checkpoint.dir (None without one)."""
+        found = self.checkpointer.candidates() if self.checkpointer is not None else []
+        return str(found[0]) if found else None
 
     def resume(self) -> tuple[RunState, str] | None:
         """The state of the newest usable checkpoint (``checkpoint.resume``), loaded into the model and the
@@ -83,8 +95,9 @@ class RunCheckpoints:
             raise CheckpointError(f"checkpoint {path} was saved for a different model ({'; '.join(diffs)})")
         reader = CheckpointReader(path, manifest)
         restore_logical(self.chunks, self.optimizer, reader)
+        horizon = manifest.get("lr_schedule_steps") or manifest.get("config", {}).get("train", {}).get("steps")
         state = RunState(int(manifest["step"]), list(manifest.get("losses", [])),
-                         list(manifest.get("grad_norms", [])))
+                         list(manifest.get("grad_norms", [])), int(horizon or self.cfg.train.steps))
         same_layout = manifest.get("layout") == self.layout()
         own = reader.rank_state(self.rank) if same_layout else None
         if own is not None:  # the same ranks: continue their RNG streams exactly

@@ -14,6 +14,7 @@ from typing import Optional
 
 from moetrain.config import ConfigError, JobConfig, load_config
 from moetrain.errors import UserError
+from moetrain.launch.signals import JobStopped
 from moetrain.models.spec import get_model_spec
 
 __all__ = ["main"]
@@ -72,7 +73,17 @@ def _grid(cfg: JobConfig):
 
 
 def _cmd_validate(args) -> int:
+    from moetrain.launch.preflight import check_paths
+
     cfg = load_config(args.config, args.overrides)
+    try:
+        check_paths(cfg, create=False)
+    except UserError as exc:
+        if cfg.cluster.launcher == "local":  # the ranks run here: their files must be here
+            raise
+        # torchrun / MPI / Ray ranks run on the cluster's nodes, whose files this machine may not see
+        print(f"warning: {exc} (on this machine; the ranks of cluster.launcher={cfg.cluster.launcher} check "
+              "their own at start)", file=sys.stderr)
     print(f"ok: {args.config}")
     print(describe(cfg))
     return 0
@@ -92,31 +103,64 @@ def _cmd_topology(args) -> int:
     return 0
 
 
+def _is_rank0(cfg: JobConfig) -> bool:
+    """This process speaks for the job: always, except on ranks 1.. of a torchrun / Slurm / MPI job."""
+    import os
+
+    if cfg.cluster.launcher not in ("mpi", "env"):
+        return True
+    return int(os.environ.get("RANK", os.environ.get("PMI_RANK", os.environ.get("SLURM_PROCID", "0")))) == 0
+
+
+def _finish(cfg: JobConfig, summary: dict) -> int:
+    """The run's last line(s) and the exit code: 0 done, 128 + signal after a signal stop, 124 at the time
+    limit (each with where it saved)."""
+    from moetrain.launch.signals import exit_code
+
+    speak = _is_rank0(cfg)
+    stopped = summary.get("stopped")
+    if summary.get("already_done"):
+        if speak:
+            print(f"already at step {summary['steps']} = train.steps in {summary['resumed_from']}: nothing to do; "
+                  "raise train.steps or set checkpoint.resume=never", file=sys.stderr)
+        return 0
+    if stopped:
+        why = stopped["signal"] or f"train.time_limit={cfg.train.time_limit}"
+        where = (f"saved {stopped['checkpoint']}" if stopped.get("checkpoint") else
+                 "nothing saved (set checkpoint.dir to keep the progress)")
+        if speak:
+            print(f"stopped by {why} after step {stopped['step']}: {where}", file=sys.stderr)
+        return exit_code(stopped)
+    if speak and summary.get("final_loss") is not None:
+        print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+              f"{summary['tokens_per_s']:.0f} tokens/s")
+    return 0
+
+
 def _cmd_train(args) -> int:
     from moetrain.launch.job import run_job
 
     cfg = load_config(args.config, args.overrides)
-    summary = run_job(cfg, args.summary)
-    if summary.get("final_loss") is not None:
-        print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
-              f"{summary['tokens_per_s']:.0f} tokens/s")
-    return 0
+    return _finish(cfg, run_job(cfg, args.summary))
 
 
 def _cmd_profile(args) -> int:
     from moetrain.launch.job import run_job
     from moetrain.launch.profile import write_report
 
-    steps = [] if args.steps is None else [f"train.steps={args.steps}"]
-    cfg = load_config(args.config, list(args.overrides) + steps)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    run_job(cfg, str(out / "run_summary.json"), profile_dir=str(out))
-    if cfg.cluster.launcher in ("mpi", "env"):
-        import os
-
-        if int(os.environ.get("RANK", os.environ.get("PMI_RANK", "0"))) != 0:
-            return 0
+    # a profile is its own run: its logs and TensorBoard scalars go under --out, it saves no checkpoints and
+    # resumes none unless told (never into, or from, the training run's directories by default)
+    given = {o.partition("=")[0].strip() for o in args.overrides}
+    defaults = {"logging.run_dir": str(out), "logging.tensorboard_dir": str(out / "tb" / "train"),
+                "checkpoint.resume": "never"}
+    always = {"checkpoint.every": 0, "fault.max_restarts": 0}
+    steps = {} if args.steps is None else {"train.steps": args.steps}
+    cfg = load_config(args.config, [f"{k}={v}" for k, v in defaults.items() if k not in given] + list(args.overrides)
+                      + [f"{k}={v}" for k, v in {**always, **steps}.items()])
+    code = _finish(cfg, run_job(cfg, str(out / "run_summary.json"), profile_dir=str(out)))
+    if not _is_rank0(cfg) or code:
+        return code
     summary = write_report(str(out), cfg.world_size)
 
     def fmt(v, unit="s"):
@@ -200,6 +244,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except JobStopped as exc:
+        print(str(exc), file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

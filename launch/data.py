@@ -27,7 +27,7 @@ import torch
 from moetrain.errors import UserError
 from moetrain.parallel.rng import stream_seed
 
-__all__ = ["DataError", "TokenBatches", "default_corpus_bytes"]
+__all__ = ["DataError", "TokenBatches", "default_corpus_bytes", "check_token_file"]
 
 _DEFAULT_CORPUS_LIMIT = 4 * 1024 * 1024
 
@@ -75,6 +75,27 @@ def _token_file(path: str, dtype: str) -> np.ndarray:
     if p.stat().st_size == 0:
         raise DataError(f"data.path: {p} is empty")
     return np.memmap(p, dtype=dtype, mode="r")
+
+
+def check_token_file(path: str, dtype: str, vocab_size: int, chunk: int = 1 << 26) -> int:
+    """Every id of a token file below ``vocab_size`` (one memory-mapped, vectorised pass, before training);
+    returns the largest id. A uint32 file read as uint16 shows up as a zero in every second slot (ids below
+    65536 have a zero high half), one read as uint32 that holds uint16 ids as ids far beyond any vocabulary."""
+    tokens = _token_file(path, dtype)
+    head = np.asarray(tokens[: min(len(tokens), 1 << 20)])
+    if dtype == "uint16" and len(head) >= 64 and not head[1::2].any() and head[0::2].any():
+        raise DataError(f"data.path: every second uint16 of {path} is 0: it looks like a uint32 token file; "
+                        "set data.token_dtype=uint32")
+    top = 0
+    for start in range(0, len(tokens), chunk):
+        top = max(top, int(tokens[start:start + chunk].max()))
+    if top >= vocab_size:
+        where = int(np.argmax(np.asarray(tokens) >= vocab_size))
+        other = "uint32" if dtype == "uint16" else "uint16"
+        raise DataError(f"data.path: token id {top} in {path} (first out-of-range id at token {where}) is >= "
+                        f"model.vocab_size={vocab_size}; is the vocabulary right, or is it a {other} file "
+                        f"(data.token_dtype)?")
+    return top
 
 
 class TokenBatches:

@@ -6,14 +6,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 from moetrain.config import JobConfig, write_resolved
+from moetrain.dist.checkpoint import CheckpointError, CheckpointLock
 from moetrain.launch.attempts import attempt_number, with_restarts
+from moetrain.launch.preflight import check_paths
 from moetrain.launch.rank import JobError, rank_main, setup_groups
+from moetrain.launch.signals import JobStopped, forward_signals, watch_launcher
 
 __all__ = ["run_job", "rank_main", "setup_groups", "JobError"]
 
@@ -28,36 +33,55 @@ def _write_summary(summary: dict, path: Optional[str]) -> None:
     os.replace(tmp, p)
 
 
+def _lock(cfg: JobConfig) -> CheckpointLock | None:
+    """The checkpoint directory's lock, when this job writes or resumes checkpoints there."""
+    ck = cfg.checkpoint
+    if not ck.dir or (not ck.every and ck.resume == "never"):
+        return None
+    return CheckpointLock(ck.dir, log=lambda m: print(m, flush=True))
+
+
+def _locked_on_rank0(lock: CheckpointLock | None, rank: int):
+    """Under torchrun / MPI every rank runs the launcher's code: rank 0 takes the lock, and every rank learns
+    whether it did (so none trains, or hangs waiting, when another job holds it)."""
+    import torch.distributed as dist
+
+    why = None
+    if lock is not None and rank == 0:
+        try:
+            lock.acquire()
+        except CheckpointError as exc:
+            why = str(exc)
+    box = [why]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise CheckpointError(box[0])
+    return lock if rank == 0 and lock is not None else contextlib.nullcontext()
+
+
 def run_job(cfg: JobConfig, summary_path: Optional[str] = None, profile_dir: Optional[str] = None) -> dict[str, Any]:
     """Launch ``cfg`` with its launcher and return rank 0's summary (also written to ``summary_path``);
     with ``profile_dir`` every rank records its trace and metrics there (``moetrain profile``)."""
+    check_paths(cfg, summary_path)
     write_resolved(cfg, cfg.logging.run_dir)
+    os.environ.setdefault("MOETRAIN_JOB_START", repr(time.time()))  # train.time_limit counts from here
     data = cfg.model_dump(mode="json")
     launcher = cfg.cluster.launcher
-    if launcher == "local":
-        from moetrain.launch.local import LocalRanks, RankFailure
-
-        def start(attempt: int) -> dict[str, Any]:
-            env = {"PYTHONUNBUFFERED": "1", "MOETRAIN_ATTEMPT": str(attempt)}
-            with LocalRanks(cfg.world_size, ranks_per_node=cfg.cluster.ranks_per_node, timeout=None,
-                            collective_timeout_s=cfg.cluster.collective_timeout_s, env=env,
-                            device=cfg.cluster.device) as pool:
-                return pool.run(rank_main, data, profile_dir, timeout=None)[0]
-
-        summary = with_restarts(cfg, start, (RankFailure,))
-    elif launcher == "ray":
-        from moetrain.launch.ray_launcher import run_ray
-
-        summary = run_ray(cfg, data, profile_dir)
-    elif launcher in ("mpi", "env"):
+    if launcher in ("local", "ray"):
+        lock = _lock(cfg)
+        with lock if lock is not None else contextlib.nullcontext():
+            summary = _launch(cfg, data, profile_dir)
+    else:
         import torch.distributed as dist
 
         from moetrain.dist.env import detect, init_distributed
 
         env = detect(launcher)
+        watch_launcher(os.getppid())  # torchrun's agent, mpiexec's proxy, slurmstepd: gone -> this rank ends
         init_distributed(env, cfg.cluster.device, timeout_s=cfg.cluster.collective_timeout_s)
         try:
-            summary = rank_main(data, profile_dir)
+            with _locked_on_rank0(_lock(cfg), env.rank):
+                summary = rank_main(data, profile_dir)
         finally:
             dist.destroy_process_group()
         summary["restarts"] = attempt_number()  # torchrun --max-restarts / the scheduler restarts us
@@ -65,3 +89,28 @@ def run_job(cfg: JobConfig, summary_path: Optional[str] = None, profile_dir: Opt
             return summary
     _write_summary(summary, summary_path)
     return summary
+
+
+def _launch(cfg: JobConfig, data: dict[str, Any], profile_dir: Optional[str]) -> dict[str, Any]:
+    """Start the ranks of a local or Ray job (this process is the launcher, not a rank)."""
+    if cfg.cluster.launcher == "local":
+        from moetrain.launch.local import LocalRanks, RankFailure
+
+        def start(attempt: int) -> dict[str, Any]:
+            env = {"PYTHONUNBUFFERED": "1", "MOETRAIN_ATTEMPT": str(attempt),
+                   "MOETRAIN_JOB_START": os.environ["MOETRAIN_JOB_START"]}
+            pool = LocalRanks(cfg.world_size, ranks_per_node=cfg.cluster.ranks_per_node, timeout=None,
+                              collective_timeout_s=cfg.cluster.collective_timeout_s, env=env,
+                              device=cfg.cluster.device)
+            with pool, forward_signals(pool.signal_ranks) as stop:
+                try:
+                    return pool.run(rank_main, data, profile_dir, timeout=None)[0]
+                except RankFailure:
+                    if stop.signum is not None:  # ranks killed by the signal before they could handle it
+                        raise JobStopped(stop.signum, "while the ranks were starting") from None
+                    raise
+
+        return with_restarts(cfg, start, (RankFailure,))
+    from moetrain.launch.ray_launcher import run_ray
+
+    return run_ray(cfg, data, profile_dir)

@@ -86,7 +86,7 @@ def _describe_exc(exc: BaseException) -> tuple[str, str, str, bool]:
 
 
 def _rank_main(rank: int, world: int, ranks_per_node: int, port: int, workdir: str, env: dict,
-               threads: int, pg_timeout_s: float, device: str, tasks, results) -> None:
+               threads: int, pg_timeout_s: float, device: str, launcher_pid: int, tasks, results) -> None:
     os.environ.update(env)
     os.environ.update({
         "RANK": str(rank),
@@ -102,7 +102,11 @@ def _rank_main(rank: int, world: int, ranks_per_node: int, port: int, workdir: s
         "OMP_NUM_THREADS": str(threads),
     })
     stack_file = open(os.path.join(workdir, f"rank{rank}.stack"), "w+")  # noqa: SIM115 (lives as long as the rank)
-    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    # SIGUSR2 dumps the stacks for failure reports (SIGTERM / SIGUSR1 are the stop signals, launch/signals.py)
+    faulthandler.register(signal.SIGUSR2, file=stack_file, all_threads=True)
+    from moetrain.launch.signals import watch_launcher
+
+    watch_launcher(launcher_pid)  # no rank outlives its launcher, even one killed with SIGKILL
     import torch
     import torch.distributed as dist
 
@@ -190,7 +194,8 @@ class LocalRanks:
             p = ctx.Process(
                 target=_rank_main,
                 args=(rank, self.world_size, self.ranks_per_node, port, self._workdir, self.env,
-                      self.threads, self.collective_timeout_s, self.device, self._tasks[rank], self._results),
+                      self.threads, self.collective_timeout_s, self.device, os.getpid(), self._tasks[rank],
+                      self._results),
                 name=f"moetrain-rank{rank}",
                 daemon=True,
             )
@@ -224,6 +229,13 @@ class LocalRanks:
         if self._workdir:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+
+    def signal_ranks(self, signum: int) -> None:
+        """Send ``signum`` to every live rank process (a launcher forwarding SIGTERM / SIGUSR1)."""
+        for p in self._procs:
+            if p.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signum)
 
     def __enter__(self) -> LocalRanks:
         self.start()
@@ -289,7 +301,7 @@ class LocalRanks:
         for r in pending:
             if self._procs[r].is_alive():
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(self._procs[r].pid, signal.SIGUSR1)
+                    os.kill(self._procs[r].pid, signal.SIGUSR2)
         time.sleep(0.5 if pending else 0)
         reports = []
         for r in range(self.world_size):

@@ -21,12 +21,15 @@ class JobError(UserError, RuntimeError):
 
 
 def rank_main(cfg_data: dict[str, Any], profile_dir: Optional[str] = None) -> dict[str, Any]:
-    """Everything one rank does, launcher-agnostic. Returns this rank's summary."""
+    """Everything one rank does, launcher-agnostic. Returns this rank's summary. SIGTERM / SIGUSR1 received
+    meanwhile stop the run after the current step (launch/signals.py)."""
+    from moetrain.launch.signals import StopRequests
     from moetrain.launch.trainer import train
 
     cfg = config_from_dict(cfg_data, check=False)
-    groups = setup_groups(cfg)
-    summary = train(cfg, groups, profile_dir=profile_dir)
+    with StopRequests() as stop:
+        groups = setup_groups(cfg)
+        summary = train(cfg, groups, profile_dir=profile_dir, stop=stop)
     summary["node_of_rank"] = [groups.grid.node_of(r) for r in range(cfg.world_size)]
     return summary
 

@@ -33,11 +33,15 @@ from moetrain.config import JobConfig
 from moetrain.launch.attempts import with_restarts
 from moetrain.launch.local import RankFailure, RankReport, _describe_exc
 from moetrain.launch.rank import JobError, rank_main
+from moetrain.launch.signals import forward_signals
 
 __all__ = ["run_ray", "preflight"]
 
 _LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # a local instance binds 127.0.0.1 only
-_ALWAYS_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}  # never phone home from a training job
+# never phone home from a training job; rank output reaches the driver as the ranks print it ("[rank r] ..."),
+# without Ray's "(actor pid=..., ip=...)" prefix, its colour codes or its merging of repeated lines
+_ALWAYS_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_WORKER_LOG_PREFIX": "1", "RAY_COLOR_PREFIX": "0",
+               "RAY_DEDUP_LOGS": "0"}
 
 
 class _Prefixed:
@@ -96,6 +100,12 @@ class _Rank:
 
     def rendezvous(self) -> tuple[str, int]:
         return _node_ip(), _free_port()
+
+    def stop(self, signum: int) -> None:
+        """The driver got SIGTERM / SIGUSR1: stop after the current step (runs beside ``run``)."""
+        from moetrain.launch.signals import request_stop
+
+        request_stop(signum)
 
     def run(self, data: dict, profile_dir: Optional[str], addr: str, port: int, timeout_s: float):
         """rank_main on this rank; exceptions come back as (traceback, type, message, user mistake), not
@@ -207,13 +217,20 @@ def _attempt(cfg: JobConfig, data: dict, profile_dir: Optional[str], attempt: in
         for rank in range(cfg.world_size):
             node, local = divmod(rank, c.ranks_per_node)
             strat = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=node)
-            actors.append(remote.options(scheduling_strategy=strat, max_restarts=0, **per_rank)
+            # two threads: ``stop`` must run while ``run`` trains
+            actors.append(remote.options(scheduling_strategy=strat, max_restarts=0, max_concurrency=2, **per_rank)
                           .remote(rank, cfg.world_size, node, local, c.ranks_per_node, c.nodes, env))
         where = ray.get([a.where.remote() for a in actors], timeout=c.ray_placement_timeout_s)
         _write_placement(cfg, attempt, where)
         addr, port = ray.get(actors[0].rendezvous.remote())
         refs = [a.run.remote(data, profile_dir, addr, port, c.collective_timeout_s) for a in actors]
-        results = _collect(refs, where)
+
+        def forward(signum: int) -> None:
+            for a in actors:
+                a.stop.remote(signum)
+
+        with forward_signals(forward):
+            results = _collect(refs, where)
         summary = results[0]
         summary["ray"] = {"nodes": [w["node_id"] for w in where], "ips": [w["ip"] for w in where]}
         return summary

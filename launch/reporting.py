@@ -75,6 +75,10 @@ class Reporter:
         if self.writer:
             self.writer.close()
 
+    def logs(self, step: int) -> bool:
+        """Whether step ``step`` (1-based) gets a console line (the first, every logging.every-th, the last)."""
+        return step % self.cfg.logging.every == 0 or step == self.cfg.train.steps or step == 1
+
     def mfu(self, tokens_per_s: float) -> tuple[float, float]:
         """(TFLOP/s per rank, MFU) at ``tokens_per_s`` over the whole job."""
         tflops = tokens_per_s * self.flops_per_token / dist.get_world_size() / 1e12
@@ -98,7 +102,7 @@ class Reporter:
                     self.writer.add_scalar(k, v, step)
         if self.bar is not None:
             self.bar.update(self.bar.task_ids[0], completed=step, loss=out["loss"])
-        if self.is_logger and (step % self.cfg.logging.every == 0 or step == self.cfg.train.steps or step == 1):
+        if self.is_logger and self.logs(step):
             print(f"step {step:>5}/{self.cfg.train.steps} | loss {out['loss']:.4f} | lr {out['lr']:.2e} | "
                   f"gnorm {out['grad_norm']:.3f} | {tps:,.0f} tok/s | {tflops * 1e3:.2f} GFLOP/s/rank | "
                   f"MFU {mfu:.1%} | mem {mem / 2**20:.0f} MiB | act {out['saved_activation_bytes'] / 2**20:.1f} MiB",

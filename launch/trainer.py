@@ -14,7 +14,6 @@ One optimizer step:
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from typing import Any
 
@@ -30,13 +29,21 @@ from moetrain.launch.attempts import attempt_number
 from moetrain.launch.checkpointing import RunCheckpoints, RunState
 from moetrain.launch.data import TokenBatches
 from moetrain.launch.faults import CollectiveFailure, TrainError, collective_failure, inject_fault, is_comm_failure
+from moetrain.launch.health import StepHealth
 from moetrain.launch.metrics import SavedBytes, peak_flops_per_rank, peak_memory_bytes
 from moetrain.launch.reporting import Reporter, moe_metrics
+from moetrain.launch.signals import StopRequests
 from moetrain.models.spec import BuildContext, get_model_spec
 from moetrain.moe import kernels
 from moetrain.moe.layer import MoELayer
 from moetrain.moe.runtime import GradWindow, MoERuntime, MoESession
-from moetrain.parallel.data_parallel import GradReducer, clip_grad_norm, finalize_tp_partial_grads, grad_replicas
+from moetrain.parallel.data_parallel import (
+    GradReducer,
+    clip_grad_norm,
+    finalize_tp_partial_grads,
+    grad_norm_sq_local,
+    grad_replicas,
+)
 from moetrain.parallel.optimizer import build_optimizer, lr_at
 from moetrain.parallel.pipeline import ModelChunks, PipelineRunner, chunk_layers, stage_layers
 from moetrain.parallel.wtacrs import norm_caches
@@ -47,7 +54,8 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig, groups: ParallelGroups, profile_dir: str | None = None):
+    def __init__(self, cfg: JobConfig, groups: ParallelGroups, profile_dir: str | None = None,
+                 stop: StopRequests | None = None):
         self.cfg, self.groups, self.profile_dir = cfg, groups, profile_dir
         self.rank = groups.global_rank
         self.step_spans: list[tuple[int, float, float, bool]] = []
@@ -122,9 +130,19 @@ class Trainer:
                                  dp_size=groups.size("dp"), path=cfg.data.path, token_dtype=cfg.data.token_dtype)
         self.checkpoints = RunCheckpoints(cfg, self.spec, self.chunks, self.optimizer, device=self.device,
                                           rank=self.rank, say=self.reporter.say)
-        self.state = RunState()
+        self.state = RunState(lr_horizon=cfg.train.steps)
         self.resumed_from: str | None = None
         self.phase = "build"
+        self.step_times: list[float] = []
+
+        def local_grad_sq() -> torch.Tensor:
+            if self.zero_stage == 2:
+                return self.optimizer.grad_norm_sq_local(self.replicas)
+            return grad_norm_sq_local(self.params, self.replicas)
+
+        self.health = StepHealth(cfg, stop or StopRequests(), rank=self.rank, local_grad_sq=local_grad_sq,
+                                 last_checkpoint=self.checkpoints.latest, last_save_s=lambda: self.checkpoints.save_s,
+                                 say=self.reporter.say)
 
     @property
     def step(self) -> int:
@@ -197,7 +215,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         cfg, step, g = self.cfg, self.step, self.groups
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.train)
+            group["lr"] = lr_at(step, cfg.train, self.state.lr_horizon)
         moe_stats: list[dict] = []
         step_fn = self._local_step if self.runner is None else self._pipeline_step
         total, activation_bytes = step_fn(step, self.data.micro_batches, moe_stats)
@@ -209,25 +227,30 @@ class Trainer:
             if self.zero_stage == 2:
                 self.optimizer.set_grad_slices(self.reducer.finish_late())
         with self._phase("clip_and_step"):
+            # the norm's all-reduce also carries each rank's votes: nothing is applied before every rank knows
+            votes = self.health.votes(loss=total, step_times=self.step_times)
             if self.zero_stage == 2:
-                gnorm = self.optimizer.clip_grad_norm(cfg.train.grad_clip, self.replicas)
+                gnorm = self.optimizer.clip_grad_norm(cfg.train.grad_clip, self.replicas, votes=votes)
             else:
-                gnorm = clip_grad_norm(self.params, cfg.train.grad_clip, self.replicas)
-            self.optimizer.step()
+                gnorm = clip_grad_norm(self.params, cfg.train.grad_clip, self.replicas, votes=votes)
+            verdict = self.health.verdict(votes, gnorm, step)
+            if verdict.finite:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             for cache in self.norm_caches:  # WTA-CRS gradient norms: mean over the whole global batch
-                cache.finalize(g.get("dp"))
+                cache.finalize(g.get("dp")) if verdict.finite else cache.discard()
             for layer in self.moe_layers:
                 if hasattr(layer.router, "update_bias"):
-                    layer.router.update_bias(g.get("dp"))
+                    layer.router.update_bias(g.get("dp") if verdict.finite else None, apply=verdict.finite)
         if self.runner is not None:  # the loss lives on the last stage
             dist.all_reduce(total, group=g.group("pp"))
         dist.all_reduce(total, group=g.group("dp"))
         loss_value = float(total.item()) / g.size("dp")
         self.state.step += 1
         self.moe.after_step()
-        return {"loss": loss_value, "grad_norm": gnorm, "lr": lr_at(step, cfg.train),
-                "saved_activation_bytes": activation_bytes, **moe_metrics(self.moe_layers, moe_stats)}
+        return {"loss": loss_value, "grad_norm": gnorm, "lr": lr_at(step, cfg.train, self.state.lr_horizon),
+                "saved_activation_bytes": activation_bytes, "skipped": not verdict.finite, "stop": verdict.stop,
+                **moe_metrics(self.moe_layers, moe_stats)}
 
     # ------------------------------------------------------------------ the run
     def _guarded_step(self) -> dict[str, float]:
@@ -244,32 +267,39 @@ class Trainer:
         resumed = self.checkpoints.resume()
         if resumed is not None:
             self.state, self.resumed_from = resumed
+            if cfg.train.steps > self.state.lr_horizon:
+                self.reporter.say(f"[moetrain] train.steps={cfg.train.steps} runs past the LR schedule's "
+                                  f"{self.state.lr_horizon} steps (the first run's train.steps): the LR stays at "
+                                  f"train.min_lr={cfg.train.min_lr:g} from step {self.state.lr_horizon} on")
         start_step = self.step
         t_start = time.perf_counter()
-        step_times: list[float] = []
-        last: dict[str, float] = {}
+        last: dict[str, Any] = {}
+        stopped = None
         self.reporter.start(self.step)
-        while self.step < cfg.train.steps:
+        while self.step < cfg.train.steps and stopped is None:
             inject_fault(cfg.fault.inject, rank=self.rank, step=self.step, attempt=attempt_number())
             t0 = time.perf_counter()
             profiling = self.moe.profiling
             last = self._guarded_step()
             dt = time.perf_counter() - t0
             self.step_spans.append((self.step - 1, t0, t0 + dt, profiling))
-            step_times.append(dt)
+            self.step_times.append(dt)
             self.state.losses.append(last["loss"])
             self.state.grad_norms.append(last["grad_norm"])
-            if not math.isfinite(last["loss"]):
-                raise TrainError(f"loss became {last['loss']} at step {self.step - 1}")
+            if self.runner is not None and (self.reporter.logs(self.step) or last["stop"]):
+                last.update(self._stage_moe_metrics(last))
             self.reporter.step(self.step, last, dt)
             if self.step == start_step + 1:
                 self.first_step_wall = time.time()  # start-up figures: launch -> first step done
                 self.memory = self.reporter.memory(self.params, self.optimizer, last["saved_activation_bytes"])
-            if self.checkpoints.due(self.step):
+            stopped = last["stop"]
+            if self.checkpoints.due(self.step) or (stopped and self.checkpoints.checkpointer is not None):
                 self.checkpoints.save(self.state)
+        if stopped is not None:
+            stopped.update(step=self.step, checkpoint=self.checkpoints.latest())
         self.reporter.close()
         elapsed = time.perf_counter() - t_start
-        timed = step_times[1:] or step_times  # the first step pays warm-up
+        timed = self.step_times[1:] or self.step_times  # the first step pays warm-up
         tps = self.reporter.tokens_per_step * len(timed) / max(sum(timed), 1e-9) if timed else 0.0
         if self.profile_dir:
             from moetrain.launch.profile import write_rank_records
@@ -281,7 +311,17 @@ class Trainer:
             from moetrain.dist import collective_check
 
             collective_check.disable()
-        return self._summary(start_step, elapsed, tps, last)
+        return {**self._summary(start_step, elapsed, tps, last), "stopped": stopped,
+                "skipped_nonfinite_steps": self.health.skipped,
+                "already_done": self.step >= cfg.train.steps and self.step == start_step}
+
+    def _stage_moe_metrics(self, out: dict[str, Any]) -> dict[str, float]:
+        """Every pipeline stage's MoE-layer metrics, so rank 0 (the first stage) logs all of them (collective
+        over the pipeline group, on the steps that are logged)."""
+        mine = {k: v for k, v in out.items() if k.startswith("moe/")}
+        parts: list = [None] * self.groups.size("pp")
+        dist.all_gather_object(parts, mine, group=self.groups.group("pp"))
+        return {k: v for part in parts for k, v in part.items()}
 
     def _summary(self, start_step: int, elapsed: float, tps: float, last: dict[str, float]) -> dict[str, Any]:
         cfg, p = self.cfg, self.cfg.parallel
@@ -326,7 +366,8 @@ class Trainer:
         return out
 
 
-def train(cfg: JobConfig, groups: ParallelGroups, profile_dir: str | None = None) -> dict[str, Any]:
+def train(cfg: JobConfig, groups: ParallelGroups, profile_dir: str | None = None,
+          stop: StopRequests | None = None) -> dict[str, Any]:
     """Build a Trainer for this rank and run it to ``train.steps`` (recording a profile into
-    ``profile_dir`` when given)."""
-    return Trainer(cfg, groups, profile_dir=profile_dir).fit()
+    ``profile_dir`` when given; ``stop``: the stop signals this rank receives)."""
+    return Trainer(cfg, groups, profile_dir=profile_dir, stop=stop).fit()

@@ -135,6 +135,8 @@ def rank_in_expert_ref(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, nu
     T, K = expert_TK.shape
     e = expert_TK.long()
     keep = torch.ones_like(e, dtype=torch.bool) if keep_TK is None else keep_TK.bool()
+    inside = (e >= 0) & (e < num_experts)  # as the kernel: an id outside [0, E) is not ranked (rank -1)
+    keep, e = keep & inside, e.clamp(0, num_experts - 1)
     e_vis = (e if order == 0 else e.t()).reshape(-1)
     k_vis = (keep if order == 0 else keep.t()).reshape(-1)
     onehot = torch.nn.functional.one_hot(e_vis, num_experts) * k_vis.unsqueeze(1)
@@ -156,7 +158,8 @@ def positions_ref(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_exp
 def _rows_from_ranks(rank_TK: torch.Tensor, total_E: torch.Tensor, expert_TK: torch.Tensor) -> torch.Tensor:
     """Row in the expert-sorted buffer = the expert's first row + the rank inside it (-1 stays -1)."""
     start = (torch.cumsum(total_E, 0) - total_E).to(torch.int32)
-    return torch.where(rank_TK >= 0, rank_TK + start[expert_TK.long()], rank_TK).contiguous()
+    expert = expert_TK.long().clamp(0, total_E.numel() - 1)  # out-of-range ids have rank -1 and stay -1
+    return torch.where(rank_TK >= 0, rank_TK + start[expert], rank_TK).contiguous()
 
 
 def pack_rows_ref(x_TD: torch.Tensor, pos_TK: torch.Tensor, rows: int) -> torch.Tensor:

@@ -381,9 +381,10 @@ class SigmoidRouter(Router):
         return self._finish(x_TD.shape[0], top_e, gates, prob, logits, batch)
 
     @torch.no_grad()
-    def update_bias(self, group=None) -> None:
-        """Aux-loss-free balancing: push the bias of under-loaded experts up, over-loaded down."""
-        if self.cfg.bias_update_rate == 0:
+    def update_bias(self, group=None, apply: bool = True) -> None:
+        """Aux-loss-free balancing: push the bias of under-loaded experts up, over-loaded down (``apply``
+        False: a skipped step, whose loads are dropped)."""
+        if self.cfg.bias_update_rate == 0 or not apply:
             self.load.zero_()
             return
         load = self.load.clone()

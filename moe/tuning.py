@@ -35,6 +35,8 @@ from moetrain.moe.perf_model import (
 __all__ = ["DegreeTuner", "fit_and_choose"]
 
 PROFILE_DEGREES = (2, 4, 1, 3, 6, 8)  # the warm-up step runs the first
+_LINK_CODE = {"intra": 1.0, "inter": 2.0}
+_LINKS = {1: "intra", 2: "inter"}
 
 
 @dataclass
@@ -137,14 +139,20 @@ def fit_and_choose(layers: list, engine, group=None, max_degree: int = 8) -> dic
         local += [fw.alpha, fw.beta, bw.alpha, bw.beta, *over]
         shapes.append(st.shape)
     coeffs = torch.tensor(local, dtype=torch.float64)
-    # volumes: the slowest rank's (max), padded to a common step count
-    n_steps = max((len(s.steps) for s in shapes if s is not None), default=0)
-    vol = torch.zeros(len(layers), n_steps + 1, dtype=torch.float64)
+    # The section's transfers as the slowest rank sees them, the same on every rank: ranks of one EP group may
+    # plan different step lists (hier1d: a node leader's gather / exchange / scatter against a member's
+    # gather / scatter), so the step count is agreed first (MAX), then each step's link (1 intra, 2 inter)
+    # and volume are the elementwise MAX; every rank then models, and chooses for, the same shape.
+    n_steps = torch.tensor([max((len(s.steps) for s in shapes if s is not None), default=0)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(n_steps, op=dist.ReduceOp.MAX, group=group)
+    n = int(n_steps.item())
+    vol = torch.zeros(len(layers), 2 * n + 1, dtype=torch.float64)  # rows, n volumes, n link codes
     for i, s in enumerate(shapes):
         if s is not None:
             vol[i, 0] = s.rows
-            for k, (_, nb) in enumerate(s.steps):
-                vol[i, k + 1] = nb
+            for k, (link, nb) in enumerate(s.steps):
+                vol[i, 1 + k], vol[i, 1 + n + k] = nb, _LINK_CODE[link]
     if dist.is_initialized():
         dist.all_reduce(coeffs, group=group)
         coeffs /= dist.get_world_size(group)
@@ -159,8 +167,8 @@ def fit_and_choose(layers: list, engine, group=None, max_degree: int = 8) -> dic
         s = shapes[i]
         if s is None:
             continue
-        shape = SectionShape(tuple((link, float(vol[i, k + 1])) for k, (link, _) in enumerate(s.steps)),
-                             float(vol[i, 0]))
+        shape = SectionShape(tuple((_LINKS[int(vol[i, 1 + n + k])], float(vol[i, 1 + k])) for k in range(n)
+                                   if vol[i, 1 + n + k] > 0), float(vol[i, 0]))
         tuner = layer.tuner
         fixed = (None, None) if tuner is None else (None if tuner.fwd == "auto" else int(tuner.fwd),
                                                      None if tuner.bwd == "auto" else int(tuner.bwd))

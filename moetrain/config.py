@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -39,6 +40,7 @@ __all__ = [
     "config_from_dict",
     "check_consistency",
     "write_resolved",
+    "parse_duration",
 ]
 
 
@@ -180,6 +182,29 @@ class ModelConfig(_Section):
             raise ConfigError(f"{path}.d_model", f"head dim {self.head_dim} must be even for rotary embedding")
 
 
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(value: str | float) -> float:
+    """Seconds in ``3h50m`` / ``1d2h`` / ``90m`` / ``45s``, ``[[DD-]HH:]MM:SS`` (Slurm), or a number of seconds."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = value.strip().lower().replace(" ", "")
+    match = _DURATION.match(text)
+    if text and match and any(match.groups()):
+        d, h, m, s = (float(g) if g else 0.0 for g in match.groups())
+        seconds = ((d * 24 + h) * 60 + m) * 60 + s
+    elif re.match(r"^(\d+-)?(\d+:){1,2}\d+$", text):
+        days, _, clock = text.rpartition("-")
+        parts = [float(p) for p in clock.split(":")]
+        seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts))) + float(days or 0) * 86400
+    else:
+        raise ValueError(f"{value!r} is not a duration (e.g. 3h50m, 90m, 45s, 03:50:00 or a number of seconds)")
+    if seconds <= 0:
+        raise ValueError(f"{value!r} is not a positive duration")
+    return seconds
+
+
 # routers that do not pick k experts per token (so topk is not bounded by num_experts)
 _NOT_TOKEN_CHOICE = ("softmoe", "expert_choice")
 
@@ -306,11 +331,29 @@ class TrainConfig(_Section):
     """Data-parallel gradient bucket size (MiB)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: selective = core attention, full = whole transformer blocks."""
+    time_limit: Optional[Union[str, Annotated[float, Field(gt=0)]]] = None
+    """Wall-clock budget of the run (``3h50m``, ``90m``, ``1d2h``, ``01:30:00``, or seconds): before a step
+    would cross it, every rank stops, the run saves a checkpoint (with ``checkpoint.dir``) and exits."""
+    skip_nonfinite_steps: int = Field(0, ge=0)
+    """Steps whose loss or gradient norm is not finite may be skipped (no optimizer update) this many times
+    in a run; the next one stops the run with an error (0: the first one does)."""
     optimizer: OptimizerConfig = OptimizerConfig()
+
+    @property
+    def time_limit_s(self) -> float | None:
+        return None if self.time_limit is None else parse_duration(self.time_limit)
 
     def check_rules(self, path: str) -> None:
         if self.min_lr > self.lr:
             raise ConfigError(f"{path}.min_lr", f"{self.min_lr} exceeds train.lr={self.lr}")
+        if self.warmup_steps > self.steps:
+            raise ConfigError(f"{path}.warmup_steps", f"{self.warmup_steps} warm-up steps exceed train.steps="
+                                                      f"{self.steps}")
+        if self.time_limit is not None:
+            try:
+                parse_duration(self.time_limit)
+            except ValueError as exc:
+                raise ConfigError(f"{path}.time_limit", str(exc)) from None
         self.optimizer.check_rules(f"{path}.optimizer")
 
 
@@ -352,8 +395,13 @@ class CheckpointConfig(_Section):
     def check_rules(self, path: str) -> None:
         if self.every > 0 and not self.dir:
             raise ConfigError(f"{path}.dir", "checkpoint.every > 0 needs a checkpoint directory")
-        if self.resume not in ("auto", "never") and not self.resume.strip():
-            raise ConfigError(f"{path}.resume", "must be auto, never or a checkpoint path")
+        r = self.resume
+        if r not in ("auto", "never"):
+            if not r.strip():
+                raise ConfigError(f"{path}.resume", "must be auto, never or a checkpoint path")
+            if "/" not in r and os.sep not in r and not Path(r).exists():  # a word, not a path
+                raise ConfigError(f"{path}.resume", f"unknown value {r!r}: expected auto (the newest usable "
+                                                    "checkpoint: did you mean auto?), never, or a checkpoint path")
 
 
 class LoggingConfig(_Section):
@@ -450,6 +498,45 @@ _SECTIONS = tuple(JobConfig.model_fields)
 
 
 # ------------------------------------------------------------------------------- loading
+class _DuplicateKey(Exception):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as a Python user writes numbers, and no silently repeated keys.
+
+    PyYAML follows YAML 1.1, where ``3e-3`` and ``1E5`` (no dot) are strings; here every exponent form
+    is a number (an int when integral: ``1e5`` steps are 100000 steps), like ``1_000``. A key given twice
+    in one mapping is an error naming it and both lines (YAML would keep the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str) and key in seen:
+                raise _DuplicateKey(f"duplicate key {key!r} at lines {seen[key]} and {line}")
+            seen.setdefault(key, line) if isinstance(key, str) else None
+        return super().construct_mapping(node, deep=deep)
+
+
+def _number(loader: yaml.SafeLoader, node) -> int | float:
+    value = float(loader.construct_scalar(node).replace("_", ""))
+    return int(value) if value.is_integer() else value
+
+
+_NUMBER_TAG = "tag:moetrain,2026:number"
+_EXPONENT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver(_NUMBER_TAG, _EXPONENT, list("-+0123456789."))
+for _first in _Loader.yaml_implicit_resolvers.values():  # ahead of YAML 1.1's float, so 1.5e3 == 1.5e+3
+    _first.sort(key=lambda entry: entry[0] != _NUMBER_TAG)
+_Loader.add_constructor(_NUMBER_TAG, _number)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _model_at(model_cls: type[BaseModel], path: tuple) -> Optional[type[BaseModel]]:
     cls: Any = model_cls
     for part in path:
@@ -544,9 +631,11 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if any(not part.isidentifier() for part in key.split(".")):
             raise ConfigError(key, "not a dotted config path")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _yaml(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(key, f"value {raw!r} is not valid YAML ({exc.__class__.__name__})") from None
+        except _DuplicateKey as exc:
+            raise ConfigError(key, str(exc)) from None
         out.append((key, value))
     return out
 
@@ -579,9 +668,11 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Optional[list[st
         if not p.is_file():
             raise ConfigError(str(p), "not a file")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+            data = _yaml(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
             raise ConfigError(str(p), "not a UTF-8 text file") from None
+        except _DuplicateKey as exc:
+            raise ConfigError(str(p), str(exc)) from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -702,7 +793,7 @@ def write_resolved(cfg: JobConfig, directory: Union[str, os.PathLike]) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     out = d / "config.resolved.yaml"
-    tmp = out.with_suffix(".tmp")
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")  # every rank of a torchrun / MPI job writes it
     tmp.write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False), encoding="utf-8")
     os.replace(tmp, out)
     return out

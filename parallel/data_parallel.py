@@ -31,7 +31,8 @@ from torch import nn
 from moetrain.dist.groups import rank_size
 from moetrain.parallel.mappings import _reduce_scatter_single
 
-__all__ = ["grad_replicas", "GradReducer", "finalize_tp_partial_grads", "clip_grad_norm", "grad_norm_sq_local"]
+__all__ = ["grad_replicas", "reduce_norm", "clip_scale", "GradReducer", "finalize_tp_partial_grads", "clip_grad_norm",
+           "grad_norm_sq_local"]
 
 
 @dataclass(eq=False)
@@ -295,15 +296,32 @@ def grad_norm_sq_local(params: Iterable[nn.Parameter], replicas: dict[int, int])
     return total
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None, replicas: dict[int, int],
-                   world_group=None) -> float:
-    """Clip to a global norm computed across every group; returns the norm before clipping."""
-    sq = grad_norm_sq_local(params, replicas)
+def reduce_norm(local_sq: torch.Tensor, votes: torch.Tensor | None = None, world_group=None) -> float:
+    """The global gradient norm from every rank's share of its square, in one all-reduce over the world that
+    also sums ``votes`` (per-rank health flags, summed in place): the step's other decisions ride on it."""
+    flat = local_sq.reshape(1).to(torch.float64)
+    if votes is not None:
+        flat = torch.cat([flat, votes.to(torch.float64)])
     if dist.is_initialized():
-        dist.all_reduce(sq, group=world_group)
-    norm = float(sq.sqrt())
-    if max_norm is not None and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
+        dist.all_reduce(flat, group=world_group)
+    if votes is not None:
+        votes.copy_(flat[1:])
+    return float(flat[0].sqrt())
+
+
+def clip_scale(norm: float, max_norm: float | None) -> float | None:
+    """The factor that clips gradients of global norm ``norm`` to ``max_norm`` (None: leave them)."""
+    if max_norm is None or not norm > max_norm:
+        return None
+    return max_norm / (norm + 1e-6)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None, replicas: dict[int, int],
+                   world_group=None, votes: torch.Tensor | None = None) -> float:
+    """Clip to a global norm computed across every group; returns the norm before clipping."""
+    norm = reduce_norm(grad_norm_sq_local(params, replicas), votes, world_group)
+    scale = clip_scale(norm, max_norm)
+    if scale is not None:
         for p in params:
             if p.grad is not None:
                 p.grad.mul_(scale)

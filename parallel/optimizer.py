@@ -21,11 +21,12 @@ from moetrain.parallel.zero import ShardedAdamW
 __all__ = ["lr_at", "build_optimizer"]
 
 
-def lr_at(step: int, t: TrainConfig) -> float:
-    """Linear warm-up to train.lr, then cosine decay to train.min_lr at train.steps."""
+def lr_at(step: int, t: TrainConfig, horizon: int | None = None) -> float:
+    """Linear warm-up to train.lr, then cosine decay to train.min_lr at ``horizon`` (default train.steps;
+    a resumed run keeps its first run's), and train.min_lr after it."""
     if t.warmup_steps and step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    span = max(t.steps - t.warmup_steps, 1)
+    span = max((horizon or t.steps) - t.warmup_steps, 1)
     progress = min(max(step - t.warmup_steps, 0) / span, 1.0)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
 

@@ -74,6 +74,10 @@ class NormCache:
         self.norms_S = t[:-1] / t[-1]
         self._pending.clear()
 
+    def discard(self) -> None:
+        """Drop the recorded micro-batches (a step whose update was skipped: its norms may not be finite)."""
+        self._pending.clear()
+
     def lookup(self, seq_len: int, batch: int) -> torch.Tensor | None:
         if self.norms_S is None or self.norms_S.numel() != seq_len:
             return None

@@ -26,10 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from moetrain.dist.groups import rank_size
+from moetrain.parallel.data_parallel import clip_scale, reduce_norm
 from moetrain.parallel.mappings import _all_gather_single
 
 __all__ = ["ShardedAdamW"]
@@ -158,8 +158,8 @@ class ShardedAdamW:
             assert g.numel() == s.size
             s.grad = g
 
-    def clip_grad_norm(self, max_norm: float | None, replicas: dict[int, int], world_group=None) -> float:
-        """Stage 2's global norm from the gradient slices (stage 1 clips the full gradients as usual).
+    def grad_norm_sq_local(self, replicas: dict[int, int]) -> torch.Tensor:
+        """Stage 2: this rank's share of the squared global norm, from its gradient slices.
 
         ``replicas[id(p)]`` counts the world's identical copies of p's full gradient; a slice is held
         by replicas / W of them, so each contributes W / replicas of its squares to the sum.
@@ -169,11 +169,14 @@ class ShardedAdamW:
         for s in self.shards:
             for p, (a, b), _ in s.pieces():
                 sq += s.grad[a:b].detach().to(torch.float64).pow(2).sum().cpu() * s.world / replicas[id(p)]
-        if dist.is_initialized():
-            dist.all_reduce(sq, group=world_group)
-        norm = float(sq.sqrt())
-        if max_norm is not None and norm > max_norm:
-            scale = max_norm / (norm + 1e-6)
+        return sq
+
+    def clip_grad_norm(self, max_norm: float | None, replicas: dict[int, int], world_group=None,
+                       votes: torch.Tensor | None = None) -> float:
+        """Stage 2's global norm from the gradient slices (stage 1 clips the full gradients as usual)."""
+        norm = reduce_norm(self.grad_norm_sq_local(replicas), votes, world_group)
+        scale = clip_scale(norm, max_norm)
+        if scale is not None:
             for s in self.shards:
                 s.grad.mul_(scale)
         return norm

@@ -12,6 +12,8 @@ from moetrain.launch.local import LocalRanks
 # when it is first imported.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+for _k, _v in (("RAY_DISABLE_WORKER_LOG_PREFIX", "1"), ("RAY_COLOR_PREFIX", "0"), ("RAY_DEDUP_LOGS", "0")):
+    os.environ.setdefault(_k, _v)  # what the Ray launcher sets before Ray is imported (one "[rank r]" prefix)
 
 _POOLS: dict[tuple[int, int], LocalRanks] = {}
 

@@ -90,7 +90,7 @@ def test_console_script_exit_codes():
 
 TRAIN_SMALL = ["cluster.nodes=1", "cluster.ranks_per_node=2", "parallel.tp=2", "moe.num_experts=0", "parallel.ep=1",
                "model.layers=2", "model.d_model=32", "model.d_ffn=64", "model.seq_len=32", "train.steps=4",
-               "train.micro_batch_size=2", "train.global_batch_size=2", "logging.every=1"]
+               "train.warmup_steps=1", "train.micro_batch_size=2", "train.global_batch_size=2", "logging.every=1"]
 
 
 def _cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from moetrain.dist.env import LaunchEnvError, RankEnv, from_env, under_mpi
+from moetrain.dist.env import LaunchEnvError, RankEnv, free_port, from_env, under_mpi
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,10 +77,11 @@ def test_mpiexec_rank_environment_and_training_job(tmp_path):
     job = subprocess.run(
         [_mpiexec(), "-n", "4", sys.executable, "-m", "mpi4py", "-m", "moetrain", "train",
          str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"), "cluster.launcher=mpi", "cluster.nodes=1",
-         "cluster.ranks_per_node=4", "train.steps=2", "train.global_batch_size=8",
-         f"logging.run_dir={tmp_path}", "--summary", str(summary)],
+         "cluster.ranks_per_node=4", "train.steps=2", "train.warmup_steps=1",
+         "train.global_batch_size=8", f"logging.run_dir={tmp_path}", "--summary", str(summary)],
         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert job.returncode == 0, job.stderr[-3000:]
+    assert job.stdout.count("done:") == 1  # one line for the job, not one per rank
     data = json.loads(summary.read_text())
     assert data["world_size"] == 4 and data["layout"] == {"tp": 2, "pp": 1, "ep": 4, "dp": 2}  # MoE, EP=4
     assert data["steps"] == 2 and len(data["losses"]) == 2
@@ -89,8 +90,8 @@ def test_mpiexec_rank_environment_and_training_job(tmp_path):
     from moetrain.launch.job import run_job
 
     local = run_job(load_config(str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"), [
-        "cluster.nodes=1", "cluster.ranks_per_node=4", "train.steps=2", "train.global_batch_size=8",
-        f"logging.run_dir={tmp_path / 'local'}"]))
+        "cluster.nodes=1", "cluster.ranks_per_node=4", "train.steps=2", "train.warmup_steps=1",
+        "train.global_batch_size=8", f"logging.run_dir={tmp_path / 'local'}"]))
     assert data["losses"] == pytest.approx(local["losses"], rel=1e-6)
 
 
@@ -102,8 +103,22 @@ def test_mpiexec_exception_on_one_rank_aborts_the_job(tmp_path):
     job = subprocess.run(
         [_mpiexec(), "-n", "4", sys.executable, "-m", "mpi4py", "-m", "moetrain", "train",
          str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"), "cluster.launcher=mpi", "cluster.nodes=1",
-         "cluster.ranks_per_node=4", "train.steps=4", "train.global_batch_size=8", f"logging.run_dir={tmp_path}",
+         "cluster.ranks_per_node=4", "train.steps=4", "train.warmup_steps=1", "train.global_batch_size=8",
+         f"logging.run_dir={tmp_path}",
          "fault.inject={rank: 2, step: 1, kind: exception}"],
         env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert job.returncode != 0 and time.monotonic() - t0 < 120  # aborted, not left waiting in a collective
     assert "injected exception on rank 2 at step 1" in job.stderr
+
+
+def test_torchrun_job_prints_done_once(tmp_path):
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    job = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(free_port()), "-m", "moetrain", "train",
+         str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"), "cluster.launcher=env", "cluster.nodes=1",
+         "cluster.ranks_per_node=2", "parallel.ep=2", "train.steps=2", "train.warmup_steps=1",
+         "train.global_batch_size=4", "logging.every=1000", f"logging.run_dir={tmp_path}"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert job.stdout.count("done: 2 steps") == 1, job.stdout

@@ -427,7 +427,8 @@ def test_profile_command_writes_traces_timeline_and_summary(tmp_path):
     cfg = str(ROOT / "cluster_configs/sim_cpu_8rank.yaml")
     out = _cli(["profile", cfg, "cluster.ranks_per_node=2", "cluster.nodes=2", "parallel.tp=1", "parallel.sp=false",
                 "parallel.ep=4", "model.layers=2", "model.d_model=32", "model.d_ffn=64", "model.seq_len=32",
-                "train.micro_batch_size=2", "train.global_batch_size=8", "moe.pipeline_degree=auto",
+                "train.micro_batch_size=2", "train.global_batch_size=8", "train.warmup_steps=1",
+                "moe.pipeline_degree=auto",
                 "moe.bwd_pipeline_degree=auto", "moe.profile_steps=2", "network.simulate=true",
                 "network.inter.bandwidth_gbps=0.0005",  # per-byte cost (~10 ms a chunk) well above timing noise
                 f"logging.run_dir={tmp_path}/run", "--out", str(tmp_path / "prof"), "--steps", "4"])

@@ -12,6 +12,7 @@ import functools
 import pytest
 import torch
 
+from moetrain.launch.local import RankFailure
 from moetrain.parallel.pipeline import partition_layers
 from moetrain.parallel.schedules import SCHEDULES, Action, build_schedule, simulate, theoretical_bubble
 from tests.test_model_parallel import POOL, _compare, _train
@@ -180,7 +181,10 @@ def test_pipelined_checkpoint_resume_equals_uninterrupted(ranks, tmp_path):
                                                           "model.tie_embeddings=true", "moe.router=sigmoid",
                                                           "moe.bias_update_rate=0.01"]
     whole = pool.run(_fit_pipe, layout + [f"checkpoint.dir={tmp_path / 'a'}"])[0]
-    pool.run(_fit_pipe, layout + [f"checkpoint.dir={tmp_path / 'b'}", "train.steps=2"])
+    with pytest.raises(RankFailure):  # interrupted after the step-2 checkpoint (a stop at train.steps=2 would
+        # end the LR schedule there: a resumed run keeps its first run's schedule length)
+        pool.run(_fit_pipe, layout + [f"checkpoint.dir={tmp_path / 'b'}",
+                                      "fault.inject={rank: 1, step: 2, kind: exception}"])
     resumed = pool.run(_fit_pipe, layout + [f"checkpoint.dir={tmp_path / 'b'}"])[0]
     assert resumed["resumed_from"].endswith("step_00000002") and resumed["steps_run"] == 2
     assert resumed["losses"] == whole["losses"]

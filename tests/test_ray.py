@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["parallel.tp=2", "parallel.ep=1", "moe.num_experts=0", "parallel.sp=false", "model.layers=2",
          "model.d_model=32", "model.d_ffn=64", "model.seq_len=16", "train.micro_batch_size=2",
          "train.global_batch_size=4", "train.dtype=float64", "logging.every=1000", "cluster.nodes=2",
-         "cluster.ranks_per_node=2", "cluster.collective_timeout_s=20"]
+         "cluster.ranks_per_node=2", "cluster.collective_timeout_s=20", "train.warmup_steps=1"]
 
 
 def _cfg(tmp_path: Path, *extra: str):
@@ -63,7 +63,7 @@ def local_ray():
     ray.shutdown()
 
 
-def test_ray_local_instance_equals_local_launcher_and_restarts(tmp_path, uninterrupted, local_ray):
+def test_ray_local_instance_equals_local_launcher_and_restarts(tmp_path, uninterrupted, local_ray, capfd):
     out = run_job(_cfg(tmp_path, "train.steps=6", "cluster.launcher=ray"))
     assert out["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-12)
     assert out["restarts"] == 0 and out["node_of_rank"] == [0, 0, 1, 1] and set(out["ray"]["ips"]) == {"127.0.0.1"}
@@ -71,6 +71,9 @@ def test_ray_local_instance_equals_local_launcher_and_restarts(tmp_path, uninter
                        "checkpoint.every=1", "fault.max_restarts=2", "fault.inject={rank: 1, step: 2, kind: exit}"))
     assert out["restarts"] == 1 and out["resumed_from"].endswith("step_00000002")
     assert out["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-12)
+    logged = capfd.readouterr().out
+    assert "\n[rank 0] step     6/6 | loss" in logged  # one clean prefix: no "(_Rank pid=...)", no colour codes
+    assert "pid=" not in logged and "\x1b[" not in logged
 
 
 def _rank_nodes(run_dir: Path) -> set[str]:

@@ -1,0 +1,133 @@
+"""Stopping a run the way clusters do: SIGTERM (``timeout``, Slurm, Kubernetes, Ray) and SIGUSR1 (Slurm's
+``--signal``) ask every rank to finish its step, save a checkpoint and exit; no rank outlives its launcher.
+
+On a rank, :class:`StopRequests` records the signal; the trainer votes it in the step's one all-reduce (the
+gradient norm's), so every rank stops after the same step. The launcher of simulated ranks forwards the
+signal it gets to its ranks and waits for them; each rank also watches its launcher's process and exits
+within about a second of it vanishing (``kill -9`` of the launcher included). SIGINT stays a plain,
+immediate stop (KeyboardInterrupt).
+
+Exit codes: 128 + the signal's number after a signal stop (143 SIGTERM, 138 SIGUSR1), 124 after a stop at
+``train.time_limit``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+__all__ = ["StopRequests", "STOP_SIGNALS", "EXIT_TIME_LIMIT", "exit_code", "watch_launcher", "forward_signals",
+           "request_stop", "JobStopped"]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_TIME_LIMIT = 124
+
+
+def exit_code(stopped: dict | None) -> int:
+    """The process exit code for a run's ``summary["stopped"]`` (0 when it ran to train.steps)."""
+    if not stopped:
+        return 0
+    if stopped.get("signal"):
+        return 128 + int(signal.Signals[stopped["signal"]])
+    return EXIT_TIME_LIMIT
+
+
+class JobStopped(Exception):
+    """A stop signal arrived before the ranks could train (nothing to save): exit 128 + the signal."""
+
+    def __init__(self, signum: int, when: str):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} {when}; nothing was saved")
+
+
+_current: StopRequests | None = None
+
+
+def request_stop(signum: int) -> None:
+    """Ask the run in this process to stop after its current step (a launcher's message, e.g. to a Ray
+    actor, whose method runs off the main thread where signal handlers cannot be installed)."""
+    if _current is not None:
+        _current.request(signum)
+
+
+class StopRequests:
+    """The stop signals this process received (handlers installed on the main thread while in use)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def request(self, signum: int) -> None:
+        if self.signum is None or signum == signal.SIGTERM:
+            self.signum = signum
+
+    def _handle(self, signum, frame) -> None:
+        self.request(signum)
+
+    def __enter__(self) -> StopRequests:
+        global _current
+        _current = self
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _current
+        _current = None
+        for sig, old in self._previous.items():
+            signal.signal(sig, old)
+        self._previous.clear()
+
+
+def watch_launcher(pid: int, *, period_s: float = 0.5, on_lost: Callable[[], None] | None = None) -> threading.Thread:
+    """A daemon thread that ends this process when process ``pid`` (its launcher) is gone."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(period_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                if on_lost is not None:
+                    on_lost()
+                os._exit(143)
+            except PermissionError:  # another user's process took the pid: ours is gone
+                os._exit(143)
+
+    thread = threading.Thread(target=watch, name="moetrain-launcher-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+class forward_signals:  # noqa: N801 - used as a context manager
+    """In a launcher: the first SIGTERM / SIGUSR1 is handed to ``forward(signum)`` (the ranks then stop at a
+    step boundary and save); a second one, or SIGINT, stops at once (KeyboardInterrupt)."""
+
+    def __init__(self, forward: Callable[[int], None]):
+        self.forward = forward
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        name = signal.Signals(signum).name
+        print(f"[moetrain] {name}: every rank finishes its step, saves a checkpoint when checkpoint.dir is set, "
+              "and stops (send it again to stop at once)", flush=True)
+        self.forward(signum)
+
+    def __enter__(self) -> forward_signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._previous.items():
+            signal.signal(sig, old)
+        self._previous.clear()
