@@ -56,7 +56,10 @@ def _locked_on_rank0(lock: CheckpointLock | None, rank: int):
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         raise CheckpointError(box[0])
-    return lock if rank == 0 and lock is not None else contextlib.nullcontext()
+    held = contextlib.ExitStack()
+    if rank == 0 and lock is not None:
+        held.callback(lock.release)  # acquired above: the context only releases it
+    return held
 
 
 def run_job(cfg: JobConfig, summary_path: Optional[str] = None, profile_dir: Optional[str] = None) -> dict[str, Any]:

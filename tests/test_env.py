@@ -122,3 +122,29 @@ def test_torchrun_job_prints_done_once(tmp_path):
         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert job.returncode == 0, job.stderr[-3000:]
     assert job.stdout.count("done: 2 steps") == 1, job.stdout
+
+
+def test_torchrun_ranks_honour_sigterm_save_and_stop(tmp_path):
+    """torchrun forwards SIGTERM to its workers: each rank finishes the step, they save once, rank 0 says where."""
+    import signal
+
+    ck = tmp_path / "ck"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "moetrain", "train",
+           str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"), "cluster.launcher=env", "cluster.nodes=1",
+           "cluster.ranks_per_node=2", "parallel.ep=2", "train.steps=100000", "train.warmup_steps=1",
+           "train.global_batch_size=4", "logging.every=1", f"logging.run_dir={tmp_path}", f"checkpoint.dir={ck}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "step     3/" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    saved = sorted(p.name for p in ck.glob("step_*"))
+    assert saved, "".join(seen) + out
+    assert out.count("stopped by SIGTERM after step") == 1
+    assert f"stopped by SIGTERM after step {int(saved[-1][5:])}: saved {ck / saved[-1]}" in out
+    assert not (ck / ".lock").exists()
