@@ -106,7 +106,8 @@ def _rank_main(rank: int, world: int, ranks_per_node: int, port: int, workdir: s
     faulthandler.register(signal.SIGUSR2, file=stack_file, all_threads=True)
     from moetrain.launch.signals import watch_launcher
 
-    watch_launcher(launcher_pid)  # no rank outlives its launcher, even one killed with SIGKILL
+    # no rank outlives its launcher, even one killed with SIGKILL; the ranks then remove the pool's files
+    watch_launcher(launcher_pid, on_lost=lambda: shutil.rmtree(workdir, ignore_errors=True))
     import torch
     import torch.distributed as dist
 

@@ -37,6 +37,15 @@ def moe_metrics(layers: list, per_micro: list[dict]) -> dict[str, float]:
     return out
 
 
+def stage_moe_metrics(out: dict[str, Any], groups) -> dict[str, float]:
+    """Every pipeline stage's MoE-layer metrics, so rank 0 (the first stage) logs all of them (collective
+    over the pipeline group; called on the steps that are logged)."""
+    mine = {k: v for k, v in out.items() if k.startswith("moe/")}
+    parts: list = [None] * groups.size("pp")
+    dist.all_gather_object(parts, mine, group=groups.group("pp"))
+    return {k: v for part in parts for k, v in part.items()}
+
+
 class Reporter:
     """Console, TensorBoard and progress output of one rank (rank 0 writes)."""
 
@@ -144,3 +153,26 @@ class Reporter:
                  f"optimizer state {mib['optimizer']} (ZeRO stage {zero}, on {where}), "
                  f"activations {mib['activations']} per micro-batch")
         return {"per_rank": every, "max": peak, "zero_stage": zero, "offload": offload}
+
+    def summary(self, state, last: dict[str, Any], *, start_step: int, elapsed: float, tokens_per_s: float,
+                stopped: dict | None, facts, skipped: list[int], resumed_from: str | None, stage_layers: list[int],
+                memory: dict | None, first_step_wall: float | None, moe_degrees: dict) -> dict[str, Any]:
+        """This rank's summary of the run (rank 0's is the job's ``--summary``)."""
+        cfg, p = self.cfg, self.cfg.parallel
+        losses = state.losses
+        return {
+            "steps": state.step, "losses": losses, "final_loss": losses[-1] if losses else None,
+            "tokens_per_s": tokens_per_s, "world_size": dist.get_world_size(),
+            "layout": {"tp": p.tp, "pp": p.pp, "ep": p.ep, "dp": cfg.dp},
+            "pipeline": {"schedule": p.schedule, "vpp": p.vpp, "stage_layers": stage_layers} if p.pp > 1 else None,
+            "restarts": 0, "grad_norms": state.grad_norms,
+            "saved_activation_bytes": last.get("saved_activation_bytes"),
+            "moe": {k: v for k, v in last.items() if k.startswith("moe/")},
+            "resumed_from": resumed_from, "steps_run": state.step - start_step, "elapsed_s": elapsed,
+            "model_flops_per_token": self.flops_per_token,
+            "params": {"total": facts.total_params, "active": facts.active_params},
+            "mfu": self.mfu(tokens_per_s)[1] if self.peak_flops else None, "peak_flops_per_rank": self.peak_flops,
+            "peak_memory_bytes": peak_memory_bytes(self.device), "memory": memory, "first_step_wall": first_step_wall,
+            "moe_degrees": moe_degrees, "stopped": stopped, "skipped_nonfinite_steps": skipped,
+            "already_done": state.step >= cfg.train.steps and state.step == start_step,
+        }

@@ -30,15 +30,15 @@ from moetrain.launch.checkpointing import RunCheckpoints, RunState
 from moetrain.launch.data import TokenBatches
 from moetrain.launch.faults import CollectiveFailure, TrainError, collective_failure, inject_fault, is_comm_failure
 from moetrain.launch.health import StepHealth
-from moetrain.launch.metrics import SavedBytes, peak_flops_per_rank, peak_memory_bytes
-from moetrain.launch.reporting import Reporter, moe_metrics
+from moetrain.launch.metrics import SavedBytes, peak_flops_per_rank
+from moetrain.launch.reporting import Reporter, moe_metrics, stage_moe_metrics
 from moetrain.launch.signals import StopRequests
 from moetrain.models.spec import BuildContext, get_model_spec
 from moetrain.moe import kernels
 from moetrain.moe.layer import MoELayer
 from moetrain.moe.runtime import GradWindow, MoERuntime, MoESession
 from moetrain.parallel.data_parallel import (
-    GradReducer,
+    build_reducer,
     clip_grad_norm,
     finalize_tp_partial_grads,
     grad_norm_sq_local,
@@ -102,14 +102,8 @@ class Trainer:
                      if p.pp > 1 and cfg.model.tie_embeddings else [])
         self.replicas = grad_replicas(self.params, tp=groups.size("tp"), dp=groups.size("dp"),
                                       edp=groups.size("edp"), tied=self.tied)
-        dense = [q for q in self.params if not getattr(q, "is_expert", False)]
-        experts = [q for q in self.params if getattr(q, "is_expert", False)]
-        dp_units = [(groups.group("dp"), dense), (groups.group("edp"), experts, groups.size("dp"))]
-        # ZeRO-2: buckets are reduce-scattered; gradients first summed over another group wait for finish_late
-        late = {id(q) for q in self.params if getattr(q, "tp_partial_grad", False)} | {id(q) for q in self.tied}
-        self.reducer = GradReducer(dp_units, engine=self.engine, hold=hold,
-                                   bucket_bytes=int(cfg.train.bucket_mb * 2**20), scatter=self.zero_stage == 2,
-                                   late=late if self.zero_stage == 2 else None)
+        self.reducer, dp_units = build_reducer(self.params, groups, tied=self.tied, engine=self.engine, hold=hold,
+                                               bucket_mb=cfg.train.bucket_mb, zero_stage=self.zero_stage)
         if window is not None:
             window.attach(self.reducer)
         self.runner = None
@@ -287,7 +281,7 @@ class Trainer:
             self.state.losses.append(last["loss"])
             self.state.grad_norms.append(last["grad_norm"])
             if self.runner is not None and (self.reporter.logs(self.step) or last["stop"]):
-                last.update(self._stage_moe_metrics(last))
+                last.update(stage_moe_metrics(last, self.groups))
             self.reporter.step(self.step, last, dt)
             if self.step == start_step + 1:
                 self.first_step_wall = time.time()  # start-up figures: launch -> first step done
@@ -311,45 +305,11 @@ class Trainer:
             from moetrain.dist import collective_check
 
             collective_check.disable()
-        return {**self._summary(start_step, elapsed, tps, last), "stopped": stopped,
-                "skipped_nonfinite_steps": self.health.skipped,
-                "already_done": self.step >= cfg.train.steps and self.step == start_step}
-
-    def _stage_moe_metrics(self, out: dict[str, Any]) -> dict[str, float]:
-        """Every pipeline stage's MoE-layer metrics, so rank 0 (the first stage) logs all of them (collective
-        over the pipeline group, on the steps that are logged)."""
-        mine = {k: v for k, v in out.items() if k.startswith("moe/")}
-        parts: list = [None] * self.groups.size("pp")
-        dist.all_gather_object(parts, mine, group=self.groups.group("pp"))
-        return {k: v for part in parts for k, v in part.items()}
-
-    def _summary(self, start_step: int, elapsed: float, tps: float, last: dict[str, float]) -> dict[str, Any]:
-        cfg, p = self.cfg, self.cfg.parallel
-        losses = self.state.losses
-        return {
-            "steps": self.step,
-            "losses": losses,
-            "final_loss": losses[-1] if losses else None,
-            "tokens_per_s": tps,
-            "world_size": dist.get_world_size(),
-            "layout": {"tp": p.tp, "pp": p.pp, "ep": p.ep, "dp": cfg.dp},
-            "pipeline": {"schedule": p.schedule, "vpp": p.vpp, "stage_layers": self.stage_layers} if p.pp > 1 else None,
-            "restarts": 0,
-            "grad_norms": self.state.grad_norms,
-            "saved_activation_bytes": last.get("saved_activation_bytes"),
-            "moe": {k: v for k, v in last.items() if k.startswith("moe/")},
-            "resumed_from": self.resumed_from,
-            "steps_run": self.step - start_step,
-            "elapsed_s": elapsed,
-            "model_flops_per_token": self.flops_per_token,
-            "params": {"total": self.spec.facts().total_params, "active": self.spec.facts().active_params},
-            "mfu": self.reporter.mfu(tps)[1] if self.reporter.peak_flops else None,
-            "peak_flops_per_rank": self.reporter.peak_flops,
-            "peak_memory_bytes": peak_memory_bytes(self.device),
-            "memory": getattr(self, "memory", None),
-            "first_step_wall": getattr(self, "first_step_wall", None),
-            "moe_degrees": self.moe.degrees(),
-        }
+        return self.reporter.summary(
+            self.state, last, start_step=start_step, elapsed=elapsed, tokens_per_s=tps, stopped=stopped,
+            facts=self.spec.facts(), skipped=self.health.skipped, resumed_from=self.resumed_from,
+            stage_layers=self.stage_layers, memory=getattr(self, "memory", None),
+            first_step_wall=getattr(self, "first_step_wall", None), moe_degrees=self.moe.degrees())
 
     def full_tensors(self, grads: bool = False) -> dict[str, torch.Tensor]:
         """Every parameter (or gradient) of the whole model as its logical unsharded tensor, by name, on

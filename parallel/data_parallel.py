@@ -31,8 +31,8 @@ from torch import nn
 from moetrain.dist.groups import rank_size
 from moetrain.parallel.mappings import _reduce_scatter_single
 
-__all__ = ["grad_replicas", "reduce_norm", "clip_scale", "GradReducer", "finalize_tp_partial_grads", "clip_grad_norm",
-           "grad_norm_sq_local"]
+__all__ = ["build_reducer", "grad_replicas", "reduce_norm", "clip_scale", "GradReducer", "finalize_tp_partial_grads",
+           "clip_grad_norm", "grad_norm_sq_local"]
 
 
 @dataclass(eq=False)
@@ -248,6 +248,21 @@ class GradReducer:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+
+
+def build_reducer(params: list[nn.Parameter], groups, *, tied: list[nn.Parameter], engine, hold: bool,
+                  bucket_mb: float, zero_stage: int) -> tuple[GradReducer, list[tuple]]:
+    """The gradient reducer of this rank's parameters: dense ones over ``dp``, experts over ``edp`` (their
+    gradients already sum the dp replicas of their EP group, so the sum is divided by dp). Returns it and its
+    (group, params[, divisor]) units, which ZeRO-1 shards as they are. ZeRO-2 reduce-scatters buckets; the
+    gradients first summed over another group (TP-partial, tied embeddings) wait for ``finish_late``."""
+    dense = [q for q in params if not getattr(q, "is_expert", False)]
+    experts = [q for q in params if getattr(q, "is_expert", False)]
+    units = [(groups.group("dp"), dense), (groups.group("edp"), experts, groups.size("dp"))]
+    late = {id(q) for q in params if getattr(q, "tp_partial_grad", False)} | {id(q) for q in tied}
+    reducer = GradReducer(units, engine=engine, hold=hold, bucket_bytes=int(bucket_mb * 2**20),
+                          scatter=zero_stage == 2, late=late if zero_stage == 2 else None)
+    return reducer, units
 
 
 def grad_replicas(params: Iterable[nn.Parameter], *, tp: int, dp: int, edp: int,

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -226,6 +227,7 @@ def test_stop_signal_finishes_the_step_saves_and_exits_with_its_code(tmp_path, s
 
 
 def test_ranks_exit_when_the_launcher_is_killed(tmp_path):
+    started = time.time()
     proc, ranks, _ = _train_until(SMALL + ["train.steps=100000", f"logging.run_dir={tmp_path}"], "step     2/")
     proc.kill()
     proc.wait(timeout=30)
@@ -233,6 +235,7 @@ def test_ranks_exit_when_the_launcher_is_killed(tmp_path):
     while _alive(ranks) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(ranks), "rank processes outlived a SIGKILLed launcher"
+    assert not [d for d in Path(tempfile.gettempdir()).glob("moetrain-ranks-*") if d.stat().st_ctime > started]
 
 
 def test_time_limit_saves_and_stops_before_the_limit(tmp_path):
