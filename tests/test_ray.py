@@ -125,3 +125,28 @@ def test_ray_two_nodes_contiguous_ranks_and_node_loss(tmp_path, uninterrupted):
     assert lost and lost[0] not in placed
     assert out["node_of_rank"] == [0, 0, 1, 1] and out["restarts"] == 1
     assert out["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-12)
+
+
+def test_ray_driver_forwards_sigterm_ranks_save_and_stop(tmp_path):
+    """SIGTERM to the driver reaches every actor (through a method call beside ``run``): one saved checkpoint,
+    exit 143, no actor process left, one "[rank r]" prefix on the ranks' lines."""
+    import signal
+
+    from tests.test_robustness import SMALL as SMALL_CLI
+    from tests.test_robustness import _alive, _train_until
+
+    ck = tmp_path / "ck"
+    proc, ranks, seen = _train_until(SMALL_CLI + ["cluster.launcher=ray", "train.steps=100000",
+                                                  f"checkpoint.dir={ck}", f"logging.run_dir={tmp_path}"],
+                                     "[rank 0] step     3/", timeout=180)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 143, ("".join(seen) + out)[-3000:]
+    saved = sorted(p.name for p in ck.glob("step_*"))
+    assert saved and f"stopped by SIGTERM after step {int(saved[-1][5:])}: saved {ck / saved[-1]}" in out
+    assert not (ck / ".lock").exists()
+    assert "pid=" not in "".join(seen) + out and "\x1b[" not in "".join(seen) + out
+    deadline = time.monotonic() + 20
+    while _alive(ranks) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(ranks)
