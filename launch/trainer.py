@@ -45,7 +45,7 @@ from moetrain.parallel.data_parallel import (
     grad_replicas,
 )
 from moetrain.parallel.optimizer import build_optimizer, lr_at
-from moetrain.parallel.pipeline import ModelChunks, PipelineRunner, chunk_layers, stage_layers
+from moetrain.parallel.pipeline import ModelChunks, PipelineRunner, chunk_layers
 from moetrain.parallel.wtacrs import norm_caches
 
 __all__ = ["Trainer", "train", "TrainError", "CollectiveFailure"]
@@ -72,10 +72,9 @@ class Trainer:
 
         # build: the model spec makes this rank's chunks; the MoE layers get their run collaborators
         self.spec = get_model_spec(cfg)
-        facts = self.spec.facts()
-        self.flops_per_token = facts.flops_per_token
-        self.stage_layers = stage_layers(p.pp, p.vpp, [f.params for f in facts.layers], facts.head_matmul_params,
-                                         p.pipeline_layers)
+        self.facts = self.spec.facts()
+        self.flops_per_token = self.facts.flops_per_token
+        self.stage_layers = self.spec.stage_layers()
         mine = [i for ids in chunk_layers(self.stage_layers, p.pp, p.vpp, groups.rank("pp")) for i in ids]
         self.engine = link_engine_for(cfg, groups.grid, profile=profile_dir is not None)
         self.zero_stage = cfg.train.optimizer.zero_stage
@@ -307,7 +306,7 @@ class Trainer:
             collective_check.disable()
         return self.reporter.summary(
             self.state, last, start_step=start_step, elapsed=elapsed, tokens_per_s=tps, stopped=stopped,
-            facts=self.spec.facts(), skipped=self.health.skipped, resumed_from=self.resumed_from,
+            facts=self.facts, skipped=self.health.skipped, resumed_from=self.resumed_from,
             stage_layers=self.stage_layers, memory=getattr(self, "memory", None),
             first_step_wall=getattr(self, "first_step_wall", None), moe_degrees=self.moe.degrees())
 

@@ -53,17 +53,15 @@ def build_model(cfg: JobConfig, groups: ParallelGroups | None = None, device: st
     from moetrain.dist.groups import single_rank_groups
     from moetrain.models.spec import BuildContext, get_model_spec
     from moetrain.moe.runtime import MoERuntime
-    from moetrain.parallel.pipeline import ModelChunks, stage_layers
+    from moetrain.parallel.pipeline import ModelChunks
 
-    p = cfg.parallel
     if groups is None:
         if cfg.layout.world_size != 1:
             raise ValueError(f"without process groups the layout must be one rank, got tp*pp*dp = "
                              f"{cfg.layout.world_size}: pass groups, or set parallel and cluster sizes to 1")
         groups = single_rank_groups()
     spec = get_model_spec(cfg)
-    facts = spec.facts()
-    stages = stage_layers(p.pp, p.vpp, [f.params for f in facts.layers], facts.head_matmul_params, p.pipeline_layers)
+    stages = spec.stage_layers()
     dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
     chunks = spec.build(BuildContext(groups, torch.device(device), dtype, tuple(stages),
                                      MoERuntime(aux_scale=1.0 / cfg.grad_accum_steps)))

@@ -514,9 +514,10 @@ class _Loader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
-            if isinstance(key, str) and key in seen:
-                raise _DuplicateKey(f"duplicate key {key!r} at lines {seen[key]} and {line}")
-            seen.setdefault(key, line) if isinstance(key, str) else None
+            if isinstance(key, str):
+                if key in seen:
+                    raise _DuplicateKey(f"duplicate key {key!r} at lines {seen[key]} and {line}")
+                seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
 

@@ -246,9 +246,10 @@ class Transformer(nn.Module):
                           seed=args.seed, dtype=dtype, sampler=sampler)
 
         factory = ffn_factory or dense
+        samplers = {i: self._sampler(i) for i in self.layer_ids}
         self.layers = nn.ModuleDict({
-            str(i): Block(args, i, factory(i, self.dropout, self._sampler(i)), tp_group=tp_group, sp=self.sp,
-                          dtype=dtype, dropout=self.dropout, sampler=self._sampler(i))
+            str(i): Block(args, i, factory(i, self.dropout, samplers[i]), tp_group=tp_group, sp=self.sp,
+                          dtype=dtype, dropout=self.dropout, sampler=samplers[i])
             for i in self.layer_ids
         })
         self.norm = RMSNorm(args.d_model, args.norm_eps, sequence_parallel=self.sp, dtype=dtype) if post else None

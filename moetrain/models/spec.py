@@ -135,6 +135,15 @@ class ModelSpec(ABC):
     def boundary_shape(self, micro_batch: int, tp: int) -> tuple[int, ...]:
         """The hidden states one pipeline stage sends the next for a micro-batch (this rank's shard)."""
 
+    def stage_layers(self) -> list[int]:
+        """Layers of each of the pp * vpp virtual pipeline stages: ``parallel.pipeline_layers``, or balanced
+        by each block's parameters (the LM head counted with the last stage)."""
+        from moetrain.parallel.pipeline import stage_layers
+
+        p, facts = self.cfg.parallel, self.facts()
+        return stage_layers(p.pp, p.vpp, [f.params for f in facts.layers], facts.head_matmul_params,
+                            p.pipeline_layers)
+
     def shape_keys(self) -> dict[str, Any]:
         """Config values that fix parameter shapes: a checkpoint saved with other values cannot load."""
         r = self.cfg.resolved()
