@@ -1,4 +1,4 @@
-"""``moetrain`` command line: validate, topology, train, profile, checkpoint inspect|convert.
+"""``moetrain`` command line: validate, topology, plan, train, profile, checkpoint inspect|convert.
 
 Exit codes: 0 success; 1 the job failed while running; 2 bad input (config, flags, launcher
 environment), reported as one line without a traceback.
@@ -174,6 +174,55 @@ def _cmd_profile(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from moetrain.plan import default_hardware, format_plan, load_hardware, make_plan
+
+    if args.calibrate:
+        from moetrain.plan.calibrate import calibrate
+
+        if not args.out:
+            raise UserError("--calibrate needs --out FILE (the hardware file to write)")
+        text = calibrate()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}; plan with: moetrain plan CONFIG --hardware {args.out}")
+        return 0
+    if args.config is None:
+        raise UserError("moetrain plan needs a CONFIG (or --calibrate --out FILE)")
+    cfg = load_config(args.config, args.overrides)
+    hw_name = args.hardware
+    if hw_name is None:
+        if cfg.cluster.device == "cpu":
+            raise UserError("a CPU job's plan needs this machine's rates: run `moetrain plan --calibrate --out "
+                            "hw.yaml`, then pass --hardware hw.yaml (or --hardware h100_sxm to plan it for GPUs)")
+        hw_name = default_hardware(cfg)
+    hw = load_hardware(hw_name)
+    if args.search:
+        from moetrain.plan.search import search
+
+        gpus = args.gpus or cfg.world_size
+        found = search(args.config, args.overrides, gpus, hw, top=args.top, budget_s=args.budget)
+        if args.json:
+            print(json.dumps(found, indent=1))
+            return 0
+        done = "all" if found["complete"] else f"the first (search stopped at --budget {args.budget:g} s)"
+        print(f"searched {done} {found['tried']} layouts for {gpus} x {hw.name} in {found['seconds']:.1f} s: "
+              f"{found['fitting']} fit, {found['out_of_memory']} do not fit in any variant")
+        if not found["top"]:
+            print("no layout fits: add devices, shorten model.seq_len or shrink the model")
+            return 1
+        print(f"{'rank':>4} {'tokens/s':>12} {'MFU':>6} {'memory':>10}  overrides")
+        for i, item in enumerate(found["top"], 1):
+            plan = item["plan"]
+            mem = plan["memory_per_rank"]["total"] / 2**30
+            print(f"{i:>4} {plan['tokens_per_s']:>12,.0f} {plan['mfu']:>6.1%} {mem:>6.1f} GiB  "
+                  f"{' '.join(item['overrides'])}")
+        return 0
+    plan = make_plan(cfg, hw)
+    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moetrain",
@@ -196,6 +245,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("profile", "run a few steps with timing on: traces, timeline, hidden/exposed communication")
     p.add_argument("--out", metavar="DIR", required=True, help="where traces, timeline.png and summary.json go")
     p.add_argument("--steps", type=int, metavar="N", help="steps to run (default: train.steps)")
+    p = sub.add_parser("plan", help="predict memory per rank, step time and throughput; --search ranks layouts",
+                       description="Predict a job's memory per rank (exact for parameters, gradients and "
+                                   "optimizer state), step time and throughput on a hardware file, before launch.")
+    p.add_argument("config", metavar="CONFIG", nargs="?", help="job config YAML file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted-path overrides")
+    p.add_argument("--hardware", metavar="NAME|FILE",
+                   help="a file from --calibrate, or a name in cluster_configs/hardware (default for CUDA jobs: "
+                        "h100_sxm)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--search", action="store_true", help="rank every valid layout that fits by predicted tokens/s")
+    p.add_argument("--gpus", type=int, metavar="N", help="devices for --search (default: the config's world size)")
+    p.add_argument("--top", type=int, default=10, metavar="K", help="layouts --search prints (default 10)")
+    p.add_argument("--budget", type=float, default=120.0, metavar="S", help="seconds --search may take (default 120)")
+    p.add_argument("--calibrate", action="store_true", help="measure this machine and write a hardware file")
+    p.add_argument("--out", metavar="FILE", help="where --calibrate writes the hardware file")
     ck = sub.add_parser("checkpoint", help="inspect a checkpoint or convert it to one safetensors file",
                         description="inspect a checkpoint or convert it to one safetensors file")
     cks = ck.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -235,7 +299,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command == "checkpoint" and args.overrides:
         parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
     handler = {"validate": _cmd_validate, "topology": _cmd_topology, "train": _cmd_train,
-               "profile": _cmd_profile, "checkpoint": _cmd_checkpoint}[args.command]
+               "profile": _cmd_profile, "checkpoint": _cmd_checkpoint, "plan": _cmd_plan}[args.command]
     try:
         return handler(args)
     except ConfigError as exc:

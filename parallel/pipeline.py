@@ -17,6 +17,7 @@ stage's own backward, WTA-CRS) is untouched by pipelining.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -31,6 +32,11 @@ __all__ = ["partition_layers", "stage_layers", "chunk_layers", "ModelChunks", "P
 def partition_layers(costs: Sequence[float], parts: int, last_extra: float = 0.0) -> list[int]:
     """Layers per part: contiguous, at least one each, minimising the largest part's total cost
     (``last_extra``, e.g. the LM head, is added to the last part)."""
+    return list(_partition(tuple(float(c) for c in costs), parts, float(last_extra)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _partition(costs: tuple[float, ...], parts: int, last_extra: float) -> tuple[int, ...]:
     n = len(costs)
     if not 1 <= parts <= n:
         raise ValueError(f"cannot split {n} layers into {parts} pipeline chunks of at least one layer")
@@ -54,7 +60,7 @@ def partition_layers(costs: Sequence[float], parts: int, last_extra: float = 0.0
         j = cut[k][i]
         sizes.append(i - j)
         i = j
-    return sizes[::-1]
+    return tuple(sizes[::-1])
 
 
 def stage_layers(pp: int, vpp: int, layer_costs: Sequence[float], head_cost: float,

@@ -137,10 +137,11 @@ class Timeline:
 
 
 def simulate(lists: list[list[Action]], v: int = 1, cost: dict[str, float] | None = None,
-             split_backward: bool = False) -> Timeline:
-    """Run the lists in order with the given action costs and instant transfers; raise on deadlock.
+             split_backward: bool = False, transfer: float = 0.0) -> Timeline:
+    """Run the lists in order with the given action costs; raise on deadlock.
 
-    ``cost`` defaults to F=1, B=2 (a whole backward) or F=B=W=1 when ``split_backward``.
+    ``cost`` defaults to F=1, B=2 (a whole backward) or F=B=W=1 when ``split_backward``. ``transfer`` delays
+    an action that waits on another rank's (the boundary send) without keeping either rank busy.
     """
     p = len(lists)
     cost = cost or ({"F": 1.0, "B": 1.0, "W": 1.0} if split_backward else {"F": 1.0, "B": 2.0, "W": 0.0})
@@ -156,7 +157,7 @@ def simulate(lists: list[list[Action]], v: int = 1, cost: dict[str, float] | Non
                 deps = _deps(a, r, p, v)
                 if not all(d in finish for d in deps):
                     break
-                t0 = max([clock[r]] + [finish[d] for d in deps])
+                t0 = max([clock[r]] + [finish[d] + (transfer if d[0] != r else 0.0) for d in deps])
                 start[(r, a)] = t0
                 clock[r] = finish[(r, a)] = t0 + cost[a.kind]
                 busy[r] += cost[a.kind]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from moetrain.models.spec import BuildContext, LayerFacts, ModelFacts, ModelSpec
+from moetrain.models.spec import BuildContext, LayerFacts, ModelFacts, ModelSpec, ParamInfo, RankShape
 
 if TYPE_CHECKING:
     from torch import nn
@@ -41,6 +41,11 @@ class LlamaSpec(ModelSpec):
         return {"switch": 1, "gshard": 2}.get(moe.router, moe.topk)
 
     def facts(self) -> ModelFacts:
+        if "_facts" not in self.__dict__:
+            self._facts = self._count()
+        return self._facts
+
+    def _count(self) -> ModelFacts:
         m, moe = self.cfg.model, self.cfg.moe
         d, hd = m.d_model, m.head_dim
         attn = d * m.heads * hd + 2 * d * m.kv_heads * hd + m.heads * hd * d  # q, k, v, out
@@ -66,6 +71,133 @@ class LlamaSpec(ModelSpec):
         emb = m.vocab_size * d
         return ModelFacts(layers=tuple(layers), embedding_params=emb, head_params=0 if m.tie_embeddings else emb,
                           final_norm_params=d, head_matmul_params=emb)
+
+    # ------------------------------------------------------------------ per rank (the planner's inputs)
+    def _chunks(self, stage: int) -> list[tuple[range, bool, bool]]:
+        """(layers, pre, post) of each model chunk pipeline rank ``stage`` holds, in order."""
+        from moetrain.parallel.pipeline import chunk_layers
+
+        p = self.cfg.parallel
+        last = p.pp * p.vpp - 1
+        if "_stages" not in self.__dict__:  # the balanced split is a small search: once per spec
+            self._stages = self.stage_layers()
+        return [(ids, c * p.pp + stage == 0, c * p.pp + stage == last)
+                for c, ids in enumerate(chunk_layers(self._stages, p.pp, p.vpp, stage))]
+
+    def rank_params(self, rank: RankShape) -> list[ParamInfo]:
+        from moetrain.parallel.layers import padded_vocab_size
+
+        m, moe, p = self.cfg.model, self.cfg.moe, self.cfg.parallel
+        d, hd, tp = m.d_model, m.head_dim, rank.tp
+        sp = rank.sp and tp > 1
+        vocab = padded_vocab_size(m.vocab_size, tp) // tp * d
+        tied = p.pp > 1 and m.tie_embeddings
+        out: list[ParamInfo] = []
+
+        def add(name: str, numel: int, **kw) -> None:
+            out.append(ParamInfo(name, int(numel), **kw))
+
+        def swiglu(name: str, f: int) -> None:
+            add(f"{name}.up.weight", 2 * f // tp * d)
+            add(f"{name}.down.weight", d * (f // tp))
+
+        for ids, pre, post in self._chunks(rank.stage):
+            if pre or (post and m.tie_embeddings):
+                add("embed.weight", vocab, tied=tied)
+            for i in ids:
+                add(f"layers.{i}.attn_norm.weight", d, tp_partial=sp, ndim=1)
+                add(f"layers.{i}.attn.qkv.weight", (m.heads + 2 * m.kv_heads) * hd // tp * d)
+                add(f"layers.{i}.attn.out.weight", d * (m.heads * hd // tp))
+                add(f"layers.{i}.ffn_norm.weight", d, tp_partial=sp, ndim=1)
+                if not moe.is_moe_layer(i):
+                    swiglu(f"layers.{i}.ffn", m.d_ffn)
+                    continue
+                name, E, router = f"layers.{i}.ffn.gate.router", moe.num_experts, tp > 1
+                if moe.router == "xmoe":
+                    add(f"{name}.weight", E * moe.xmoe_dim, tp_partial=router)
+                    add(f"{name}.proj", moe.xmoe_dim * d, tp_partial=router)
+                    add(f"{name}.log_temp", 1, tp_partial=router, ndim=0)
+                elif moe.router == "softmoe":
+                    add(f"{name}.weight", E * moe.slots_per_expert * d, tp_partial=router)
+                else:
+                    add(f"{name}.weight", E * d, tp_partial=router)
+                parts = 2 if moe.activation == "swiglu" else 1
+                local, f = E // rank.ep, moe.d_expert // rank.etp
+                add(f"layers.{i}.ffn.experts.w_up_EFD", local * parts * f * d, expert=True, ndim=3)
+                add(f"layers.{i}.ffn.experts.w_down_EDF", local * d * f, expert=True, ndim=3)
+                if moe.shared_experts:
+                    swiglu(f"layers.{i}.ffn.shared", moe.shared_experts * moe.d_expert)
+            if post:
+                add("norm.weight", d, tp_partial=sp, ndim=1)
+                if not m.tie_embeddings:
+                    add("head.weight", vocab)
+        return out
+
+    def saved_activation_bytes(self, layers: range, *, pre: bool, post: bool, rank: RankShape) -> float:
+        """Bytes of the tensors this implementation's autograd keeps for one micro-batch (counted from what
+        ``parallel/model.py`` and ``moe/`` save, storages once; see tests/test_plan.py for the measured check).
+
+        Per token of the micro-batch (``e`` bytes per float element, int64 indices 8): an RMSNorm keeps its input,
+        output and 1/rms; a linear its input (the gathered sequence under SP); attention the rotated q and k (or,
+        with GQA, q and the repeated k, v), the qkv output it views v from (MHA), its output and the log-sum-exp;
+        SwiGLU the up output, the gated product and the down input. An MoE block keeps the router's input,
+        probabilities and choices, the routed rows (packed, in the experts, combined) and their indices.
+        Full recomputation keeps each block's input; selective keeps attention's inputs and output."""
+        from moetrain.parallel.layers import padded_vocab_size
+
+        m, moe, cfg = self.cfg.model, self.cfg.moe, self.cfg
+        d, hd, tp, e = m.d_model, m.head_dim, rank.tp, rank.act_bytes
+        tokens = cfg.model.seq_len * rank.micro_batch
+        sp = rank.sp and tp > 1
+        norm_tokens = tokens // tp if sp else tokens
+        wt = cfg.wtacrs
+        sampled = set(wt.layers) if wt.enabled else set()
+
+        def lin_in(width: float, site: str) -> float:  # a linear's saved input (a WTA-CRS sample of it)
+            rows = tokens * (wt.keep_ratio if site in sampled else 1.0)
+            return rows * width * e
+
+        def norm() -> float:
+            return norm_tokens * ((2 * d + 1) * e)
+
+        def swiglu(f: int, up_site: str = "mlp_up", down_site: str = "mlp_down") -> float:
+            f //= tp
+            return lin_in(d, up_site) + tokens * 2 * f * e + tokens * f * e + lin_in(f, down_site)
+
+        h, kv = m.heads // tp, m.kv_heads // tp
+        total = 0.0
+        if pre:
+            total += tokens * 9  # token ids (int64) and the vocab-range mask
+        for i in layers:
+            if rank.recompute == "full":
+                total += norm_tokens * d * e
+                continue
+            total += norm() + lin_in(d, "qkv")
+            total += 2 * m.seq_len * hd * e  # rotary cos / sin tables
+            if rank.recompute == "selective":
+                total += tokens * ((h + 2 * kv) * hd + h * hd) * e
+            else:
+                qkv = 2 * h * hd if kv != h else (kv + h + 2 * kv) * hd  # GQA: k, v repeated; MHA: k, qkv storage
+                total += tokens * (h * hd + qkv + h * hd) * e + tokens * h * 4
+            total += norm()
+            if not moe.is_moe_layer(i):
+                total += swiglu(m.d_ffn)
+                continue
+            k = self._experts_per_token()
+            moe_tokens = norm_tokens
+            rows = moe_tokens * k * rank.expert_rows_factor
+            E, f = moe.num_experts, moe.d_expert // rank.etp
+            parts = 2 if moe.activation == "swiglu" else 1
+            total += moe_tokens * (d * e + E * 4 + 8 * k + 4 + 4 * k)  # router input, probs, top-k, gates
+            expert = (parts * f + 2 * f) if moe.activation == "swiglu" else (2 * f)
+            total += rows * (8 + d * e + expert * e + 8 + 8 + 4 + d * e)  # order, experts, combine
+            total += moe_tokens * 24 + E * 4
+            if moe.shared_experts:
+                total += swiglu(moe.shared_experts * moe.d_expert)
+        if post:
+            total += norm() + tokens * d * e
+            total += tokens * padded_vocab_size(m.vocab_size, tp) // tp * e + tokens * 9
+        return total
 
     # ------------------------------------------------------------------ building
     def args(self) -> TransformerArgs:

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from moetrain.dist.groups import ParallelGroups
     from moetrain.moe.runtime import MoERuntime
 
-__all__ = ["LayerFacts", "ModelFacts", "BuildContext", "ModelSpec", "get_model_spec"]
+__all__ = ["LayerFacts", "ModelFacts", "ParamInfo", "RankShape", "BuildContext", "ModelSpec", "get_model_spec"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,41 @@ class ModelFacts:
 
 
 @dataclass(frozen=True)
+class ParamInfo:
+    """One parameter tensor a rank holds, as the planner needs it (no torch): its local element count and
+    how its gradient is reduced."""
+
+    name: str
+    numel: int
+    expert: bool = False
+    """Sharded over ep (and etp), its gradient reduced over edp."""
+    tp_partial: bool = False
+    """Replicated over TP with a partial gradient on each TP rank (SP norms, routers): summed over TP first."""
+    tied: bool = False
+    """The tied embedding held by both the first and the last pipeline stage."""
+    ndim: int = 2
+
+
+@dataclass(frozen=True)
+class RankShape:
+    """What one rank of a layout holds and computes: the inputs of :meth:`ModelSpec.rank_params` and
+    :meth:`ModelSpec.saved_activation_bytes`."""
+
+    stage: int
+    """Pipeline rank."""
+    tp: int = 1
+    ep: int = 1
+    etp: int = 1
+    sp: bool = False
+    micro_batch: int = 1
+    recompute: str = "none"
+    act_bytes: int = 4
+    """Bytes per element of the activations autograd saves (4: float32, 2: bfloat16 autocast, 8: float64)."""
+    expert_rows_factor: float = 1.0
+    """Expert rows this rank computes relative to the balanced share (> 1: the worst-case imbalance)."""
+
+
+@dataclass(frozen=True)
 class BuildContext:
     """Where and how this rank builds its part of the model."""
 
@@ -143,6 +178,18 @@ class ModelSpec(ABC):
         p, facts = self.cfg.parallel, self.facts()
         return stage_layers(p.pp, p.vpp, [f.params for f in facts.layers], facts.head_matmul_params,
                             p.pipeline_layers)
+
+    def rank_params(self, rank: RankShape) -> list[ParamInfo]:
+        """The parameters a rank of pipeline stage ``rank.stage`` holds, in ``model.parameters()`` order (which
+        fixes the gradient buckets, so ZeRO shard sizes follow exactly). Needed by ``moetrain plan``."""
+        raise NotImplementedError(f"model family {self.name!r} does not list its parameters per rank "
+                                  "(ModelSpec.rank_params), which moetrain plan needs")
+
+    def saved_activation_bytes(self, layers: range, *, pre: bool, post: bool, rank: RankShape) -> float:
+        """Bytes autograd saves for backward when one micro-batch runs through a chunk of ``layers`` (with the
+        embedding when ``pre``, the final norm, head and loss when ``post``) on one rank."""
+        raise NotImplementedError(f"model family {self.name!r} does not model its activations "
+                                  "(ModelSpec.saved_activation_bytes), which moetrain plan needs")
 
     def shape_keys(self) -> dict[str, Any]:
         """Config values that fix parameter shapes: a checkpoint saved with other values cannot load."""

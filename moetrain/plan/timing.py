@@ -1,0 +1,320 @@
+"""Step time of a layout: compute, communication, pipeline bubbles and what overlaps.
+
+Per micro-batch and model chunk, on one rank of a stage:
+- GEMMs: ``launch + max(2mnk / (peak x gemm_efficiency), bytes / hbm)`` per call (a roofline with a per-call
+  cost); backward runs two GEMMs of each forward shape (input and weight gradients).
+- attention: the causal half of ``4 b s^2 h hd`` at ``attention_efficiency`` of the peak; backward 2.5x.
+- memory-bound ops (norms, rotary, activations, routing, packing): the saved-activation bytes read and
+  written once more each way at HBM bandwidth.
+- TP/SP: two all-reduces (or all-gather + reduce-scatter) of ``s b d`` per block and direction, ring cost.
+- MoE: the dispatch and combine all-to-all of the routed rows (intra- and inter-node shares of the EP group at
+  once, the slower one bounding), the experts' grouped GEMMs; with chunk pipelining
+  (``moe.pipeline_degree``) FSMoE's makespan model (:mod:`moetrain.moe.perf_model`) at the set degrees (``auto``:
+  the degrees it would choose).
+- pipeline: the chunk costs played through the schedule's action lists (``parallel.schedules.simulate``),
+  the boundary sends delaying the receiving action (asynchronous: they keep neither rank busy).
+- data parallel: each gradient bucket's all-reduce (ZeRO: reduce-scatter + all-gather of the same volume)
+  hidden behind the last micro-batch's backward except the last bucket; then the optimizer (memory-bound
+  AdamW; with offload the PCIe copies and a host AdamW).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from moetrain.config import JobConfig
+from moetrain.models.spec import ModelSpec
+from moetrain.plan.hardware import Hardware, Link
+from moetrain.plan.memory import act_bytes, grad_buckets, param_bytes, rank_params, rank_shape
+
+__all__ = ["ChunkCost", "StepTime", "step_time", "moe_layer_time", "gemm_time"]
+
+
+def gemm_time(hw: Hardware, dtype: str, m: float, n: float, k: float, calls: int = 1) -> float:
+    """Seconds for ``calls`` GEMMs of [m, k] x [k, n] (each call its share of m)."""
+    if m <= 0 or n <= 0 or k <= 0:
+        return 0.0
+    e = {"bfloat16": 2, "float32": 4, "float64": 8}[dtype]
+    flops = 2.0 * m * n * k
+    compute = flops / (hw.peak_flops(dtype) * hw.gemm_efficiency)
+    memory = (m * k + k * n * calls + m * n) * e / (hw.hbm_gbps * 1e9)
+    return calls * hw.gemm_launch_us * 1e-6 + max(compute, memory)
+
+
+def ring(link: Link, nbytes: float, world: int, phases: int = 2) -> float:
+    """A ring all-reduce (phases=2) or all-gather / reduce-scatter (phases=1) of ``nbytes`` over ``world``."""
+    if world <= 1 or nbytes <= 0:
+        return 0.0
+    return link.time(phases * (world - 1) / world * nbytes, steps=phases * (world - 1))
+
+
+def group_link(hw: Hardware, cfg: JobConfig, span: int) -> Link:
+    """The link a group of consecutive-rank span ``span`` crosses: inside a node when it fits in one."""
+    per_node = min(cfg.cluster.ranks_per_node, hw.devices_per_node)
+    return hw.intra if span <= per_node else hw.inter
+
+
+@dataclass
+class ChunkCost:
+    """Seconds of one micro-batch through one chunk, by direction and component."""
+
+    forward: float = 0.0
+    backward_input: float = 0.0
+    backward_weight: float = 0.0
+    parts: dict[str, float] = field(default_factory=dict)
+
+    def add(self, part: str, fwd: float, bwd_in: float, bwd_w: float = 0.0) -> None:
+        self.forward += fwd
+        self.backward_input += bwd_in
+        self.backward_weight += bwd_w
+        self.parts[part] = self.parts.get(part, 0.0) + fwd + bwd_in + bwd_w
+
+    @property
+    def backward(self) -> float:
+        return self.backward_input + self.backward_weight
+
+
+def _a2a(hw: Hardware, cfg: JobConfig, nbytes: float) -> tuple[float, list[tuple[str, float]]]:
+    """One all-to-all of ``nbytes`` per rank over the EP group: (seconds, the (link, bytes) steps)."""
+    p = cfg.parallel
+    if p.ep <= 1 or nbytes <= 0:
+        return 0.0, []
+    per_node = min(cfg.cluster.ranks_per_node, hw.devices_per_node)
+    local_peers = max(1, min(p.ep, per_node // p.etp))  # EP members on this rank's node (itself included)
+    intra = nbytes * (local_peers - 1) / p.ep
+    inter = nbytes * (p.ep - local_peers) / p.ep
+    steps = [(k, b) for k, b in (("intra", intra), ("inter", inter)) if b > 0]
+    t = max(hw.intra.time(intra) if intra else 0.0, hw.inter.time(inter) if inter else 0.0)
+    return t, steps
+
+
+def moe_layer_time(cfg: JobConfig, hw: Hardware, tokens: float, dtype: str, *,
+                   rows_factor: float = 1.0) -> dict[str, float]:
+    """Forward and backward seconds of one MoE layer's routed part on one rank for ``tokens`` tokens: router,
+    routing/packing, dispatch, experts, combine (the chunk-pipelined makespan when ``moe.pipeline_degree`` is
+    not 1). Keys: fwd, bwd, a2a_fwd, a2a_bwd, experts_fwd, experts_bwd, overlap_degrees."""
+    m, moe, p = cfg.model, cfg.moe, cfg.parallel
+    key = (hw, m.d_model, moe.num_experts, moe.topk, moe.router, moe.d_expert, moe.activation, moe.coschedule,
+           str(moe.pipeline_degree), str(moe.bwd_pipeline_degree), p.ep, p.etp, cfg.cluster.ranks_per_node,
+           float(tokens), dtype, float(rows_factor))
+    if key not in _MOE_CACHE:
+        _MOE_CACHE[key] = _moe_layer_time(cfg, hw, tokens, dtype, rows_factor)
+    return dict(_MOE_CACHE[key])
+
+
+_MOE_CACHE: dict[tuple, dict] = {}
+
+
+def _moe_layer_time(cfg: JobConfig, hw: Hardware, tokens: float, dtype: str, rows_factor: float) -> dict:
+    from moetrain.moe.perf_model import AlphaBeta, SectionShape, choose_degrees, pair_time
+
+    m, moe, p = cfg.model, cfg.moe, cfg.parallel
+    e = {"bfloat16": 2, "float32": 4, "float64": 8}[dtype]
+    d, E = m.d_model, moe.num_experts
+    k = moe.topk if moe.router not in ("switch",) else 1
+    rows = tokens * k * rows_factor
+    local = max(E // p.ep, 1)
+    f = moe.d_expert // p.etp
+    parts = 2 if moe.activation == "swiglu" else 1
+    per_expert = rows / local
+    router = gemm_time(hw, "float32" if dtype != "float64" else "float64", tokens, E, d)
+    # routing, packing and combining: the routed rows read and written a few times (HBM bound)
+    shuffle = 4 * rows * d * e / (hw.hbm_gbps * 1e9)
+    up = gemm_time(hw, dtype, per_expert * local, parts * f, d, calls=local)
+    down = gemm_time(hw, dtype, per_expert * local, d, f, calls=local)
+    act = 3 * rows * f * e / (hw.hbm_gbps * 1e9)
+    experts_fwd = up + down + act
+    experts_bwd = 2 * (up + down) + 2 * act
+    a2a_bytes = rows * d * e
+    a2a, steps = _a2a(hw, cfg, a2a_bytes)
+    degrees = (moe.pipeline_degree, moe.bwd_pipeline_degree)
+    out = {"a2a_fwd": 2 * a2a, "a2a_bwd": 2 * a2a, "experts_fwd": experts_fwd, "experts_bwd": experts_bwd,
+           "overlap_degrees": (1, 1)}
+    if degrees != (1, 1) and steps:
+        links = {"intra": AlphaBeta(hw.intra.latency_us * 1e-6, 1 / (hw.intra.bandwidth_gbps * 1e9)),
+                 "inter": AlphaBeta(hw.inter.latency_us * 1e-6, 1 / (hw.inter.bandwidth_gbps * 1e9))}
+        shape = SectionShape(tuple(steps), rows)
+        launch = hw.gemm_launch_us * 1e-6 * 2 * local
+        fwd_ab = AlphaBeta(launch, max(experts_fwd - launch, 0.0) / rows)
+        bwd_ab = AlphaBeta(2 * launch, max(experts_bwd - 2 * launch, 0.0) / rows)
+        fixed = tuple(None if x == "auto" else int(x) for x in degrees)
+        (rf, rb), _ = choose_degrees(shape, links, fwd_ab, bwd_ab, coschedule=moe.coschedule, fixed=fixed)
+        from moetrain.moe.perf_model import makespan
+
+        g = math.lcm(rf, rb)
+        sect_f = makespan(rf, shape, links, AlphaBeta(fwd_ab.alpha * g / rf, fwd_ab.beta), moe.coschedule)[0]
+        sect_b = makespan(rb, shape, links, AlphaBeta(bwd_ab.alpha * g / rb, bwd_ab.beta), moe.coschedule)[0]
+        assert abs(sect_f + sect_b - pair_time(rf, rb, shape, links, fwd_ab, bwd_ab,
+                                               coschedule=moe.coschedule)) < 1e-12
+        out.update(fwd=router + shuffle + sect_f, bwd=router * 2 + shuffle * 2 + sect_b, overlap_degrees=(rf, rb),
+                   a2a_fwd=max(sect_f - experts_fwd, 0.0), a2a_bwd=max(sect_b - experts_bwd, 0.0))
+    else:
+        out.update(fwd=router + shuffle + experts_fwd + 2 * a2a, bwd=2 * router + 2 * shuffle + experts_bwd + 2 * a2a)
+    return out
+
+
+_CHUNK_CACHE: dict[tuple, ChunkCost] = {}
+
+
+def chunk_cost(cfg: JobConfig, spec: ModelSpec, hw: Hardware, layers: range, *, pre: bool, post: bool,
+               stage: int) -> ChunkCost:
+    """One micro-batch through one chunk on one rank of ``stage`` (memoised: a search meets the same chunk in
+    many layouts)."""
+    p, t = cfg.parallel, cfg.train
+    kinds = tuple(cfg.moe.is_moe_layer(i) for i in layers)
+    key = (hw, cfg.model.model_dump_json(), cfg.moe.model_dump_json(), cfg.wtacrs.model_dump_json(), p.tp, p.sp,
+           p.ep, p.etp, t.micro_batch_size, t.recompute, t.dtype, cfg.cluster.ranks_per_node, kinds, pre, post)
+    if key not in _CHUNK_CACHE:
+        _CHUNK_CACHE[key] = _chunk_cost(cfg, spec, hw, layers, pre=pre, post=post, stage=stage)
+    return _CHUNK_CACHE[key]
+
+
+def _chunk_cost(cfg: JobConfig, spec: ModelSpec, hw: Hardware, layers: range, *, pre: bool, post: bool,
+                stage: int) -> ChunkCost:
+    from moetrain.parallel.layers import padded_vocab_size
+
+    m, moe, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
+    dtype = t.dtype
+    tp = p.tp
+    b, s, d, hd = t.micro_batch_size, m.seq_len, m.d_model, m.head_dim
+    T = s * b
+    h, kv = m.heads // tp, m.kv_heads // tp
+    e = act_bytes(cfg)
+    hbm = hw.hbm_gbps * 1e9
+    tp_link = group_link(hw, cfg, tp)
+    shape = rank_shape(cfg, stage)
+    recompute = t.recompute
+    c = ChunkCost()
+
+    def linear(name: str, n: float, kdim: float) -> None:
+        g = gemm_time(hw, dtype, T, n, kdim)
+        c.add(name, g, g, g)
+
+    for i in layers:
+        before = dict(c.parts)
+        fwd0 = c.forward
+        linear("gemm", (h + 2 * kv) * hd, d)
+        linear("gemm", d, h * hd)
+        core = 0.5 * 4 * b * s * s * h * hd / (hw.peak_flops(dtype) * hw.attention_efficiency)
+        c.add("attention", core, 2.5 * core)
+        one = spec.saved_activation_bytes(range(i, i + 1), pre=False, post=False,
+                                          rank=rank_shape(cfg, stage).__class__(**{**vars(shape), "recompute": "none"}))
+        if moe.is_moe_layer(i):
+            tokens = T // tp if p.sp and tp > 1 else T
+            lay = moe_layer_time(cfg, hw, tokens, dtype)
+            c.add("moe_experts", lay["experts_fwd"], lay["experts_bwd"])
+            c.add("moe_a2a", lay["a2a_fwd"], lay["a2a_bwd"])
+            rest_f = lay["fwd"] - lay["experts_fwd"] - lay["a2a_fwd"]
+            rest_b = lay["bwd"] - lay["experts_bwd"] - lay["a2a_bwd"]
+            c.add("elementwise", rest_f, rest_b)
+            if moe.shared_experts:
+                f = moe.shared_experts * moe.d_expert // tp
+                linear("gemm", 2 * f, d)
+                linear("gemm", d, f)
+        else:
+            f = m.d_ffn // tp
+            linear("gemm", 2 * f, d)
+            linear("gemm", d, f)
+        c.add("elementwise", 2 * one / hbm, 4 * one / hbm)
+        if tp > 1:
+            comm = 2 * ring(tp_link, T * d * e, tp)
+            c.add("tp_comm", comm, comm)
+        if recompute == "full":  # the block's forward again inside its backward
+            extra = c.forward - fwd0
+            c.backward_input += extra
+            c.parts["recompute"] = c.parts.get("recompute", 0.0) + extra
+        elif recompute == "selective":
+            c.backward_input += core
+            c.parts["recompute"] = c.parts.get("recompute", 0.0) + core
+        del before
+    if post:
+        vocab = padded_vocab_size(m.vocab_size, tp) // tp
+        linear("gemm", vocab, d)
+        ce = 3 * T * vocab * 4 / hbm
+        c.add("elementwise", ce, ce)
+    if pre:
+        c.add("elementwise", T * d * e / hbm, T * d * e / hbm)
+    return c
+
+
+@dataclass
+class StepTime:
+    step_s: float
+    breakdown: dict[str, float]
+    stage_costs: list[ChunkCost]
+    bubble_fraction: float
+
+
+def step_time(cfg: JobConfig, spec: ModelSpec, hw: Hardware) -> StepTime:
+    """The modeled seconds of one optimizer step (the slowest pipeline stage's view)."""
+    from moetrain.parallel.schedules import build_schedule, simulate
+
+    p, t = cfg.parallel, cfg.train
+    accum = cfg.grad_accum_steps
+    stages = []
+    for stage in range(p.pp):
+        chunks = spec._chunks(stage)
+        stages.append([chunk_cost(cfg, spec, hw, ids, pre=pre, post=post, stage=stage) for ids, pre, post in chunks])
+    # the pipeline: every F / B / W of the slowest stage's chunks, plus the boundary transfer each way
+    e = act_bytes(cfg)
+    p2p = 0.0
+    if p.pp > 1:
+        elems = math.prod(spec.boundary_shape(t.micro_batch_size, p.tp))
+        p2p = group_link(hw, cfg, p.tp * cfg.dp * 2).time(elems * e)
+    flat = [c for chunks in stages for c in chunks]
+    fwd = max(c.forward for c in flat)
+    split = p.schedule == "zero_bubble"
+    bwd_in = max(c.backward_input if split else c.backward for c in flat)
+    bwd_w = max(c.backward_weight for c in flat) if split else 0.0
+    if p.pp > 1:
+        lists = build_schedule(p.schedule, p.pp, accum, p.vpp)
+        # sends are asynchronous: a transfer delays the receiver's action, it does not occupy either rank
+        timeline = simulate(lists, p.vpp, {"F": fwd, "B": bwd_in, "W": bwd_w}, split_backward=split, transfer=p2p)
+        pipeline = timeline.makespan
+        bubble = timeline.bubble()
+    else:
+        pipeline = accum * (fwd + bwd_in + bwd_w)
+        bubble = 0.0
+    busy = accum * p.vpp * (fwd + bwd_in + bwd_w)
+    breakdown: dict[str, float] = {}
+    for chunks in stages[:1] if p.pp == 1 else [max(stages, key=lambda cs: sum(c.forward + c.backward for c in cs))]:
+        for c in chunks:
+            for k, v in c.parts.items():
+                breakdown[k] = breakdown.get(k, 0.0) + v * accum
+    breakdown["pipeline_bubble"] = max(pipeline - busy, 0.0)
+    # data parallel: buckets reduce behind the last micro-batch's backward, the last bucket exposed
+    size = param_bytes(cfg)
+    dp_exposed = 0.0
+    opt = 0.0
+    o = t.optimizer
+    for stage in range(p.pp):
+        params = rank_params(cfg, spec, rank_shape(cfg, stage))
+        buckets = grad_buckets(params, cfg)
+        times = []
+        for world, group in buckets:
+            span = p.tp * world if not group[0].expert else p.etp * p.ep * world
+            link = group_link(hw, cfg, span)
+            times.append(ring(link, sum(q.numel for q in group) * size, world))
+        comm = sum(times)
+        window = sum(c.backward for c in stages[stage])  # the last micro-batch's backward through the chunks
+        exposed = max(comm - window, times[-1] if times else 0.0)
+        dp_exposed = max(dp_exposed, exposed)
+        n_local = sum(q.numel for q in params)
+        shard = n_local
+        if o.zero_stage:
+            shard = sum(math.ceil(sum(q.numel for q in g) / w) for w, g in
+                        (buckets if o.zero_stage == 2 else
+                         [(cfg.layout.dp, [q for q in params if not q.expert]),
+                          (cfg.layout.edp, [q for q in params if q.expert])]) if g)
+        if o.offload == "cpu":
+            up_down = (shard + n_local) * size / (hw.host_copy_gbps * 1e9)
+            stage_opt = up_down + shard / (hw.host_adam_gparams_per_s * 1e9)
+        else:
+            stage_opt = 7 * shard * size / (hw.hbm_gbps * 1e9) + 4 * hw.gemm_launch_us * 1e-6
+        opt = max(opt, stage_opt)
+    breakdown["dp_comm_exposed"] = dp_exposed
+    breakdown["optimizer"] = opt
+    total = pipeline + dp_exposed + opt
+    return StepTime(step_s=total, breakdown=breakdown, stage_costs=[c for cs in stages for c in cs],
+                    bubble_fraction=bubble)
