@@ -264,6 +264,7 @@ class Trainer:
                 self.reporter.say(f"[moetrain] train.steps={cfg.train.steps} runs past the LR schedule's "
                                   f"{self.state.lr_horizon} steps (the first run's train.steps): the LR stays at "
                                   f"train.min_lr={cfg.train.min_lr:g} from step {self.state.lr_horizon} on")
+        self._predict()
         start_step = self.step
         t_start = time.perf_counter()
         last: dict[str, Any] = {}
@@ -304,11 +305,36 @@ class Trainer:
             from moetrain.dist import collective_check
 
             collective_check.disable()
-        return self.reporter.summary(
+        summary = self.reporter.summary(
             self.state, last, start_step=start_step, elapsed=elapsed, tokens_per_s=tps, stopped=stopped,
             facts=self.facts, skipped=self.health.skipped, resumed_from=self.resumed_from,
             stage_layers=self.stage_layers, memory=getattr(self, "memory", None),
             first_step_wall=getattr(self, "first_step_wall", None), moe_degrees=self.moe.degrees())
+        from moetrain.plan.runtime import compare_run
+
+        summary["plan"] = compare_run(self.prediction, summary["memory"], self.step_times,
+                                      per_stage=self.groups.size("tp") * self.groups.size("dp"))
+        return summary
+
+    def _predict(self) -> None:
+        """The planner's prediction for this run (``moetrain plan``), logged once; a warning when it predicts
+        running out of GPU memory."""
+        from moetrain.plan.runtime import predict_run
+
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        self.prediction = predict_run(self.cfg, name)
+        p = self.prediction
+        if p.get("error") or self.rank != 0:
+            return
+        mem = max(m["params"] + m["grads"] + m["optimizer"] for m in p["memory_per_stage"])
+        line = f"[moetrain] plan: parameters + gradients + optimizer {mem / 2**20:.1f} MiB per rank"
+        if p["step_time_s"] is not None:
+            line += f"; step {p['step_time_s'] * 1e3:.1f} ms on {p['hardware']}"
+        self.reporter.say(line)
+        if self.device.type == "cuda" and p["fits"] is False:
+            self.reporter.say(f"[moetrain] warning: the plan predicts {p['memory_total'] / 2**30:.1f} GiB per rank, "
+                              f"more than the {p['device_memory'] / 2**30:.1f} GiB usable on {p['hardware']}: "
+                              "expect out-of-memory (see moetrain plan for the breakdown)")
 
     def full_tensors(self, grads: bool = False) -> dict[str, torch.Tensor]:
         """Every parameter (or gradient) of the whole model as its logical unsharded tensor, by name, on

@@ -411,6 +411,9 @@ class LoggingConfig(_Section):
     every: int = Field(1, ge=1)
     collective_check: bool = False
     """Debug: every rank records (op, group, shape) of each collective and fails fast when ranks diverge."""
+    plan_hardware: Optional[str] = None
+    """Hardware file (a name in cluster_configs/hardware or a path from ``moetrain plan --calibrate``) for the
+    step-time prediction the run logs and records beside its measurements; default: the CUDA device's file."""
 
 
 class FaultInjectConfig(_Section):
