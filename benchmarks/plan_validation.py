@@ -30,18 +30,22 @@ RUNS = {
 }
 
 
-def measured_here(hw: str, steps: int) -> list[tuple[str, float, float]]:
+def measured_here(hw: str, steps: int, repeats: int) -> list[tuple[str, float, list[float]]]:
+    """(run, predicted step, each repeat's median step), the runs interleaved repeat by repeat."""
     from moetrain import load_config
     from moetrain.launch.job import run_job
 
-    rows = []
+    predicted: dict[str, float] = {}
+    measured: dict[str, list[float]] = {name: [] for name in RUNS}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, ov in RUNS.items():
-            cfg = load_config(None, COMMON + ov + [f"train.steps={steps}", f"logging.plan_hardware={hw}",
-                                                   f"logging.run_dir={tmp}/run"])
-            plan = run_job(cfg, None)["plan"]
-            rows.append((name, plan["predicted"]["step_time_s"], plan["measured"]["step_time_s"]))
-    return rows
+        for _ in range(repeats):
+            for name, ov in RUNS.items():
+                cfg = load_config(None, COMMON + ov + [f"train.steps={steps}", f"logging.plan_hardware={hw}",
+                                                       f"logging.run_dir={tmp}/run"])
+                plan = run_job(cfg, None)["plan"]
+                predicted[name] = plan["predicted"]["step_time_s"]
+                measured[name].append(plan["measured"]["step_time_s"])
+    return [(name, predicted[name], measured[name]) for name in RUNS]
 
 
 def published() -> list[tuple[str, str, float, float, str]]:
@@ -93,8 +97,10 @@ def published() -> list[tuple[str, str, float, float, str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hardware", help="a calibration file (default: calibrate now)")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each layout, interleaved (the machine is noisy)")
     ap.add_argument("--skip-runs", action="store_true", help="only the published GPU points")
+    ap.add_argument("--skip-published", action="store_true", help="only the runs on this machine")
     a = ap.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch CPU")
     if not a.skip_runs:
@@ -105,10 +111,18 @@ def main() -> None:
             hw = os.path.join(tempfile.mkdtemp(), "hw.yaml")
             with open(hw, "w") as fh:
                 fh.write(calibrate())
-        print("| run (float32, seq 128, micro-batch 2) | predicted step ms | measured step ms (median) | error |")
+        print(f"| run (float32, seq 128, micro-batch 2) | predicted step ms | measured step ms: median of "
+              f"{a.repeats} runs (range) | error vs median (range) |")
         print("|---|---|---|---|")
-        for name, pred, meas in measured_here(hw, a.steps):
-            print(f"| {name} | {pred * 1e3:.1f} | {meas * 1e3:.1f} | {pred / meas - 1:+.0%} |")
+        import statistics
+
+        for name, pred, meas in measured_here(hw, a.steps, a.repeats):
+            med = statistics.median(meas)
+            lo, hi = min(meas), max(meas)
+            print(f"| {name} | {pred * 1e3:.1f} | {med * 1e3:.1f} ({lo * 1e3:.0f}-{hi * 1e3:.0f}) | "
+                  f"{pred / med - 1:+.0%} ({pred / hi - 1:+.0%} to {pred / lo - 1:+.0%}) |")
+    if a.skip_published:
+        return
     print("| published point | quantity | predicted | published | error | source |")
     print("|---|---|---|---|---|---|")
     for case, what, pred, pub, src in published():

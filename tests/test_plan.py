@@ -140,3 +140,28 @@ def test_sharding_and_recomputation_shrink_memory():
     acts = [make_plan(load_config("cluster_configs/h100_1node.yaml", base + [f"train.recompute={r}"]),
                       hw)["memory_per_rank"]["activations"] for r in ("none", "selective", "full")]
     assert acts[0] > acts[1] > acts[2]
+
+
+def test_calibrate_then_plan_a_cpu_job(tmp_path, capsys):
+    """``--calibrate`` writes a hardware file that ``moetrain plan`` and a run's prediction accept."""
+    hw = tmp_path / "hw.yaml"
+    assert main(["plan", "--calibrate", "--out", str(hw)]) == 0
+    capsys.readouterr()
+    assert load_hardware(str(hw)).peak_flops("float32") > 0
+    assert main(["plan", "cluster_configs/sim_cpu_8rank.yaml", "--hardware", str(hw), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["step_time_s"] > 0 and plan["fits"] and plan["breakdown"]["host_overhead"] > 0
+
+
+def test_run_prediction_warns_of_a_gpu_oom_and_survives_bad_hardware():
+    from moetrain.plan.runtime import compare_run, predict_run
+
+    big = load_config("cluster_configs/h100_1node.yaml", ["model.layers=96", "model.d_model=8192", "model.heads=64",
+                                                          "model.kv_heads=8"])
+    p = predict_run(big, "NVIDIA H100 80GB HBM3")
+    assert p["hardware"] == "H100 SXM 80GB" and p["fits"] is False and p["step_time_s"] > 0
+    bad = load_config("cluster_configs/h100_1node.yaml", ["logging.plan_hardware=/nonexistent.yaml"])
+    p = predict_run(bad, None)
+    assert p["error"] and "nonexistent" in p["error"] and p["step_time_s"] is None
+    cmp = compare_run(predict_run(load_config(None, SMALL), None), None, [0.5, 0.2, 0.3, 0.4], per_stage=1)
+    assert cmp["measured"]["step_time_s"] == 0.3 and "step_time" not in cmp["error"]

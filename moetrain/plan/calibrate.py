@@ -9,6 +9,8 @@ classes: simulated nodes share the loopback). Device memory is this machine's RA
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import platform
 import statistics
@@ -27,19 +29,34 @@ def _median_time(fn, reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def _gemm_fit(dtype) -> tuple[float, float]:
-    """(seconds per call, FLOP/s) fitted over square-ish GEMMs."""
+def _gemm_fit(dtype) -> tuple[float, float, float]:
+    """(seconds per call, FLOP/s, bytes/s) of ``t = a + 2mnk / R + (mk + kn + mn) e / B`` fitted (non-negative
+    least squares) over square and skinny GEMMs: the skinny ones (few rows, as experts see) run below the
+    square rate, which the bytes term captures."""
     import torch
 
-    from moetrain.moe.perf_model import fit_alpha_beta
-
-    flops, times = [], []
-    for n in (64, 128, 256, 384, 512, 768, 1024):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        times.append(_median_time(lambda a=a, b=b: a @ b, reps=3 if n >= 768 else 7))
-        flops.append(2.0 * n ** 3)
-    ab = fit_alpha_beta(flops, times)
-    return ab.alpha, 1.0 / ab.beta if ab.beta > 0 else max(f / t for f, t in zip(flops, times))
+    shapes = [(n, n, n) for n in (64, 128, 256, 512, 1024)]
+    shapes += [(m, n, k) for m in (8, 32, 128) for n, k in ((1024, 256), (256, 1024), (2048, 512))]
+    e = torch.empty((), dtype=dtype).element_size()
+    rows, times = [], []
+    for m, n, k in shapes:
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        times.append(_median_time(lambda a=a, b=b: a @ b, reps=3 if m * n * k >= 2**28 else 7))
+        rows.append([1.0, 2.0 * m * n * k, float(m * k + k * n + m * n) * e])
+    cols = [0, 1, 2]
+    while True:
+        A = torch.tensor([[r[c] for c in cols] for r in rows], dtype=torch.float64)
+        scale = A.abs().max(dim=0).values
+        sol = torch.linalg.lstsq(A / scale, torch.tensor(times, dtype=torch.float64).unsqueeze(1)).solution
+        coef = (sol.squeeze(1) / scale).tolist()
+        neg = [c for c, v in zip(cols, coef) if v < 0]
+        if not neg:
+            break
+        cols = [c for c in cols if c != neg[0]]
+    full = dict(zip(cols, coef))
+    per_call, per_flop, per_byte = full.get(0, 0.0), full.get(1, 0.0), full.get(2, 0.0)
+    rate = 1.0 / per_flop if per_flop > 0 else max(r[1] / t for r, t in zip(rows, times))
+    return per_call, rate, (1.0 / per_byte if per_byte > 0 else 0.0)
 
 
 def _allreduce() -> list[tuple[int, float]]:
@@ -54,30 +71,118 @@ def _allreduce() -> list[tuple[int, float]]:
     return out
 
 
-def calibrate(name: str = "this machine (calibrated)") -> str:
-    """The hardware file's YAML text for this machine."""
+_TINY = ["model.d_model=16", "model.heads=2", "model.seq_len=8", "model.vocab_size=64", "train.micro_batch_size=1",
+         "moe.d_expert=16", "moe.num_experts=8", "moe.topk=2"]
+
+
+def _host_overheads() -> dict[str, float]:
+    """moetrain's host time per block (forward + backward of one micro-batch) at shapes so small that the
+    arithmetic is nothing: what the framework itself costs per dense block, per MoE block and per model
+    (embedding, head, loss); on this machine it does not overlap with compute."""
+    import torch
+
+    from moetrain import build_model, load_config
+
+    def fb(overrides: list[str]) -> float:
+        cfg = load_config(None, _TINY + overrides)
+        model = build_model(cfg)
+        tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.model.seq_len))
+
+        def run():
+            model.zero_grad(set_to_none=True)
+            model(tokens, tokens).backward()
+
+        for _ in range(3):
+            run()
+        return _median_time(run, reps=15)
+
+    dense1, dense3 = fb(["model.layers=1"]), fb(["model.layers=3"])
+    moe1, moe3 = fb(["model.layers=1", "moe.every=1"]), fb(["model.layers=3", "moe.every=1"])
+    dense = (dense3 - dense1) / 2
+    moe = (moe3 - moe1) / 2
+    return {"dense_block": dense, "moe_block": moe, "model": max(dense1 - dense, 0.0)}
+
+
+def _per_param_costs() -> tuple[float, float]:
+    """Seconds per parameter of moetrain's optimizer step (torch's foreach AdamW, as the trainer builds it on
+    CPU) and of its gradient clipping (``clip_grad_norm``: the float64 norm pass and the scaling), over 8M
+    float32 parameters in tensors of an expert weight's size."""
+    import torch
+
+    from moetrain.parallel.data_parallel import clip_grad_norm
+
+    params = [torch.nn.Parameter(torch.randn(1 << 21)) for _ in range(4)]
+    for q in params:
+        q.grad = torch.randn_like(q)
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    n = sum(q.numel() for q in params)
+    adam = _median_time(opt.step, reps=5) / n
+    replicas = {id(q): 1 for q in params}
+    norm = _median_time(lambda: clip_grad_norm(params, 1e-6, replicas), reps=5) / n
+    return adam, norm
+
+
+def _step_overhead() -> float:
+    """A tiny one-rank training step (optimizer, gradient norm, votes, bookkeeping) beyond its forward and
+    backward: median step time of a 2-layer tiny run minus its blocks and model overhead."""
+    import torch.distributed as dist  # noqa: F401 (the rank has it initialised)
+
+    from moetrain import load_config
+    from moetrain.launch.job import setup_groups
+    from moetrain.launch.trainer import Trainer
+
+    cfg = load_config(None, _TINY + ["model.layers=2", "train.steps=16", "train.global_batch_size=1",
+                                     "data.source=synthetic", "logging.every=1000", "logging.run_dir=/tmp"])
+    trainer = Trainer(cfg, setup_groups(cfg))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        trainer.fit()
+    times = sorted(trainer.step_times[3:])
+    return times[len(times) // 2]
+
+
+def _measure_rank() -> dict:
+    """Everything measured on one rank's thread, inside a rank process of the local launcher."""
     import torch
     import torch.nn.functional as F
 
-    from moetrain.launch.local import LocalRanks
-    from moetrain.moe.perf_model import fit_alpha_beta
-
     torch.set_num_threads(1)
-    peaks, launch = {}, []
+    peaks, launch, gemm_bw = {}, [], []
     for key, dtype in (("float32", torch.float32), ("float64", torch.float64), ("bfloat16", torch.bfloat16)):
-        alpha, rate = _gemm_fit(dtype)
+        alpha, rate, bw = _gemm_fit(dtype)
         peaks[key] = round(rate / 1e12, 6)
         launch.append(alpha)
+        if key == "float32":
+            gemm_bw.append(bw)
     # causal SDPA: its rate on the causal half of 4 b s^2 h hd, against the float32 GEMM rate
     q = torch.randn(2, 4, 256, 64)
     t = _median_time(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))
     attention_eff = (0.5 * 4 * 2 * 256 * 256 * 4 * 64 / t) / (peaks["float32"] * 1e12)
     big = torch.empty(256 * 2**20 // 4)
     dst = torch.empty_like(big)
-    copy = _median_time(lambda: dst.copy_(big))
-    hbm = 2 * big.numel() * 4 / copy / 1e9
+    hbm = 2 * big.numel() * 4 / _median_time(lambda: dst.copy_(big)) / 1e9
+    del big, dst
+    host = _host_overheads()
+    adam_s, norm_s = _per_param_costs()
+    tiny_step = _step_overhead()
+    return {"peaks": peaks, "launch": launch, "gemm_bw": gemm_bw, "attention_eff": attention_eff, "hbm": hbm,
+            "host": host, "adam_s": adam_s, "norm_s": norm_s,
+            "step_overhead": max(tiny_step - 2 * host["dense_block"] - host["model"], 0.0)}
+
+
+def calibrate(name: str = "this machine (calibrated)") -> str:
+    """The hardware file's YAML text for this machine."""
+    import torch
+
+    from moetrain.launch.local import LocalRanks
+    from moetrain.moe.perf_model import fit_alpha_beta
+
+    with LocalRanks(1, ranks_per_node=1, timeout=600) as pool:  # measured where the ranks run
+        rank = pool.run(_measure_rank)[0]
     with LocalRanks(2, ranks_per_node=2, timeout=300) as pool:
         samples = pool.run(_allreduce)[0]
+    peaks, launch, gemm_bw = rank["peaks"], rank["launch"], rank["gemm_bw"]
+    attention_eff, hbm, host = rank["attention_eff"], rank["hbm"], rank["host"]
+    adam_s, norm_s, step_overhead = rank["adam_s"], rank["norm_s"], rank["step_overhead"]
     # ring all-reduce over 2 ranks moves n bytes each way in 2 steps: t = 2 alpha + n / bw
     ab = fit_alpha_beta([n for n, _ in samples], [t for _, t in samples])
     latency_us = ab.alpha / 2 * 1e6
@@ -96,9 +201,10 @@ def calibrate(name: str = "this machine (calibrated)") -> str:
         f"device_memory_gib: {ram / cores / 2**30:.3f}   # RAM / cores",
         "reserved_gib: 0.35               # a rank's start-up memory (torch, gloo) before the model",
         f"devices_per_node: {cores}",
-        "peak_tflops:                     # fitted GEMM rate (2mnk over 64..1024)",
+        "peak_tflops:                     # fitted GEMM rate (square 64..1024 and skinny 8..128-row shapes)",
     ] + [f"  {k}: {v}" for k, v in peaks.items()] + [
         "gemm_efficiency: 1.0             # the peak above is already the achieved rate",
+        f"gemm_bytes_gbps: {gemm_bw[0] / 1e9:.4f}   # fitted operand traffic rate (additive GEMM model on CPU)",
         f"gemm_launch_us: {statistics.median(launch) * 1e6:.3f}   # fitted per-call cost",
         f"hbm_gbps: {hbm:.3f}              # 256 MiB copy, read + write",
         f"attention_efficiency: {attention_eff:.4f}   # causal SDPA [2,4,256,64] vs the float32 GEMM rate",
@@ -109,7 +215,14 @@ def calibrate(name: str = "this machine (calibrated)") -> str:
         f"  latency_us: {link['latency_us']}",
         f"  bandwidth_gbps: {link['bandwidth_gbps']}",
         f"host_copy_gbps: {hbm:.3f}",
-        f"host_adam_gparams_per_s: {hbm / 28:.4f}   # AdamW reads/writes ~28 bytes per float32 parameter",
+        f"host_adam_gparams_per_s: {1e-9 / adam_s:.4f}   # torch's foreach AdamW, measured",
+        f"optimizer_ns_per_param: {adam_s * 1e9:.4f}   # the same AdamW step on the device (here: this CPU)",
+        f"grad_norm_ns_per_param: {norm_s * 1e9:.4f}   # moetrain's gradient clipping (float64 norm + scaling)",
+        "host_overhead_us:                # moetrain's own host time per micro-batch (fwd + bwd), tiny shapes",
+        f"  dense_block: {host['dense_block'] * 1e6:.1f}",
+        f"  moe_block: {host['moe_block'] * 1e6:.1f}",
+        f"  model: {host['model'] * 1e6:.1f}",
+        f"  step: {step_overhead * 1e6:.1f}",
         "source: measured",
     ]
     return "\n".join(lines) + "\n"

@@ -52,8 +52,22 @@ class Hardware:
     host_copy_gbps: float = 25.0
     host_adam_gparams_per_s: float = 1.0
     """CPU AdamW update rate (billions of parameters per second) for optimizer offload."""
+    gemm_bytes_gbps: float = 0.0
+    """Calibrated CPUs: GEMM time is ``launch + flops / rate + operand bytes / gemm_bytes_gbps`` (additive: skinny
+    GEMMs are slower than their FLOPs); 0 (GPU files): the roofline ``launch + max(flops / rate, bytes / hbm)``."""
+    optimizer_ns_per_param: float = 0.0
+    """Measured AdamW step per parameter (``--calibrate``); 0: modeled as 7 passes over float32 state at HBM rate."""
+    grad_norm_ns_per_param: float = 0.0
+    """Measured gradient-norm pass per parameter; 0: one float32 read at HBM rate."""
+    host_overhead_us: dict[str, float] = field(default_factory=dict)
+    """moetrain's host time that does not overlap device work: per micro-batch ``dense_block``, ``moe_block``,
+    ``model`` (embedding, head, loss) and per optimizer ``step``. Measured by ``--calibrate`` on CPU; absent
+    (0) in GPU files, where kernels are issued ahead of the device and the host time hides behind it."""
     source: str = ""
     extra: dict = field(default_factory=dict)
+
+    def overhead(self, key: str) -> float:
+        return float(self.host_overhead_us.get(key, 0.0)) * 1e-6
 
     @property
     def usable_bytes(self) -> float:
@@ -110,7 +124,8 @@ def load_hardware(name_or_file: str) -> Hardware:
     try:
         links = {k: Link(float(data[k]["latency_us"]), float(data[k]["bandwidth_gbps"])) for k in ("intra", "inter")}
         hw = Hardware(**{**data, **links, "peak_tflops": {str(k): float(v) for k, v in data["peak_tflops"].items()},
-                         "reserved_gib": float(data.get("reserved_gib", 0.0))})
+                         "reserved_gib": float(data.get("reserved_gib", 0.0)),
+                         "host_overhead_us": {str(k): float(v) for k, v in (data.get("host_overhead_us") or {}).items()}})
     except (TypeError, KeyError, ValueError) as exc:
         raise UserError(f"{path}: bad value ({exc})") from None
     for key in ("device_memory_gib", "gemm_efficiency", "hbm_gbps", "devices_per_node"):

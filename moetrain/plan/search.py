@@ -78,6 +78,18 @@ def _with(data: dict, ov: list[str]) -> dict:
     return out
 
 
+def _changed(data: dict, ov: list[str]) -> list[str]:
+    """The overrides whose value differs from the config's own (what a user pastes after the config)."""
+    out = []
+    for item, (key, value) in zip(ov, _parse(ov)):
+        node: object = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node != value:
+            out.append(item)
+    return out
+
+
 def _parse(ov: list[str]) -> list[tuple[str, object]]:
     """The overrides :func:`candidates` writes (ints, booleans, null, words) without a YAML parser."""
     out = []
@@ -128,7 +140,7 @@ def search(config: str | None, overrides: list[str], gpus: int, hw: Hardware, *,
                 if stages[-1].device_total > hw.usable_bytes:
                     break
             else:
-                found.append({"overrides": ov + extra, "plan": make_plan(cfg, hw, stages=stages)})
+                found.append({"overrides": _changed(data, ov + extra), "plan": make_plan(cfg, hw, stages=stages)})
                 break
         else:
             over += 1

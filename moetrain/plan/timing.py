@@ -38,8 +38,10 @@ def gemm_time(hw: Hardware, dtype: str, m: float, n: float, k: float, calls: int
     e = {"bfloat16": 2, "float32": 4, "float64": 8}[dtype]
     flops = 2.0 * m * n * k
     compute = flops / (hw.peak_flops(dtype) * hw.gemm_efficiency)
-    memory = (m * k + k * n * calls + m * n) * e / (hw.hbm_gbps * 1e9)
-    return calls * hw.gemm_launch_us * 1e-6 + max(compute, memory)
+    operands = (m * k + k * n * calls + m * n) * e
+    if hw.gemm_bytes_gbps:  # calibrated CPU: the operand traffic adds to the arithmetic
+        return calls * hw.gemm_launch_us * 1e-6 + compute + operands / (hw.gemm_bytes_gbps * 1e9)
+    return calls * hw.gemm_launch_us * 1e-6 + max(compute, operands / (hw.hbm_gbps * 1e9))
 
 
 def ring(link: Link, nbytes: float, world: int, phases: int = 2) -> float:
@@ -217,6 +219,8 @@ def _chunk_cost(cfg: JobConfig, spec: ModelSpec, hw: Hardware, layers: range, *,
             linear("gemm", 2 * f, d)
             linear("gemm", d, f)
         c.add("elementwise", 2 * one / hbm, 4 * one / hbm)
+        host = hw.overhead("moe_block" if moe.is_moe_layer(i) else "dense_block")
+        c.add("host_overhead", host / 3, 2 * host / 3)
         if tp > 1:
             comm = 2 * ring(tp_link, T * d * e, tp)
             c.add("tp_comm", comm, comm)
@@ -235,6 +239,9 @@ def _chunk_cost(cfg: JobConfig, spec: ModelSpec, hw: Hardware, layers: range, *,
         c.add("elementwise", ce, ce)
     if pre:
         c.add("elementwise", T * d * e / hbm, T * d * e / hbm)
+    if pre or post:  # the embedding / head / loss host time, split between the first and the last chunk
+        host = hw.overhead("model") / (1 if pre and post else 2)
+        c.add("host_overhead", host / 3, 2 * host / 3)
     return c
 
 
@@ -286,7 +293,7 @@ def step_time(cfg: JobConfig, spec: ModelSpec, hw: Hardware) -> StepTime:
     # data parallel: buckets reduce behind the last micro-batch's backward, the last bucket exposed
     size = param_bytes(cfg)
     dp_exposed = 0.0
-    opt = 0.0
+    opt = grad_norm = 0.0
     o = t.optimizer
     for stage in range(p.pp):
         params = rank_params(cfg, spec, rank_shape(cfg, stage))
@@ -310,11 +317,19 @@ def step_time(cfg: JobConfig, spec: ModelSpec, hw: Hardware) -> StepTime:
         if o.offload == "cpu":
             up_down = (shard + n_local) * size / (hw.host_copy_gbps * 1e9)
             stage_opt = up_down + shard / (hw.host_adam_gparams_per_s * 1e9)
+        elif hw.optimizer_ns_per_param:
+            stage_opt = shard * hw.optimizer_ns_per_param * 1e-9 * size / 4
         else:
             stage_opt = 7 * shard * size / (hw.hbm_gbps * 1e9) + 4 * hw.gemm_launch_us * 1e-6
+        # the global gradient norm reads every gradient this rank holds (ZeRO 2: its slices)
+        held = shard if o.zero_stage == 2 else n_local
+        norm = held * (hw.grad_norm_ns_per_param * 1e-9 if hw.grad_norm_ns_per_param else size / (hw.hbm_gbps * 1e9))
+        grad_norm = max(grad_norm, norm)
         opt = max(opt, stage_opt)
     breakdown["dp_comm_exposed"] = dp_exposed
     breakdown["optimizer"] = opt
-    total = pipeline + dp_exposed + opt
+    breakdown["grad_norm"] = grad_norm
+    breakdown["host_overhead"] = breakdown.get("host_overhead", 0.0) + hw.overhead("step")
+    total = pipeline + dp_exposed + opt + grad_norm + hw.overhead("step")
     return StepTime(step_s=total, breakdown=breakdown, stage_costs=[c for cs in stages for c in cs],
                     bubble_fraction=bubble)
