@@ -140,6 +140,15 @@ def _step_overhead() -> float:
     return times[len(times) // 2]
 
 
+def _copy_gbps() -> float:
+    """Memory bandwidth of a 256 MiB float32 copy (read + write)."""
+    import torch
+
+    src = torch.empty(256 * 2**20 // 4)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src)) / 1e9
+
+
 def _measure_rank() -> dict:
     """Everything measured on one rank's thread, inside a rank process of the local launcher."""
     import torch
@@ -157,10 +166,7 @@ def _measure_rank() -> dict:
     q = torch.randn(2, 4, 256, 64)
     t = _median_time(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))
     attention_eff = (0.5 * 4 * 2 * 256 * 256 * 4 * 64 / t) / (peaks["float32"] * 1e12)
-    big = torch.empty(256 * 2**20 // 4)
-    dst = torch.empty_like(big)
-    hbm = 2 * big.numel() * 4 / _median_time(lambda: dst.copy_(big)) / 1e9
-    del big, dst
+    hbm = _copy_gbps()
     host = _host_overheads()
     adam_s, norm_s = _per_param_costs()
     tiny_step = _step_overhead()

@@ -125,7 +125,8 @@ def load_hardware(name_or_file: str) -> Hardware:
         links = {k: Link(float(data[k]["latency_us"]), float(data[k]["bandwidth_gbps"])) for k in ("intra", "inter")}
         hw = Hardware(**{**data, **links, "peak_tflops": {str(k): float(v) for k, v in data["peak_tflops"].items()},
                          "reserved_gib": float(data.get("reserved_gib", 0.0)),
-                         "host_overhead_us": {str(k): float(v) for k, v in (data.get("host_overhead_us") or {}).items()}})
+                         "host_overhead_us": {str(k): float(v)
+                                              for k, v in (data.get("host_overhead_us") or {}).items()}})
     except (TypeError, KeyError, ValueError) as exc:
         raise UserError(f"{path}: bad value ({exc})") from None
     for key in ("device_memory_gib", "gemm_efficiency", "hbm_gbps", "devices_per_node"):
