@@ -59,6 +59,9 @@ class Hardware:
     """Measured AdamW step per parameter (``--calibrate``); 0: modeled as 7 passes over float32 state at HBM rate."""
     grad_norm_ns_per_param: float = 0.0
     """Measured gradient-norm pass per parameter; 0: one float32 read at HBM rate."""
+    moe_route_ns_per_element: float = 0.0
+    """Calibrated: what moetrain's MoE routing, packing and combining cost beyond the modeled traffic, per routed
+    row and model dimension (forward + backward); 0 in GPU files."""
     host_overhead_us: dict[str, float] = field(default_factory=dict)
     """moetrain's host time that does not overlap device work: per micro-batch ``dense_block``, ``moe_block``,
     ``model`` (embedding, head, loss) and per optimizer ``step``. Measured by ``--calibrate`` on CPU; absent

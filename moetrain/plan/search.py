@@ -102,32 +102,24 @@ def _parse(ov: list[str]) -> list[tuple[str, object]]:
     return out
 
 
-def search(config: str | None, overrides: list[str], gpus: int, hw: Hardware, *, top: int = 10,
-           budget_s: float = 60.0) -> dict[str, Any]:
-    """The ``top`` fitting layouts by modeled tokens/s (each with its overrides and plan), and counts."""
-    from moetrain.plan import make_plan
-
-    base = load_config(config, overrides)
-    data = base.model_dump(mode="json")
-    if gpus < 1:
-        raise ConfigError("--gpus", f"must be >= 1, got {gpus}")
-    per_node = min(gpus, hw.devices_per_node)
-    if gpus % per_node:
-        raise ConfigError("--gpus", f"{gpus} devices do not fill whole nodes of {hw.devices_per_node} ({hw.name})")
+def _share(data: dict, gpus: int, hw: Hardware, share: int, of: int, deadline: float, top: int) -> dict[str, Any]:
+    """Evaluate every ``of``-th candidate starting at ``share`` (one worker's part of the search)."""
     from moetrain.models.spec import get_model_spec
+    from moetrain.plan import make_plan
     from moetrain.plan.memory import stage_memory
 
-    t0 = time.perf_counter()
-    found, tried, invalid, over = [], 0, 0, 0
-    complete = True
-    for ov, variants in candidates(base, gpus, hw):
-        if time.perf_counter() - t0 > budget_s:
+    base = config_from_dict(data)
+    found, tried, invalid, over, complete = [], 0, 0, 0, True
+    for i, (ov, variants) in enumerate(candidates(base, gpus, hw)):
+        if i % of != share:
+            continue
+        if time.time() > deadline:
             complete = False
             break
         tried += 1
         try:
             layout = _with(data, ov)
-            cfg = config_from_dict(layout)
+            config_from_dict(layout)
         except ConfigError:
             invalid += 1
             continue
@@ -144,7 +136,41 @@ def search(config: str | None, overrides: list[str], gpus: int, hw: Hardware, *,
                 break
         else:
             over += 1
-    found.sort(key=lambda x: (-round(x["plan"]["tokens_per_s"], 6), x["plan"]["memory_per_rank"]["total"]))
-    return {"gpus": gpus, "hardware": hw.name, "tried": tried, "invalid": invalid, "out_of_memory": over,
-            "fitting": len(found), "seconds": time.perf_counter() - t0,
-            "complete": complete, "top": found[:top]}
+    found.sort(key=_rank_key)
+    return {"found": found[:top], "fitting": len(found), "tried": tried, "invalid": invalid, "over": over,
+            "complete": complete}
+
+
+def _rank_key(item: dict) -> tuple:
+    return -round(item["plan"]["tokens_per_s"], 6), item["plan"]["memory_per_rank"]["total"], item["overrides"]
+
+
+def search(config: str | None, overrides: list[str], gpus: int, hw: Hardware, *, top: int = 10,
+           budget_s: float = 60.0, workers: int | None = None) -> dict[str, Any]:
+    """The ``top`` fitting layouts by modeled tokens/s (each with its overrides and plan), and counts; the
+    candidates are shared among ``workers`` processes (default: one per core)."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    base = load_config(config, overrides)
+    data = base.model_dump(mode="json")
+    if gpus < 1:
+        raise ConfigError("--gpus", f"must be >= 1, got {gpus}")
+    per_node = min(gpus, hw.devices_per_node)
+    if gpus % per_node:
+        raise ConfigError("--gpus", f"{gpus} devices do not fill whole nodes of {hw.devices_per_node} ({hw.name})")
+    t0 = time.perf_counter()
+    deadline = time.time() + budget_s
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        parts = [_share(data, gpus, hw, 0, 1, deadline, top)]
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(_share, *zip(*[(data, gpus, hw, w, workers, deadline, top)
+                                                 for w in range(workers)])))
+    found = sorted((x for p in parts for x in p["found"]), key=_rank_key)
+    return {"gpus": gpus, "hardware": hw.name, "tried": sum(p["tried"] for p in parts),
+            "invalid": sum(p["invalid"] for p in parts), "out_of_memory": sum(p["over"] for p in parts),
+            "fitting": sum(p["fitting"] for p in parts), "seconds": time.perf_counter() - t0,
+            "complete": all(p["complete"] for p in parts), "top": found[:top]}

@@ -20,6 +20,7 @@ Per micro-batch and model chunk, on one rank of a stage:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -123,6 +124,7 @@ def _moe_layer_time(cfg: JobConfig, hw: Hardware, tokens: float, dtype: str, row
     router = gemm_time(hw, "float32" if dtype != "float64" else "float64", tokens, E, d)
     # routing, packing and combining: the routed rows read and written a few times (HBM bound)
     shuffle = 4 * rows * d * e / (hw.hbm_gbps * 1e9)
+    route = rows * d * hw.moe_route_ns_per_element * 1e-9  # calibrated: forward + backward
     up = gemm_time(hw, dtype, per_expert * local, parts * f, d, calls=local)
     down = gemm_time(hw, dtype, per_expert * local, d, f, calls=local)
     act = 3 * rows * f * e / (hw.hbm_gbps * 1e9)
@@ -149,10 +151,12 @@ def _moe_layer_time(cfg: JobConfig, hw: Hardware, tokens: float, dtype: str, row
         sect_b = makespan(rb, shape, links, AlphaBeta(bwd_ab.alpha * g / rb, bwd_ab.beta), moe.coschedule)[0]
         assert abs(sect_f + sect_b - pair_time(rf, rb, shape, links, fwd_ab, bwd_ab,
                                                coschedule=moe.coschedule)) < 1e-12
-        out.update(fwd=router + shuffle + sect_f, bwd=router * 2 + shuffle * 2 + sect_b, overlap_degrees=(rf, rb),
+        out.update(fwd=router + shuffle + route / 3 + sect_f, bwd=router * 2 + shuffle * 2 + 2 * route / 3 + sect_b,
+                   overlap_degrees=(rf, rb),
                    a2a_fwd=max(sect_f - experts_fwd, 0.0), a2a_bwd=max(sect_b - experts_bwd, 0.0))
     else:
-        out.update(fwd=router + shuffle + experts_fwd + 2 * a2a, bwd=2 * router + 2 * shuffle + experts_bwd + 2 * a2a)
+        out.update(fwd=router + shuffle + route / 3 + experts_fwd + 2 * a2a,
+                   bwd=2 * router + 2 * shuffle + 2 * route / 3 + experts_bwd + 2 * a2a)
     return out
 
 
@@ -245,6 +249,17 @@ def _chunk_cost(cfg: JobConfig, spec: ModelSpec, hw: Hardware, layers: range, *,
     return c
 
 
+@functools.lru_cache(maxsize=65536)
+def _pipeline(schedule: str, pp: int, m: int, vpp: int, f: float, b: float, w: float, transfer: float
+              ) -> tuple[float, float]:
+    """(makespan, mean bubble fraction) of the schedule with these action costs (memoised for the search)."""
+    from moetrain.parallel.schedules import build_schedule, simulate
+
+    timeline = simulate(build_schedule(schedule, pp, m, vpp), vpp, {"F": f, "B": b, "W": w},
+                        split_backward=schedule == "zero_bubble", transfer=transfer)
+    return timeline.makespan, timeline.bubble()
+
+
 @dataclass
 class StepTime:
     step_s: float
@@ -255,8 +270,6 @@ class StepTime:
 
 def step_time(cfg: JobConfig, spec: ModelSpec, hw: Hardware) -> StepTime:
     """The modeled seconds of one optimizer step (the slowest pipeline stage's view)."""
-    from moetrain.parallel.schedules import build_schedule, simulate
-
     p, t = cfg.parallel, cfg.train
     accum = cfg.grad_accum_steps
     stages = []
@@ -275,11 +288,8 @@ def step_time(cfg: JobConfig, spec: ModelSpec, hw: Hardware) -> StepTime:
     bwd_in = max(c.backward_input if split else c.backward for c in flat)
     bwd_w = max(c.backward_weight for c in flat) if split else 0.0
     if p.pp > 1:
-        lists = build_schedule(p.schedule, p.pp, accum, p.vpp)
         # sends are asynchronous: a transfer delays the receiver's action, it does not occupy either rank
-        timeline = simulate(lists, p.vpp, {"F": fwd, "B": bwd_in, "W": bwd_w}, split_backward=split, transfer=p2p)
-        pipeline = timeline.makespan
-        bubble = timeline.bubble()
+        pipeline, bubble = _pipeline(p.schedule, p.pp, accum, p.vpp, fwd, bwd_in, bwd_w, p2p)
     else:
         pipeline = accum * (fwd + bwd_in + bwd_w)
         bubble = 0.0
