@@ -165,3 +165,24 @@ def test_run_prediction_warns_of_a_gpu_oom_and_survives_bad_hardware():
     assert p["error"] and "nonexistent" in p["error"] and p["step_time_s"] is None
     cmp = compare_run(predict_run(load_config(None, SMALL), None), None, [0.5, 0.2, 0.3, 0.4], per_stage=1)
     assert cmp["measured"]["step_time_s"] == 0.3 and "step_time" not in cmp["error"]
+
+
+def test_dispatch_algorithms_and_chunking_change_the_predicted_moe_time():
+    """Across nodes hier1d funnels a node's rows through its leader (slowest at large messages), and FSMoE's
+    chunk pipelining (``auto`` degrees) hides part of the all-to-all behind the experts."""
+    from moetrain.plan.timing import moe_layer_time
+
+    hw = load_hardware("h100_sxm")
+    times = {}
+    for algo in ("flat", "hier2d", "hier1d"):
+        for deg in ("1", "auto"):
+            cfg = load_config(None, ["cluster.launcher=env", "cluster.device=cuda", "train.dtype=bfloat16",
+                                     "model.d_model=4096", "model.heads=32", "moe.num_experts=64", "moe.topk=8",
+                                     "moe.d_expert=1408", "parallel.ep=32", "cluster.nodes=4", "cluster.ranks_per_node=8",
+                                     f"moe.dispatch={algo}", f"moe.pipeline_degree={deg}",
+                                     f"moe.bwd_pipeline_degree={deg}"])
+            r = moe_layer_time(cfg, hw, 8192, "bfloat16")
+            times[algo, deg] = r["fwd"] + r["bwd"]
+    assert times["hier1d", "1"] > times["hier2d", "1"] > times["flat", "1"]
+    for algo in ("flat", "hier2d", "hier1d"):
+        assert times[algo, "auto"] < times[algo, "1"]

@@ -79,17 +79,37 @@ class ChunkCost:
 
 
 def _a2a(hw: Hardware, cfg: JobConfig, nbytes: float) -> tuple[float, list[tuple[str, float]]]:
-    """One all-to-all of ``nbytes`` per rank over the EP group: (seconds, the (link, bytes) steps)."""
+    """One dispatch (or combine) of ``nbytes`` per rank over the EP group, spread evenly over its members:
+    (seconds, the plan's transfers in order as (link, bytes on this rank's busiest link)).
+
+    - flat: one all-to-all; the shares to node-local and remote members move at once, the slower bounds it;
+    - hier2d: an all-to-all inside the node (everything for other local indices), then one among the
+      same-local-index peers of the other nodes (Tutel's 2D);
+    - hier1d: gather to the node leader, the leaders' exchange, scatter from the leader (the leader's links
+      carry the whole node's rows).
+    Other (registered) algorithms are modeled as flat."""
     p = cfg.parallel
     if p.ep <= 1 or nbytes <= 0:
         return 0.0, []
     per_node = min(cfg.cluster.ranks_per_node, hw.devices_per_node)
-    local_peers = max(1, min(p.ep, per_node // p.etp))  # EP members on this rank's node (itself included)
-    intra = nbytes * (local_peers - 1) / p.ep
-    inter = nbytes * (p.ep - local_peers) / p.ep
-    steps = [(k, b) for k, b in (("intra", intra), ("inter", inter)) if b > 0]
-    t = max(hw.intra.time(intra) if intra else 0.0, hw.inter.time(inter) if inter else 0.0)
-    return t, steps
+    local = max(1, min(p.ep, per_node // p.etp))  # EP members on one node
+    nodes = max(1, p.ep // local)
+    algo = cfg.moe.dispatch if nodes > 1 else "flat"
+    if algo == "hier2d":
+        steps = [("intra", nbytes * (local - 1) / local), ("inter", nbytes * (nodes - 1) / nodes)]
+    elif algo == "hier1d":
+        steps = [("intra", nbytes * (local - 1)), ("inter", local * nbytes * (nodes - 1) / nodes),
+                 ("intra", nbytes * (local - 1))]
+    else:
+        intra, inter = nbytes * (local - 1) / p.ep, nbytes * (p.ep - local) / p.ep
+        if inter > 0:
+            t = max(hw.intra.time(intra) if intra else 0.0, hw.inter.time(inter))
+            # one step whose bytes on the inter link take the time of the slower share
+            return t, [("inter", max(inter, (t - hw.inter.latency_us * 1e-6) * hw.inter.bandwidth_gbps * 1e9))]
+        return hw.intra.time(intra), [("intra", intra)] if intra else []
+    steps = [(k, b) for k, b in steps if b > 0]
+    link = {"intra": hw.intra, "inter": hw.inter}
+    return sum(link[k].time(b) for k, b in steps), steps
 
 
 def moe_layer_time(cfg: JobConfig, hw: Hardware, tokens: float, dtype: str, *,
@@ -99,8 +119,8 @@ def moe_layer_time(cfg: JobConfig, hw: Hardware, tokens: float, dtype: str, *,
     not 1). Keys: fwd, bwd, a2a_fwd, a2a_bwd, experts_fwd, experts_bwd, overlap_degrees."""
     m, moe, p = cfg.model, cfg.moe, cfg.parallel
     key = (hw, m.d_model, moe.num_experts, moe.topk, moe.router, moe.d_expert, moe.activation, moe.coschedule,
-           str(moe.pipeline_degree), str(moe.bwd_pipeline_degree), p.ep, p.etp, cfg.cluster.ranks_per_node,
-           float(tokens), dtype, float(rows_factor))
+           moe.dispatch, str(moe.pipeline_degree), str(moe.bwd_pipeline_degree), p.ep, p.etp,
+           cfg.cluster.ranks_per_node, float(tokens), dtype, float(rows_factor))
     if key not in _MOE_CACHE:
         _MOE_CACHE[key] = _moe_layer_time(cfg, hw, tokens, dtype, rows_factor)
     return dict(_MOE_CACHE[key])
