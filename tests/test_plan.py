@@ -178,7 +178,8 @@ def test_dispatch_algorithms_and_chunking_change_the_predicted_moe_time():
         for deg in ("1", "auto"):
             cfg = load_config(None, ["cluster.launcher=env", "cluster.device=cuda", "train.dtype=bfloat16",
                                      "model.d_model=4096", "model.heads=32", "moe.num_experts=64", "moe.topk=8",
-                                     "moe.d_expert=1408", "parallel.ep=32", "cluster.nodes=4", "cluster.ranks_per_node=8",
+                                     "moe.d_expert=1408", "parallel.ep=32", "cluster.nodes=4",
+                                     "cluster.ranks_per_node=8",
                                      f"moe.dispatch={algo}", f"moe.pipeline_degree={deg}",
                                      f"moe.bwd_pipeline_degree={deg}"])
             r = moe_layer_time(cfg, hw, 8192, "bfloat16")
