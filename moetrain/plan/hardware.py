@@ -62,6 +62,9 @@ class Hardware:
     moe_route_ns_per_element: float = 0.0
     """Calibrated: what moetrain's MoE routing, packing and combining cost beyond the modeled traffic, per routed
     row and model dimension (forward + backward); 0 in GPU files."""
+    shared_node_slowdown: float = 1.0
+    """Calibrated CPUs: how much slower a rank computes when the node's other ranks compute too (shared memory
+    bandwidth and caches, the collectives' threads); applied when a node runs more than one rank. 1 on GPUs."""
     host_overhead_us: dict[str, float] = field(default_factory=dict)
     """moetrain's host time that does not overlap device work: per micro-batch ``dense_block``, ``moe_block``,
     ``model`` (embedding, head, loss) and per optimizer ``step``. Measured by ``--calibrate`` on CPU; absent

@@ -66,12 +66,17 @@ class ChunkCost:
     backward_input: float = 0.0
     backward_weight: float = 0.0
     parts: dict[str, float] = field(default_factory=dict)
+    by_part: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    recomputed: float = 0.0
+    """Forward work repeated inside the backward (recomputation), already in ``backward_input``."""
 
     def add(self, part: str, fwd: float, bwd_in: float, bwd_w: float = 0.0) -> None:
         self.forward += fwd
         self.backward_input += bwd_in
         self.backward_weight += bwd_w
         self.parts[part] = self.parts.get(part, 0.0) + fwd + bwd_in + bwd_w
+        f, bi, bw = self.by_part.get(part, (0.0, 0.0, 0.0))
+        self.by_part[part] = (f + fwd, bi + bwd_in, bw + bwd_w)
 
     @property
     def backward(self) -> float:
@@ -218,7 +223,6 @@ def _chunk_cost(cfg: JobConfig, spec: ModelSpec, hw: Hardware, layers: range, *,
         c.add(name, g, g, g)
 
     for i in layers:
-        before = dict(c.parts)
         fwd0 = c.forward
         linear("gemm", (h + 2 * kv) * hd, d)
         linear("gemm", d, h * hd)
@@ -248,14 +252,11 @@ def _chunk_cost(cfg: JobConfig, spec: ModelSpec, hw: Hardware, layers: range, *,
         if tp > 1:
             comm = 2 * ring(tp_link, T * d * e, tp)
             c.add("tp_comm", comm, comm)
-        if recompute == "full":  # the block's forward again inside its backward
-            extra = c.forward - fwd0
+        extra = c.forward - fwd0 if recompute == "full" else core if recompute == "selective" else 0.0
+        if extra:  # the block's forward (or its attention core) again inside its backward
             c.backward_input += extra
+            c.recomputed += extra
             c.parts["recompute"] = c.parts.get("recompute", 0.0) + extra
-        elif recompute == "selective":
-            c.backward_input += core
-            c.parts["recompute"] = c.parts.get("recompute", 0.0) + core
-        del before
     if post:
         vocab = padded_vocab_size(m.vocab_size, tp) // tp
         linear("gemm", vocab, d)
@@ -266,7 +267,24 @@ def _chunk_cost(cfg: JobConfig, spec: ModelSpec, hw: Hardware, layers: range, *,
     if pre or post:  # the embedding / head / loss host time, split between the first and the last chunk
         host = hw.overhead("model") / (1 if pre and post else 2)
         c.add("host_overhead", host / 3, 2 * host / 3)
+    slow = _slowdown(cfg, hw)
+    if slow != 1.0:  # the node's ranks share it: everything but the transfers runs slower
+        out = ChunkCost()
+        for part, (f, bi, bw) in c.by_part.items():
+            k = 1.0 if part in ("tp_comm", "moe_a2a") else slow
+            out.add(part, f * k, bi * k, bw * k)
+        for part in ("recompute",):
+            if part in c.parts:
+                out.parts[part] = c.parts[part] * slow
+        out.backward_input += c.recomputed * slow
+        out.recomputed = c.recomputed * slow
+        return out
     return c
+
+
+def _slowdown(cfg: JobConfig, hw: Hardware) -> float:
+    """Compute slowdown when the node runs several ranks (calibrated CPUs; 1 on GPUs)."""
+    return hw.shared_node_slowdown if cfg.cluster.ranks_per_node > 1 else 1.0
 
 
 @functools.lru_cache(maxsize=65536)
@@ -356,6 +374,7 @@ def step_time(cfg: JobConfig, spec: ModelSpec, hw: Hardware) -> StepTime:
         norm = held * (hw.grad_norm_ns_per_param * 1e-9 if hw.grad_norm_ns_per_param else size / (hw.hbm_gbps * 1e9))
         grad_norm = max(grad_norm, norm)
         opt = max(opt, stage_opt)
+    opt, grad_norm = opt * _slowdown(cfg, hw), grad_norm * _slowdown(cfg, hw)
     breakdown["dp_comm_exposed"] = dp_exposed
     breakdown["optimizer"] = opt
     breakdown["grad_norm"] = grad_norm
