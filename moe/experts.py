@@ -7,8 +7,9 @@ weights are drawn in full from their
 own streams (``{name}.{gid}.gate|up|down``) and sliced for expert tensor parallelism, so any
 (ep, etp) layout holds the same numbers. In checkpoints every expert is stored under its global id.
 
-Compute: one grouped GEMM over the expert segments (``torch._grouped_mm`` on CUDA); on CPU a segmented
-loop of matmuls whose backward writes every expert's weight gradient in place.
+Compute: one grouped GEMM over the expert segments (``torch._grouped_mm`` on CUDA, for the dtypes its own
+checks accept: bfloat16 in torch 2.13); otherwise a segmented loop of matmuls whose backward writes every
+expert's weight gradient in place.
 
 Expert TP (etp > 1): rows are all-gathered from the etp peers (uneven, as an all-to-all), each peer
 computes its F/etp slice for all of them, and the partial outputs are reduce-scattered back.
@@ -162,12 +163,30 @@ class _SampledSegmentedMM(torch.autograd.Function):
 
 
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+_GROUPED_MM_DTYPES: dict[torch.dtype, bool] = {}
+
+
+def grouped_mm_takes(dtype: torch.dtype) -> bool:
+    """Whether this torch's ``_grouped_mm`` accepts ``dtype``: asked of its own checks on meta tensors (no
+    device needed), once per dtype. torch 2.13's accepts bfloat16 only; fp32 / fp16 / fp64 take the loop."""
+    if dtype not in _GROUPED_MM_DTYPES:
+        ok = _HAS_GROUPED_MM
+        if ok:
+            x = torch.empty(32, 16, dtype=dtype, device="meta")
+            w = torch.empty(2, 16, 16, dtype=dtype, device="meta")
+            try:
+                torch._grouped_mm(x, w, offs=torch.empty(2, dtype=torch.int32, device="meta"))
+            except (RuntimeError, TypeError, ValueError, NotImplementedError):
+                ok = False
+        _GROUPED_MM_DTYPES[dtype] = ok
+    return _GROUPED_MM_DTYPES[dtype]
 
 
 def fused_grouped_mm_fits(x_RI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes these operands: fp32/bf16/fp16, rows of a multiple of 16 bytes."""
+    """Whether ``torch._grouped_mm`` takes these operands: a dtype its checks accept (:func:`grouped_mm_takes`)
+    and rows of a multiple of 16 bytes."""
     item = x_RI.element_size()
-    return (_HAS_GROUPED_MM and x_RI.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return (x_RI.dtype == w_EOI.dtype and grouped_mm_takes(x_RI.dtype)
             and (x_RI.shape[-1] * item) % 16 == 0 and (w_EOI.shape[1] * item) % 16 == 0)
 
 
@@ -175,7 +194,7 @@ def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts: list[int],
                sample_w_R: torch.Tensor | None = None, pending: PendingWeightGrads | None = None) -> torch.Tensor:
     """One grouped GEMM over expert segments: rows ``counts[e]`` of ``x`` times ``w[e]^T``.
 
-    On CUDA torch's fused ``_grouped_mm`` (fp32/bf16/fp16, 16-byte aligned rows); elsewhere a segmented
+    On CUDA torch's fused ``_grouped_mm`` (the dtypes it accepts, 16-byte aligned rows); elsewhere a segmented
     loop with in-place weight gradients (measured faster than ``_grouped_mm`` on CPU). With
     ``sample_w_R`` (WTA-CRS weights per row, 0 = not kept) the weight gradient is the sampled estimate.
     With ``pending`` the weight gradient is left to whoever takes ``pending`` later in the backward.

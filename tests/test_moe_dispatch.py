@@ -163,7 +163,7 @@ def _offs(counts: list[int]) -> torch.Tensor:
 def test_grouped_mm_paths_agree_with_per_expert_matmuls():
     """The CPU segmented loop and the ``torch._grouped_mm`` function CUDA uses (run here on CPU, where
     torch has it for fp32) against per-expert matmuls, empty experts included."""
-    from moetrain.moe.experts import _GroupedMM, _SegmentedMM, fused_grouped_mm_fits, grouped_mm
+    from moetrain.moe.experts import _GroupedMM, _SegmentedMM, grouped_mm
 
     gen = torch.Generator().manual_seed(0)
     counts = [3, 0, 5, 1, 0]
@@ -175,9 +175,8 @@ def test_grouped_mm_paths_agree_with_per_expert_matmuls():
         ref = torch.cat([s @ w[e].t() for e, s in enumerate(x.split(counts))])
         rgx, rgw = torch.autograd.grad(ref, (x, w), g)
         fns = [grouped_mm, lambda a, b, c: _SegmentedMM.apply(a, b, c, None)]
-        if fused_grouped_mm_fits(x, w):
+        if dtype == torch.float32 and d * 4 % 16 == 0:  # torch's CPU _grouped_mm takes fp32
             fns.append(lambda a, b, c: _GroupedMM.apply(a, b, _offs(c), None))
-        assert len(fns) == 3 or dtype == torch.float64 or d * 4 % 16, "the fused path must be covered"
         for fn in fns:
             y = fn(x, w, counts)
             gx, gw = torch.autograd.grad(y, (x, w), g)
@@ -194,6 +193,26 @@ def test_grouped_mm_paths_agree_with_per_expert_matmuls():
     assert x.grad is not None and x.grad.shape == (9, 8)
     empty = torch.zeros(0, 8, dtype=torch.float64, requires_grad=True)
     assert grouped_mm(empty, w.detach().double(), [0] * 5).grad_fn is not None
+
+
+def test_fused_grouped_mm_only_gets_dtypes_its_checks_accept():
+    """CUDA's ``_grouped_mm`` is only chosen for dtypes torch's own (meta) checks accept: torch 2.13 rejects
+    fp32 / fp16 / fp64 there, so those take the segmented loop instead of failing on the first GPU run."""
+    from moetrain.moe.experts import fused_grouped_mm_fits, grouped_mm_takes
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        x = torch.empty(32, 16, dtype=dtype, device="meta")
+        w = torch.empty(2, 16, 16, dtype=dtype, device="meta")
+        try:
+            torch._grouped_mm(x, w, offs=torch.empty(2, dtype=torch.int32, device="meta"))
+            accepted = True
+        except RuntimeError:
+            accepted = False
+        assert grouped_mm_takes(dtype) == accepted
+        assert fused_grouped_mm_fits(torch.empty(4, 16, dtype=dtype), torch.empty(2, 16, 16, dtype=dtype)) == accepted
+    # misaligned rows (3 bf16 = 6 bytes) never take the fused path
+    bf16 = torch.bfloat16
+    assert not fused_grouped_mm_fits(torch.empty(4, 3, dtype=bf16), torch.empty(2, 16, 3, dtype=bf16))
 
 
 def test_pending_weight_grads_are_left_for_the_taker_on_every_grouped_mm_path():
