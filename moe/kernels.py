@@ -25,8 +25,13 @@ from moetrain.errors import UserError
 from moetrain.parallel.cuda_ext import CSRC, Extension
 
 __all__ = ["load", "route_topk_ref", "rank_in_expert_ref", "pack_rows_ref", "combine_rows_ref", "positions_ref",
-           "CSRC", "KernelError", "require", "use_fused", "select_experts", "positions", "pack_rows", "combine_rows"]
+           "CSRC", "KernelError", "require", "use_fused", "select_experts", "positions", "pack_rows", "combine_rows",
+           "KernelArgumentError", "check_route_args", "check_rank_args", "check_rows_args", "SELF_CHECK_DTYPES"]
 
+
+
+SELF_CHECK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""The dtypes the kernels take (``_KERNEL_DTYPES``): the self-check runs every kernel in each."""
 
 
 def self_check(ext, device: str) -> str | None:
@@ -40,11 +45,14 @@ def self_check(ext, device: str) -> str | None:
     def close(a, b, tol=1e-4):
         return a.shape == b.shape and bool(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol))
 
-    for sigmoid, b in ((False, None), (True, bias)):
-        e, gate, psum = ext.route_topk(logits, b, K, sigmoid, True)
-        re, rg, rps = route_topk_ref(logits, b, K, sigmoid, True)
-        if not (torch.equal(e, re) and close(gate, rg) and close(psum, rps)):
-            return f"route_topk (sigmoid={sigmoid})"
+    for dtype in SELF_CHECK_DTYPES:  # every storage type a path may run in, so no broken instantiation is enabled
+        lg = logits.to(dtype)
+        for sigmoid, b in ((False, None), (True, bias)):
+            e, gate, psum = ext.route_topk(lg, b, K, sigmoid, True)
+            re, rg, rps = route_topk_ref(lg, b, K, sigmoid, True)
+            if not (torch.equal(e, re) and close(gate, rg) and close(psum, rps)):
+                return f"route_topk ({dtype}, sigmoid={sigmoid})"
+    e, gate, _ = ext.route_topk(logits, None, K, False, True)
     keep = torch.rand(T, K, device=device, generator=g) < 0.8
     for order in (0, 1):
         rank, total = ext.rank_in_expert(e, keep, E, order)
@@ -52,12 +60,12 @@ def self_check(ext, device: str) -> str | None:
             return f"rank_in_expert (order={order})"
     pos, counts = positions_ref(e, keep, E)
     n = int(counts.sum())
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in SELF_CHECK_DTYPES:
         x = torch.randn(T, D, device=device, generator=g).to(dtype)
         rows = ext.pack_rows(x, pos, n)
         if not torch.equal(rows, pack_rows_ref(x, pos, n)):
             return f"pack_rows ({dtype})"
-        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
         if not close(ext.combine_rows(rows, pos, gate), combine_rows_ref(rows, pos, gate), tol):
             return f"combine_rows ({dtype})"
         dy = torch.randn(T, D, device=device, generator=g).to(dtype)
@@ -71,7 +79,7 @@ def self_check(ext, device: str) -> str | None:
 
 _EXT = Extension("moetrain_moe_ops", ["moe_ops.cpp", "moe_kernels.cu"],  # precise expf: selection = reference
                  check=self_check)
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = SELF_CHECK_DTYPES
 
 
 class KernelError(UserError, RuntimeError):
@@ -112,6 +120,67 @@ def load():
     return _EXT.get()
 
 
+# ------------------------------------------------------------------------------ the argument contract
+MAX_EXPERTS_ROUTE = 256  # csrc kMaxExpertsPerLane (8) x a warp (32)
+MAX_K = 8  # csrc kMaxK
+
+
+class KernelArgumentError(ValueError):
+    """Arguments a kernel (and its reference) does not take: named, before anything runs."""
+
+
+def _need(ok: bool, op: str, why: str) -> None:
+    if not ok:
+        raise KernelArgumentError(f"{op}: {why}")
+
+
+def _same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    given = {k: t for k, t in tensors.items() if t is not None}
+    devices = {str(t.device) for t in given.values()}
+    _need(len(devices) <= 1, op, "tensors on different devices: " +
+          ", ".join(f"{k} on {t.device}" for k, t in given.items()))
+
+
+def check_route_args(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int) -> None:
+    op = "route_topk"
+    _same_device(op, logits=logits_TE, bias=bias_E)
+    _need(logits_TE.dim() == 2, op, f"logits must be [T, E], got shape {tuple(logits_TE.shape)}")
+    _need(logits_TE.is_floating_point(), op, f"logits must be floating point, got {logits_TE.dtype}")
+    E = logits_TE.shape[1]
+    _need(1 <= k <= E, op, f"k={k} must be in [1, E={E}]")
+    _need(bias_E is None or tuple(bias_E.shape) == (E,), op,
+          f"bias must be [E={E}], got {None if bias_E is None else tuple(bias_E.shape)}")
+
+
+def check_rank_args(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int, order: int,
+                    shared_bytes_limit: int | None = None) -> None:
+    op = "rank_in_expert"
+    _same_device(op, expert=expert_TK, keep=keep_TK)
+    _need(expert_TK.dim() == 2, op, f"expert ids must be [T, K], got shape {tuple(expert_TK.shape)}")
+    _need(not expert_TK.is_floating_point() and expert_TK.dtype != torch.bool, op,
+          f"expert ids must be integers, got {expert_TK.dtype}")
+    _need(keep_TK is None or keep_TK.shape == expert_TK.shape, op,
+          f"keep {None if keep_TK is None else tuple(keep_TK.shape)} must match expert ids {tuple(expert_TK.shape)}")
+    _need(num_experts >= 1, op, f"num_experts={num_experts} must be >= 1")
+    _need(order in (0, 1), op, f"order={order} must be 0 (token-major) or 1 (choice-major)")
+    if shared_bytes_limit is not None:  # one int32 counter per expert in a block's dynamic shared memory
+        _need(4 * num_experts <= shared_bytes_limit, op, f"{num_experts} experts need {4 * num_experts} bytes of "
+                                                         f"shared memory; the device gives {shared_bytes_limit}")
+
+
+def check_rows_args(op: str, rows_or_x: torch.Tensor, pos_TK: torch.Tensor, gate_TK: torch.Tensor | None = None,
+                    num_rows: int | None = None) -> None:
+    """pack_rows / combine_rows (and their backwards): 2-D floating rows, int32 positions [T, K], gates [T, K]."""
+    _same_device(op, rows=rows_or_x, pos=pos_TK, gate=gate_TK)
+    _need(rows_or_x.dim() == 2 and rows_or_x.is_floating_point(), op,
+          f"rows must be a 2-D floating tensor, got {tuple(rows_or_x.shape)} {rows_or_x.dtype}")
+    _need(pos_TK.dim() == 2 and pos_TK.dtype == torch.int32, op,
+          f"positions must be int32 [T, K], got {tuple(pos_TK.shape)} {pos_TK.dtype}")
+    _need(gate_TK is None or gate_TK.shape == pos_TK.shape, op,
+          f"gates {None if gate_TK is None else tuple(gate_TK.shape)} must match positions {tuple(pos_TK.shape)}")
+    _need(num_rows is None or num_rows >= 0, op, f"rows={num_rows} must be >= 0")
+
+
 # ------------------------------------------------------------------------------ torch references
 def _acc(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp32 for fp32/fp16/bf16 (the kernels' math), float64 stays float64."""
@@ -120,6 +189,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 def route_topk_ref(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int, sigmoid: bool,
                    renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_route_args(logits_TE, bias_E, k)
     acc = _acc(logits_TE.dtype)
     scores = logits_TE.to(acc).sigmoid() if sigmoid else logits_TE.to(acc).softmax(dim=-1)
     key = scores if bias_E is None else scores + bias_E.to(acc)
@@ -132,6 +202,7 @@ def route_topk_ref(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int,
 
 def rank_in_expert_ref(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int,
                        order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    check_rank_args(expert_TK, keep_TK, num_experts, order)
     T, K = expert_TK.shape
     e = expert_TK.long()
     keep = torch.ones_like(e, dtype=torch.bool) if keep_TK is None else keep_TK.bool()
@@ -163,6 +234,7 @@ def _rows_from_ranks(rank_TK: torch.Tensor, total_E: torch.Tensor, expert_TK: to
 
 
 def pack_rows_ref(x_TD: torch.Tensor, pos_TK: torch.Tensor, rows: int) -> torch.Tensor:
+    check_rows_args("pack_rows", x_TD, pos_TK, num_rows=rows)
     K = pos_TK.shape[1]
     out = x_TD.new_empty(rows, x_TD.shape[1])
     flat = pos_TK.reshape(-1).long()
@@ -178,6 +250,7 @@ def pack_rows_backward_ref(d_rows: torch.Tensor, pos_TK: torch.Tensor, num_token
 
 
 def combine_rows_ref(rows: torch.Tensor, pos_TK: torch.Tensor, gate_TK: torch.Tensor) -> torch.Tensor:
+    check_rows_args("combine_rows", rows, pos_TK, gate_TK)
     acc = _acc(rows.dtype)
     if rows.shape[0] == 0:  # nothing routed here: every position is -1
         return rows.new_zeros(pos_TK.shape[0], rows.shape[1])
@@ -190,6 +263,9 @@ def combine_rows_ref(rows: torch.Tensor, pos_TK: torch.Tensor, gate_TK: torch.Te
 def combine_rows_backward_ref(dy_TD: torch.Tensor, rows: torch.Tensor, pos_TK: torch.Tensor,
                               gate_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """d_rows[pos[t, k]] = gate[t, k] dy[t] (rows nobody reads: 0); d_gate[t, k] = <dy[t], rows[pos[t, k]]>."""
+    check_rows_args("combine_rows_backward", rows, pos_TK, gate_TK)
+    _need(dy_TD.shape == (pos_TK.shape[0], rows.shape[1]), "combine_rows_backward",
+          f"dy {tuple(dy_TD.shape)} must be [T={pos_TK.shape[0]}, D={rows.shape[1]}]")
     acc = _acc(rows.dtype)
     pos = pos_TK.reshape(-1).long()
     kept = pos >= 0
@@ -207,8 +283,9 @@ def combine_rows_backward_ref(dy_TD: torch.Tensor, rows: torch.Tensor, pos_TK: t
 def select_experts(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int, sigmoid: bool) -> torch.Tensor:
     """Top-k expert ids ``[T, k]`` (int64) of softmax/sigmoid scores + selection bias (no gradient)."""
     logits = logits_TE.detach().contiguous()
+    check_route_args(logits, bias_E, k)
     ext = _ext_for(logits)
-    if ext is not None and logits.shape[1] <= 256 and k <= 8:  # the kernel's limits (a warp holds <= 8 per lane)
+    if ext is not None and logits.shape[1] <= MAX_EXPERTS_ROUTE and k <= MAX_K:  # the kernel's limits
         bias = None if bias_E is None else bias_E.detach().float().contiguous()
         return ext.route_topk(logits, bias, k, sigmoid, False)[0].long()
     return route_topk_ref(logits, bias_E, k, sigmoid, False)[0].long()
@@ -219,6 +296,7 @@ def positions(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts
     """(pos_TK int32, counts_E int64): each kept assignment's row in the expert-sorted buffer (token-major
     within an expert, the stable sort's order), -1 elsewhere; rows per expert."""
     expert = expert_TK.to(torch.int32).contiguous()
+    check_rank_args(expert, keep_TK, num_experts, 0)
     ext = _ext_for(expert)
     if ext is None:
         pos, total = positions_ref(expert, keep_TK, num_experts)

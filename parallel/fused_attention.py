@@ -26,23 +26,23 @@ def self_check(ext, device: str) -> str | None:
     multiple, against the float64 reference (output, log-sum-exp, gradients; outputs NaN-poisoned
     first): the first case that fails, or None."""
     g = torch.Generator(device=device).manual_seed(0)
-    for D in HEAD_DIMS:
-        for causal in (True, False):
-            q = torch.randn(1, 4, 70, D, device=device, generator=g).to(torch.bfloat16)
-            k = torch.randn(1, 2, 70, D, device=device, generator=g).to(torch.bfloat16)
-            v = torch.randn(1, 2, 70, D, device=device, generator=g).to(torch.bfloat16)
-            d_o = torch.randn(1, 4, 70, D, device=device, generator=g).to(torch.bfloat16)
-            o, lse = ext.forward(q, k, v, causal, True)
-            dq, dk, dv = ext.backward(q, k, v, o, lse, d_o, causal, True)
-            qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
-            o_ref, lse_ref = attention_ref(qr, kr, vr, causal)
-            o_ref.backward(d_o.double())
-            for name, got, want, tol in (("output", o, o_ref, 2e-2), ("lse", lse, lse_ref, 1e-3),
-                                         ("dq", dq, qr.grad, 5e-2), ("dk", dk, kr.grad, 5e-2),
-                                         ("dv", dv, vr.grad, 5e-2)):
-                err = (got.double() - want.detach()).abs().max() / want.detach().abs().max().clamp(min=1e-6)
-                if not bool(torch.isfinite(got).all()) or float(err) > tol:
-                    return f"head dim {D}, causal={causal}: {name} (relative error {float(err):.3g})"
+    # every dtype the kernel is used in, so a broken instantiation is never enabled
+    for dtype, D, causal in ((dt, d, c) for dt in KERNEL_DTYPES for d in HEAD_DIMS for c in (True, False)):
+        q = torch.randn(1, 4, 70, D, device=device, generator=g).to(dtype)
+        k = torch.randn(1, 2, 70, D, device=device, generator=g).to(dtype)
+        v = torch.randn(1, 2, 70, D, device=device, generator=g).to(dtype)
+        d_o = torch.randn(1, 4, 70, D, device=device, generator=g).to(dtype)
+        o, lse = ext.forward(q, k, v, causal, True)
+        dq, dk, dv = ext.backward(q, k, v, o, lse, d_o, causal, True)
+        qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+        o_ref, lse_ref = attention_ref(qr, kr, vr, causal)
+        o_ref.backward(d_o.double())
+        for name, got, want, tol in (("output", o, o_ref, 2e-2), ("lse", lse, lse_ref, 1e-3),
+                                     ("dq", dq, qr.grad, 5e-2), ("dk", dk, kr.grad, 5e-2),
+                                     ("dv", dv, vr.grad, 5e-2)):
+            err = (got.double() - want.detach()).abs().max() / want.detach().abs().max().clamp(min=1e-6)
+            if not bool(torch.isfinite(got).all()) or float(err) > tol:
+                return f"{dtype}, head dim {D}, causal={causal}: {name} (relative error {float(err):.3g})"
     return None
 
 
@@ -51,6 +51,8 @@ _EXT = Extension("moetrain_attn_ops", ["attn_ops.cpp", "flash_attn.cu"], fast_ma
 _log = logging.getLogger("moetrain.attention")
 _said: set[str] = set()
 HEAD_DIMS = (64, 128)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+"""What the kernel takes (:func:`unsupported`), and what its self-check runs."""
 
 
 def load():
@@ -62,7 +64,7 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
     """Why the kernel cannot take these inputs, or None when it can."""
     if not (q.is_cuda and k.is_cuda and v.is_cuda):
         return "tensors are not on a CUDA device"
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtype {q.dtype} (the kernel takes float16 / bfloat16)"
     if q.shape[-1] not in HEAD_DIMS:
         return f"head dim {q.shape[-1]} (the kernel takes {' or '.join(map(str, HEAD_DIMS))})"

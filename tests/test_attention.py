@@ -112,12 +112,13 @@ def test_fused_attention_equals_float64_reference_on_gpu(dtype, D, T, H, Hkv, ca
     assert torch.equal(oa, o) and torch.equal(qa.grad, dq) and torch.equal(ka.grad, dk) and torch.equal(va.grad, dv)
 
 
-def _reference_attention_ext(scale_out: float = 1.0):
+def _reference_attention_ext(scale_out: float = 1.0, only: torch.dtype | None = None):
     from types import SimpleNamespace
 
     def forward(q, k, v, causal, poison):
         o, lse = attention_ref(q, k, v, causal)
-        return (o * scale_out).to(q.dtype), lse.float()
+        scale = scale_out if only in (None, q.dtype) else 1.0
+        return (o * scale).to(q.dtype), lse.float()
 
     def backward(q, k, v, o, lse, d_o, causal, poison):
         qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
@@ -132,4 +133,7 @@ def test_attention_self_check_accepts_the_reference_and_names_a_wrong_output():
 
     assert self_check(_reference_attention_ext(), "cpu") is None
     failed = self_check(_reference_attention_ext(scale_out=1.1), "cpu")
-    assert failed.startswith("head dim 64, causal=True: output")
+    assert failed.startswith("torch.bfloat16, head dim 64, causal=True: output")
+    # a kernel wrong in float16 only is caught too (every dtype the kernel takes is checked)
+    failed = self_check(_reference_attention_ext(scale_out=1.1, only=torch.float16), "cpu")
+    assert failed.startswith("torch.float16, head dim 64, causal=True: output")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,109 @@ def test_kernels_compile_with_plain_nvcc_for_hopper(tmp_path):
                               "-o", str(tmp_path / "k.o")], capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, f"{cu.name}:\n{out.stderr[-4000:]}"
         assert (tmp_path / "k.o").stat().st_size > 10_000
+
+
+# the CUDA library headers torch's CUDA headers include, which a CPU machine's toolkit may lack: only their
+# handle and status types are needed to type-check the bindings
+_STUBS = {
+    "cusparse.h": "typedef struct cusparseContext* cusparseHandle_t;\n"
+                  "typedef enum { CUSPARSE_STATUS_SUCCESS = 0 } cusparseStatus_t;\n"
+                  "const char* cusparseGetErrorString(cusparseStatus_t);\n",
+    "cublas_v2.h": "typedef struct cublasContext* cublasHandle_t;\n"
+                   "typedef enum { CUBLAS_STATUS_SUCCESS = 0 } cublasStatus_t;\n",
+    "cublasLt.h": "typedef struct cublasLtContext* cublasLtHandle_t;\n",
+    "cusolverDn.h": "typedef struct cusolverDnContext* cusolverDnHandle_t;\n",
+    "cusolver_common.h": "typedef enum { CUSOLVER_STATUS_SUCCESS = 0 } cusolverStatus_t;\n",
+    "c10/cuda/impl/cuda_cmake_macros.h": "",
+}
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or shutil.which("nvcc") is None, reason="g++ / CUDA headers missing")
+def test_bindings_type_check_against_torch_headers(tmp_path):
+    """The torch bindings (csrc/*.cpp: argument checks included) compile against this torch's headers; the
+    CUDA library headers they pull in are stubbed where this machine's toolkit lacks them."""
+    import os
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    nvcc_home = str(Path(shutil.which("nvcc")).resolve().parent.parent)
+    homes = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda", nvcc_home]
+    found = [Path(h) / "include" for h in homes if h and (Path(h) / "include" / "cuda_runtime_api.h").exists()]
+    if not found:
+        pytest.skip("no CUDA toolkit headers found (CUDA_HOME, /usr/local/cuda)")
+    cuda_include = found[0]
+    for name, text in _STUBS.items():
+        if not (cuda_include / name).exists():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text("#pragma once\n" + text)
+    flags = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{tmp_path}",
+                                                   f"-I{cuda_include}", "-DTORCH_EXTENSION_NAME=moetrain_check"]
+    for cpp in sorted(CSRC.glob("*.cpp")):
+        out = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", *flags, str(cpp)], capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, f"{cpp.name}:\n{out.stderr[-4000:]}"
+
+
+def test_argument_contract_names_the_problem():
+    """The checks the bindings make (device, dtype, shapes, the experts' shared memory), stated once in
+    moe/kernels.py and run by the references too, so they are tested here on CPU."""
+    from moetrain.moe.kernels import (
+        KernelArgumentError,
+        check_rank_args,
+        combine_rows_ref,
+        pack_rows_ref,
+        rank_in_expert_ref,
+    )
+
+    logits = torch.randn(8, 4)
+    with pytest.raises(KernelArgumentError, match=r"route_topk: k=5 must be in \[1, E=4\]"):
+        route_topk_ref(logits, None, 5, False, True)
+    with pytest.raises(KernelArgumentError, match="bias must be"):
+        route_topk_ref(logits, torch.zeros(3), 2, False, True)
+    with pytest.raises(KernelArgumentError, match="must be \\[T, E\\]"):
+        route_topk_ref(torch.randn(8), None, 1, False, True)
+    with pytest.raises(KernelArgumentError, match="must be integers"):
+        rank_in_expert_ref(torch.zeros(8, 2), None, 4, 0)
+    with pytest.raises(KernelArgumentError, match="order=2"):
+        rank_in_expert_ref(torch.zeros(8, 2, dtype=torch.int32), None, 4, 2)
+    with pytest.raises(KernelArgumentError, match="keep"):
+        rank_in_expert_ref(torch.zeros(8, 2, dtype=torch.int32), torch.ones(8, 3, dtype=torch.bool), 4, 0)
+    with pytest.raises(KernelArgumentError, match="20000 experts need 80000 bytes of shared memory"):
+        check_rank_args(torch.zeros(8, 2, dtype=torch.int32), None, 20000, 0, shared_bytes_limit=48 * 1024)
+    with pytest.raises(KernelArgumentError, match="positions must be int32"):
+        pack_rows_ref(torch.randn(8, 4), torch.zeros(8, 2, dtype=torch.int64), 16)
+    with pytest.raises(KernelArgumentError, match="gates"):
+        combine_rows_ref(torch.randn(16, 4), torch.zeros(8, 2, dtype=torch.int32), torch.ones(8, 3))
+    with pytest.raises(KernelArgumentError, match="different devices"):
+        pack_rows_ref(torch.randn(8, 4), torch.zeros(8, 2, dtype=torch.int32, device="meta"), 16)
+
+
+def test_nan_logits_route_to_valid_experts_on_the_torch_path():
+    """A NaN logit makes its token's scores NaN: its keys rank below every real score (the lowest ids win,
+    as the kernel does), every chosen id stays in [0, E), positions and packing stay in bounds, and only that
+    token's output is not finite."""
+    from moetrain.moe.kernels import combine_rows, pack_rows, positions, select_experts
+
+    T, E, K, D = 12, 6, 2, 8
+    logits = torch.randn(T, E)
+    logits[3, 2] = float("nan")
+    logits[7] = float("nan")
+    for sigmoid in (False, True):
+        expert = select_experts(logits, None, K, sigmoid)
+        assert int(expert.min()) >= 0 and int(expert.max()) < E
+        if not sigmoid:  # softmax spreads the NaN over the whole row: the lowest ids
+            assert expert[3].tolist() == [0, 1] and expert[7].tolist() == [0, 1]
+        else:  # sigmoid keeps it in one column: that expert is never chosen for token 3
+            assert 2 not in expert[3].tolist()
+        pos, counts = positions(expert, None, E)
+        assert int(counts.sum()) == T * K and int(pos.max()) < T * K and int(pos.min()) >= 0
+        x = torch.randn(T, D)
+        rows = pack_rows(x, pos, int(counts.sum()))
+        gates = route_topk_ref(logits, None, K, sigmoid, True)[1]
+        y = combine_rows(rows, pos, gates.to(rows.dtype))
+        finite = torch.isfinite(y).all(dim=1)
+        assert not finite[7] and finite[[t for t in range(T) if t not in (3, 7)]].all()
 
 
 def _routing(T=300, E=16, K=4, seed=0):
@@ -299,6 +403,19 @@ def test_self_check_passes_the_contract_and_names_the_first_broken_kernel():
     assert self_check(_reference_ext(pack_rows=swapped_rows), "cpu") == "pack_rows (torch.float32)"
     assert self_check(_reference_ext(route_topk=ties_to_higher_id), "cpu").startswith("route_topk")
     assert self_check(_reference_ext(rank_in_expert=off_by_one_rank), "cpu").startswith("rank_in_expert")
+
+    # a kernel broken in one dtype only (a bad instantiation) is caught: every dtype the kernels take is checked
+    def fp16_combine_wrong(rows, pos, gate):
+        y = combine_rows_ref(rows, pos, gate)
+        return y * 1.5 if rows.dtype == torch.float16 else y
+
+    def fp16_route_wrong(logits, bias, k, sigmoid, renorm):
+        e, g, s = route_topk_ref(logits, bias, k, sigmoid, renorm)
+        return (e.flip(1) if logits.dtype == torch.float16 else e), g, s
+
+    assert self_check(_reference_ext(combine_rows=fp16_combine_wrong), "cpu") == "combine_rows (torch.float16)"
+    assert self_check(_reference_ext(route_topk=fp16_route_wrong), "cpu") == \
+        "route_topk (torch.float16, sigmoid=False)"
 
 
 def test_a_failed_self_check_keeps_the_torch_path_and_says_why(monkeypatch, caplog):
