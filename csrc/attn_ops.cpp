@@ -12,7 +12,8 @@ cudaError_t moe_flash_attn_fwd(int dtype, const void* q, const void* k, const vo
                                int H, int Hkv, int seqlen, int D, int causal, float scale, cudaStream_t stream);
 cudaError_t moe_flash_attn_bwd(int dtype, const void* q, const void* k, const void* v, const void* o, const void* d_o,
                                const float* lse, float* delta, float* dq_acc, void* dq, void* dk, void* dv, int B, int H,
-                               int Hkv, int seqlen, int D, int causal, float scale, cudaStream_t stream);
+                               int Hkv, int seqlen, int D, int causal, float scale, int deterministic,
+                               cudaStream_t stream);
 }
 
 namespace {
@@ -60,7 +61,8 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
 
 // -> (dq, dk, dv)
 std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor o,
-                                    torch::Tensor lse, torch::Tensor d_o, bool causal, bool poison) {
+                                    torch::Tensor lse, torch::Tensor d_o, bool causal, bool poison,
+                                    bool deterministic) {
   check_input(q, "q", q);
   check_input(k, "k", q);
   check_input(v, "v", q);
@@ -76,11 +78,12 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
   }
   auto f32 = q.options().dtype(torch::kFloat);
   auto delta = torch::empty({B, H, T}, f32);
-  auto dq_acc = torch::empty({B, H, T, D}, f32);
+  // the atomic path sums dQ in an fp32 buffer; the deterministic one needs none
+  auto dq_acc = deterministic ? torch::empty({0}, f32) : torch::empty({B, H, T, D}, f32);
   check(moe_flash_attn_bwd(dtype_code(q), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), d_o.data_ptr(),
                            lse.data_ptr<float>(), delta.data_ptr<float>(), dq_acc.data_ptr<float>(), dq.data_ptr(),
                            dk.data_ptr(), dv.data_ptr(), B, H, Hkv, T, D, causal ? 1 : 0, 1.0f / std::sqrt(float(D)),
-                           at::cuda::getCurrentCUDAStream()),
+                           deterministic ? 1 : 0, at::cuda::getCurrentCUDAStream()),
         "moe_flash_attn_bwd");
   return {dq, dk, dv};
 }
@@ -89,5 +92,5 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused attention forward: (o, lse)");
-  m.def("backward", &backward, "fused attention backward: (dq, dk, dv)");
+  m.def("backward", &backward, "fused attention backward: (dq, dk, dv); deterministic: dQ without atomics");
 }

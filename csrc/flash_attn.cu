@@ -15,7 +15,9 @@
 //             head) walks every query head of its group and every query tile that can see its keys,
 //             recomputing P = exp(S - lse): dV += P^T dO and dK += dS^T Q stay in the block's
 //             registers (so GQA needs no atomics for dK/dV), dQ += dS K is added to an fp32 buffer with
-//             atomics and converted at the end.
+//             atomics and converted at the end. Deterministic mode: that kernel leaves dQ out and a second
+//             one, a block per (64-query tile, b*H + h), recomputes S, P and dS over the key tiles in a fixed
+//             order and keeps dQ in registers: the same bits on every run (atomics add in arrival order).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -220,7 +222,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const T* __restrict
                                                              const float* __restrict__ lse,
                                                              const float* __restrict__ delta, float* __restrict__ dq_acc,
                                                              T* __restrict__ dk, T* __restrict__ dv, int H, int Hkv,
-                                                             int seqlen, int causal, float scale) {
+                                                             int seqlen, int causal, float scale, int atomic_dq) {
   using S = Strides<D>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
@@ -308,6 +310,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const T* __restrict
           wmma::mma_sync(acc_dk[n], fa, fb, acc_dk[n]);
         }
       }
+      if (!atomic_dq) continue;  // deterministic mode: flash_bwd_dq_kernel computes dQ
       // dQ[warp's 16 query rows] += scale * dS K, through the warp's scratch rows, into fp32 global
       mm_ab<T, D>(s_w, S::kScratch, sdS + warp * 16 * S::kProb, S::kProb, sK, S::kTile);
       __syncwarp();
@@ -339,6 +342,99 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const T* __restrict
   }
 }
 
+// Deterministic dQ: one block per (64-query tile, b*H + h); each warp keeps dQ for its 16 query rows in
+// registers while the key tiles go by in increasing order, so the sum's order (and bits) never change.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) flash_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k,
+                                                                const T* __restrict__ v, const T* __restrict__ d_o,
+                                                                const float* __restrict__ lse,
+                                                                const float* __restrict__ delta, T* __restrict__ dq,
+                                                                int H, int Hkv, int seqlen, int causal, float scale) {
+  using S = Strides<D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + BR * S::kTile;
+  T* sK = sdO + BR * S::kTile;
+  T* sV = sK + BC * S::kTile;
+  T* sdS = sV + BC * S::kTile;
+  float* sS = reinterpret_cast<float*>(sdS + BR * S::kProb);
+  float* sLse = sS + BR * S::kScratch;
+  float* sDelta = sLse + BR;
+
+  const int q0 = blockIdx.x * BR;
+  const int bh = blockIdx.y, b = bh / H, h = bh % H;
+  const int bkv = b * Hkv + h / (H / Hkv);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row = warp * 16 + (lane >> 1);
+  const int half = lane & 1;
+  const float scale_log2 = scale * kLog2e;
+
+  load_tile<T, D>(sQ, q + static_cast<int64_t>(bh) * seqlen * D, q0, seqlen);
+  load_tile<T, D>(sdO, d_o + static_cast<int64_t>(bh) * seqlen * D, q0, seqlen);
+  for (int r = threadIdx.x; r < BR; r += kThreads) {
+    const bool in = q0 + r < seqlen;
+    sLse[r] = in ? lse[static_cast<int64_t>(bh) * seqlen + q0 + r] * kLog2e : INFINITY;
+    sDelta[r] = in ? delta[static_cast<int64_t>(bh) * seqlen + q0 + r] : 0.0f;
+  }
+  FragC acc_dq[D / 16];  // the warp's 16 query rows, all D columns
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(acc_dq[n], 0.0f);
+
+  const T* kb = k + static_cast<int64_t>(bkv) * seqlen * D;
+  const T* vb = v + static_cast<int64_t>(bkv) * seqlen * D;
+  const int k_end = causal ? (q0 + BR < seqlen ? q0 + BR : seqlen) : seqlen;  // later keys are masked
+  float* s_w = sS + warp * 16 * S::kScratch;
+  for (int k0 = 0; k0 < k_end; k0 += BC) {
+    __syncthreads();  // every warp is done with the previous key tile
+    load_tile<T, D>(sK, kb, k0, seqlen);
+    load_tile<T, D>(sV, vb, k0, seqlen);
+    __syncthreads();
+    // S = Q K^T, P = exp(S * scale - lse), dP = dO V^T, dS = P * (dP - delta): as flash_bwd_kernel
+    mm_abt<T, D>(s_w, S::kScratch, sQ + warp * 16 * S::kTile, S::kTile, sK, S::kTile);
+    __syncwarp();
+    const int qi = q0 + row;
+    const float row_lse = sLse[row];
+    float pv[BC / 2];
+#pragma unroll
+    for (int c = 0; c < BC / 2; ++c) {
+      const int kj = k0 + half * (BC / 2) + c;
+      const bool ok = qi < seqlen && kj < seqlen && (!causal || kj <= qi);
+      pv[c] = ok ? exp2f(s_w[(lane >> 1) * S::kScratch + half * (BC / 2) + c] * scale_log2 - row_lse) : 0.0f;
+    }
+    __syncwarp();
+    mm_abt<T, D>(s_w, S::kScratch, sdO + warp * 16 * S::kTile, S::kTile, sV, S::kTile);
+    __syncwarp();
+    const float row_delta = sDelta[row];
+#pragma unroll
+    for (int c = 0; c < BC / 2; ++c) {
+      const float dp = s_w[(lane >> 1) * S::kScratch + half * (BC / 2) + c];
+      sdS[row * S::kProb + half * (BC / 2) + c] = from_f<T>(pv[c] * (dp - row_delta));
+    }
+    __syncwarp();
+    // dQ += dS K for the warp's rows: A = dS [16 x 64], B = K [64 x D], both row-major in shared memory
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) {
+#pragma unroll
+      for (int kk = 0; kk < BC; kk += 16) {
+        FragA<T> fa;
+        FragB<T> fb;
+        wmma::load_matrix_sync(fa, sdS + warp * 16 * S::kProb + kk, S::kProb);
+        wmma::load_matrix_sync(fb, sK + kk * S::kTile + n * 16, S::kTile);
+        wmma::mma_sync(acc_dq[n], fa, fb, acc_dq[n]);
+      }
+    }
+  }
+  __syncwarp();
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) wmma::store_matrix_sync(s_w + n * 16, acc_dq[n], S::kScratch, wmma::mem_row_major);
+  __syncwarp();
+  for (int i = lane; i < 16 * D; i += 32) {
+    const int r = i / D, c = i % D;
+    const int qr = q0 + warp * 16 + r;
+    if (qr < seqlen) dq[(static_cast<int64_t>(bh) * seqlen + qr) * D + c] = from_f<T>(scale * s_w[r * S::kScratch + c]);
+  }
+}
+
 template <typename T>
 __global__ void cast_kernel(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -353,6 +449,10 @@ template <int D> constexpr size_t fwd_smem_bytes() {
 template <int D> constexpr size_t bwd_smem_bytes() {
   using S = Strides<D>;
   return 2 * ((2 * BC + 2 * BR) * S::kTile + 2 * BR * S::kProb) + 4 * (BR * S::kScratch + 2 * BR);
+}
+template <int D> constexpr size_t dq_smem_bytes() {
+  using S = Strides<D>;
+  return 2 * ((2 * BC + 2 * BR) * S::kTile + BR * S::kProb) + 4 * (BR * S::kScratch + 2 * BR);
 }
 
 template <typename T, int D>
@@ -372,21 +472,35 @@ cudaError_t forward(const void* q, const void* k, const void* v, void* o, float*
 template <typename T, int D>
 cudaError_t backward(const void* q, const void* k, const void* v, const void* o, const void* d_o, const float* lse,
                      float* delta, float* dq_acc, void* dq, void* dk, void* dv, int B, int H, int Hkv, int seqlen,
-                     int causal, float scale, cudaStream_t stream) {
+                     int causal, float scale, int deterministic, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(B) * H * seqlen;
   flash_bwd_delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(
       static_cast<const T*>(o), static_cast<const T*>(d_o), delta, rows);
-  cudaError_t err = cudaMemsetAsync(dq_acc, 0, sizeof(float) * rows * D, stream);
-  if (err != cudaSuccess) return err;
+  cudaError_t err = cudaSuccess;
+  if (!deterministic) {
+    err = cudaMemsetAsync(dq_acc, 0, sizeof(float) * rows * D, stream);
+    if (err != cudaSuccess) return err;
+  }
   constexpr size_t smem = bwd_smem_bytes<D>();
   err = cudaFuncSetAttribute(flash_bwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   dim3 grid((seqlen + BC - 1) / BC, B * Hkv);
   flash_bwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(
       static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<const T*>(d_o), lse,
-      delta, dq_acc, static_cast<T*>(dk), static_cast<T*>(dv), H, Hkv, seqlen, causal, scale);
+      delta, dq_acc, static_cast<T*>(dk), static_cast<T*>(dv), H, Hkv, seqlen, causal, scale, deterministic ? 0 : 1);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  if (deterministic) {
+    constexpr size_t dq_smem = dq_smem_bytes<D>();
+    err = cudaFuncSetAttribute(flash_bwd_dq_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(dq_smem));
+    if (err != cudaSuccess) return err;
+    dim3 dq_grid((seqlen + BR - 1) / BR, B * H);
+    flash_bwd_dq_kernel<T, D><<<dq_grid, kThreads, dq_smem, stream>>>(
+        static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<const T*>(d_o), lse,
+        delta, static_cast<T*>(dq), H, Hkv, seqlen, causal, scale);
+    return cudaGetLastError();
+  }
   const int64_t n = rows * D;
   const unsigned blocks = static_cast<unsigned>(n / 256 + 1 < 65535 ? n / 256 + 1 : 65535);
   cast_kernel<T><<<blocks, 256, 0, stream>>>(dq_acc, static_cast<T*>(dq), n);
@@ -412,23 +526,22 @@ cudaError_t moe_flash_attn_fwd(int dtype, const void* q, const void* k, const vo
   return cudaErrorInvalidValue;
 }
 
-// Workspaces: delta [B*H*T] fp32, dq_acc [B*H*T*D] fp32.
+// Workspaces: delta [B*H*T] fp32, dq_acc [B*H*T*D] fp32 (unused when deterministic: dQ then comes from a
+// second kernel that sums the key tiles in a fixed order).
 cudaError_t moe_flash_attn_bwd(int dtype, const void* q, const void* k, const void* v, const void* o, const void* d_o,
                                const float* lse, float* delta, float* dq_acc, void* dq, void* dk, void* dv, int B, int H,
-                               int Hkv, int seqlen, int D, int causal, float scale, cudaStream_t stream) {
+                               int Hkv, int seqlen, int D, int causal, float scale, int deterministic,
+                               cudaStream_t stream) {
   using namespace moetrain_attn;
   if (Hkv < 1 || H % Hkv != 0 || seqlen < 1 || B < 1 || B * H > 65535) return cudaErrorInvalidValue;
-  if (dtype == 1 && D == 64)
-    return backward<__half, 64>(q, k, v, o, d_o, lse, delta, dq_acc, dq, dk, dv, B, H, Hkv, seqlen, causal, scale, stream);
-  if (dtype == 1 && D == 128)
-    return backward<__half, 128>(q, k, v, o, d_o, lse, delta, dq_acc, dq, dk, dv, B, H, Hkv, seqlen, causal, scale,
-                                 stream);
-  if (dtype == 2 && D == 64)
-    return backward<__nv_bfloat16, 64>(q, k, v, o, d_o, lse, delta, dq_acc, dq, dk, dv, B, H, Hkv, seqlen, causal, scale,
-                                       stream);
-  if (dtype == 2 && D == 128)
-    return backward<__nv_bfloat16, 128>(q, k, v, o, d_o, lse, delta, dq_acc, dq, dk, dv, B, H, Hkv, seqlen, causal,
-                                        scale, stream);
+#define MOE_BWD(TYPE, DIM)                                                                                         \
+  return backward<TYPE, DIM>(q, k, v, o, d_o, lse, delta, dq_acc, dq, dk, dv, B, H, Hkv, seqlen, causal, scale, \
+                             deterministic, stream)
+  if (dtype == 1 && D == 64) MOE_BWD(__half, 64);
+  if (dtype == 1 && D == 128) MOE_BWD(__half, 128);
+  if (dtype == 2 && D == 64) MOE_BWD(__nv_bfloat16, 64);
+  if (dtype == 2 && D == 128) MOE_BWD(__nv_bfloat16, 128);
+#undef MOE_BWD
   return cudaErrorInvalidValue;
 }
 

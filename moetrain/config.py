@@ -331,6 +331,9 @@ class TrainConfig(_Section):
     """Data-parallel gradient bucket size (MiB)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: selective = core attention, full = whole transformer blocks."""
+    deterministic: bool = False
+    """Bit-reproducible gradients: kernels whose sums depend on thread timing (the fused attention's dQ,
+    accumulated with atomics) take their ordered paths, at some speed."""
     time_limit: Optional[Union[str, Annotated[float, Field(gt=0)]]] = None
     """Wall-clock budget of the run (``3h50m``, ``90m``, ``1d2h``, ``01:30:00``, or seconds): before a step
     would cross it, every rank stops, the run saves a checkpoint (with ``checkpoint.dir``) and exits."""

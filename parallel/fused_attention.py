@@ -33,16 +33,21 @@ def self_check(ext, device: str) -> str | None:
         v = torch.randn(1, 2, 70, D, device=device, generator=g).to(dtype)
         d_o = torch.randn(1, 4, 70, D, device=device, generator=g).to(dtype)
         o, lse = ext.forward(q, k, v, causal, True)
-        dq, dk, dv = ext.backward(q, k, v, o, lse, d_o, causal, True)
+        dq, dk, dv = ext.backward(q, k, v, o, lse, d_o, causal, True, False)
+        dq_det, dk_det, dv_det = ext.backward(q, k, v, o, lse, d_o, causal, True, True)  # ordered dQ
         qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
         o_ref, lse_ref = attention_ref(qr, kr, vr, causal)
         o_ref.backward(d_o.double())
         for name, got, want, tol in (("output", o, o_ref, 2e-2), ("lse", lse, lse_ref, 1e-3),
                                      ("dq", dq, qr.grad, 5e-2), ("dk", dk, kr.grad, 5e-2),
-                                     ("dv", dv, vr.grad, 5e-2)):
+                                     ("dv", dv, vr.grad, 5e-2), ("deterministic dq", dq_det, qr.grad, 5e-2)):
             err = (got.double() - want.detach()).abs().max() / want.detach().abs().max().clamp(min=1e-6)
             if not bool(torch.isfinite(got).all()) or float(err) > tol:
                 return f"{dtype}, head dim {D}, causal={causal}: {name} (relative error {float(err):.3g})"
+        again = ext.backward(q, k, v, o, lse, d_o, causal, False, True)
+        if not (torch.equal(dk_det, dk) and torch.equal(dv_det, dv)
+                and all(torch.equal(a, b) for a, b in zip(again, (dq_det, dk_det, dv_det)))):
+            return f"{dtype}, head dim {D}, causal={causal}: deterministic backward (bits differ between runs)"
     return None
 
 
@@ -81,32 +86,32 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool):
+    def forward(ctx, q, k, v, causal: bool, deterministic: bool = False):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o, lse = _EXT.get().forward(q, k, v, causal, False)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal = causal
+        ctx.causal, ctx.deterministic = causal, deterministic
         return o
 
     @staticmethod
     def backward(ctx, d_o):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _EXT.get().backward(q, k, v, o, lse, d_o.contiguous(), ctx.causal, False)
-        return dq, dk, dv, None
+        dq, dk, dv = _EXT.get().backward(q, k, v, o, lse, d_o.contiguous(), ctx.causal, False, ctx.deterministic)
+        return dq, dk, dv, None, None
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) [causal mask]) v, through the fused kernel when it applies."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              deterministic: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) [causal mask]) v, through the fused kernel when it applies. ``deterministic``
+    (``train.deterministic``): dQ from the kernel that sums key tiles in a fixed order (no atomics), so the
+    gradients have the same bits on every run."""
     why = unsupported(q, k, v)
     if why is None:
-        return _FlashAttention.apply(q, k, v, causal)
+        return _FlashAttention.apply(q, k, v, causal, deterministic)
     if why not in _said:
         _said.add(why)
         _log.info("model.attention=fused: torch SDPA runs instead of the kernel: %s", why)

@@ -67,6 +67,8 @@ class TransformerArgs:
     """qkv | attn_out | mlp_up | mlp_down (mlp_* also cover shared experts and routed experts)."""
     recompute: str = "none"
     """Activation recomputation: none | selective (core attention) | full (whole blocks)."""
+    deterministic: bool = False
+    """Kernels with order-dependent sums take their ordered paths (the fused attention's dQ)."""
 
     @property
     def head_dim(self) -> int:
@@ -125,6 +127,7 @@ class Attention(nn.Module):
         self.hd = hd
         self.heads, self.kv_heads = args.heads // tp, args.kv_heads // tp
         self.kind = args.attention
+        self.deterministic = args.deterministic
         self.selective = args.recompute == "selective"
         std = 1.0 / math.sqrt(d)
         self.qkv = ColumnParallelLinear(d, [args.heads * hd, args.kv_heads * hd, args.kv_heads * hd],
@@ -155,7 +158,7 @@ class Attention(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         if self.kind == "fused":  # csrc kernel (GQA inside, k and v not repeated); SDPA where it cannot run
-            return fused_attention.attention(q, k, v, causal=True)
+            return fused_attention.attention(q, k, v, causal=True, deterministic=self.deterministic)
         if self.kv_heads != self.heads:
             rep = self.heads // self.kv_heads
             k = k.repeat_interleave(rep, dim=1)

@@ -85,8 +85,9 @@ def test_fused_attention_equals_float64_reference_on_gpu(dtype, D, T, H, Hkv, ca
     d_o = torch.randn(B, H, T, D, device="cuda", generator=g).to(dtype)
 
     o, lse = ext.forward(q, k, v, causal, True)  # outputs poisoned with NaN first: every element must be written
-    dq, dk, dv = ext.backward(q, k, v, o, lse, d_o, causal, True)
-    for name, t in (("o", o), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
+    dq, dk, dv = ext.backward(q, k, v, o, lse, d_o, causal, True, False)  # dQ by fp32 atomics
+    dq_det, dk_det, dv_det = ext.backward(q, k, v, o, lse, d_o, causal, True, True)  # dQ in a fixed order
+    for name, t in (("o", o), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv), ("dq_det", dq_det)):
         assert bool(torch.isfinite(t).all()), f"{name} has NaN/inf (unwritten or overflowed)"
 
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -101,15 +102,29 @@ def test_fused_attention_equals_float64_reference_on_gpu(dtype, D, T, H, Hkv, ca
     tol = {"o": _err(o_sdpa, o_ref), "dq": _err(qs.grad, qr.grad), "dk": _err(ks.grad, kr.grad),
            "dv": _err(vs.grad, vr.grad)}
     got = {"o": _err(o, o_ref), "dq": _err(dq, qr.grad), "dk": _err(dk, kr.grad), "dv": _err(dv, vr.grad)}
+    got["dq_det"], tol["dq_det"] = _err(dq_det, qr.grad), tol["dq"]
     for name in got:
         assert got[name] <= 3 * tol[name] + 2e-3, (name, got[name], tol[name])
     torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-4, atol=1e-3)  # fp32 scores of the same inputs
+    # dK, dV never use atomics: the same bits either way; the deterministic dQ is the same bits run after run
+    assert torch.equal(dk_det, dk) and torch.equal(dv_det, dv)
+    again = ext.backward(q, k, v, o, lse, d_o, causal, False, True)
+    assert all(torch.equal(a, b) for a, b in zip(again, (dq_det, dk_det, dv_det)))
+    # the atomic dQ adds fp32 partials of the key tiles in arrival order: its bits may differ from the ordered
+    # sum's by the rounding of a few fp32 additions and one final rounding to the dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(dq.float(), dq_det.float(), rtol=2 * eps, atol=2 * eps * float(dq_det.abs().max()))
 
     # the autograd function the model calls gives the same tensors
-    qa, ka, va = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    oa = attention(qa, ka, va, causal)
-    oa.backward(d_o)
-    assert torch.equal(oa, o) and torch.equal(qa.grad, dq) and torch.equal(ka.grad, dk) and torch.equal(va.grad, dv)
+    for deterministic, want_dq in ((False, None), (True, dq_det)):
+        qa, ka, va = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        oa = attention(qa, ka, va, causal, deterministic=deterministic)
+        oa.backward(d_o)
+        assert torch.equal(oa, o) and torch.equal(ka.grad, dk) and torch.equal(va.grad, dv)
+        if want_dq is not None:
+            assert torch.equal(qa.grad, want_dq)
+        else:  # atomics: equal to the direct call only up to the order of the fp32 additions
+            torch.testing.assert_close(qa.grad.float(), dq.float(), rtol=2 * eps, atol=2 * eps * float(dq.abs().max()))
 
 
 def _reference_attention_ext(scale_out: float = 1.0, only: torch.dtype | None = None):
@@ -120,7 +135,7 @@ def _reference_attention_ext(scale_out: float = 1.0, only: torch.dtype | None = 
         scale = scale_out if only in (None, q.dtype) else 1.0
         return (o * scale).to(q.dtype), lse.float()
 
-    def backward(q, k, v, o, lse, d_o, causal, poison):
+    def backward(q, k, v, o, lse, d_o, causal, poison, deterministic):
         qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
         attention_ref(qr, kr, vr, causal)[0].backward(d_o.double())
         return qr.grad.to(q.dtype), kr.grad.to(k.dtype), vr.grad.to(v.dtype)
@@ -137,3 +152,25 @@ def test_attention_self_check_accepts_the_reference_and_names_a_wrong_output():
     # a kernel wrong in float16 only is caught too (every dtype the kernel takes is checked)
     failed = self_check(_reference_attention_ext(scale_out=1.1, only=torch.float16), "cpu")
     assert failed.startswith("torch.float16, head dim 64, causal=True: output")
+
+
+def test_train_deterministic_reaches_the_attention_kernel(monkeypatch):
+    """``train.deterministic`` selects the ordered-dQ kernel path for every attention layer of the model."""
+    from moetrain import build_model, load_config
+    from moetrain.parallel import fused_attention
+
+    seen = []
+    real = fused_attention.attention
+
+    def spy(q, k, v, causal=True, deterministic=False):
+        seen.append(deterministic)
+        return real(q, k, v, causal, deterministic)
+
+    monkeypatch.setattr(fused_attention, "attention", spy)
+    for flag in (False, True):
+        cfg = load_config(None, ["model.attention=fused", f"train.deterministic={str(flag).lower()}",
+                                 "model.layers=2"])
+        model = build_model(cfg)
+        tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.model.seq_len))
+        model(tokens, tokens).backward()
+        assert seen[-2:] == [flag, flag]

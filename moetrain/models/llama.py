@@ -212,7 +212,8 @@ class LlamaSpec(ModelSpec):
             vocab_size=m.vocab_size, seq_len=m.seq_len, attention=m.attention, tie_embeddings=m.tie_embeddings,
             dropout=m.dropout, norm_eps=m.norm_eps, rope_theta=m.rope_theta, seed=cfg.train.seed,
             wtacrs=WTACRSConfig(keep_ratio=w.keep_ratio, k_min=w.min_rows, seed=cfg.train.seed) if w.enabled else None,
-            wtacrs_sites=tuple(w.layers) if w.enabled else (), recompute=cfg.train.recompute)
+            wtacrs_sites=tuple(w.layers) if w.enabled else (), recompute=cfg.train.recompute,
+            deterministic=cfg.train.deterministic)
 
     def boundary_shape(self, micro_batch: int, tp: int) -> tuple[int, ...]:
         m, sp = self.cfg.model, self.cfg.parallel.sp and tp > 1
