@@ -28,16 +28,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# On a CUDA machine whose python3 has torch (no venv needed): install moetrain (no dependencies), the GPU
-# tests, then the GPU benchmarks
-# (the last two, the MoE layer against DeepSpeed-MoE, also need deepspeed).
+# On a CUDA machine whose python3 has torch (no venv needed): install moetrain (no dependencies), then one
+# script builds the kernels once, runs the GPU tests and the GPU benchmarks within 9 minutes, and writes
+# runs/gpu_check.md (exit 2 at once without a CUDA device).
 gpu-check:
 	python3 -m pip install -q --no-deps --no-build-isolation -e .
-	python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_attention.py
-	python3 benchmarks/kernels.py
-	python3 benchmarks/attention.py --seqs 1024,4096,16384
-	python3 benchmarks/moe_layer.py --device cuda --dtype bfloat16 --tokens 4096 --iters 9
-	python3 benchmarks/moe_layer.py --device cuda --dtype bfloat16 --tokens 4096 --iters 9 --kernels fused
+	python3 benchmarks/gpu_check.py --out runs/gpu_check.md
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

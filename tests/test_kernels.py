@@ -439,3 +439,15 @@ def test_a_failed_self_check_keeps_the_torch_path_and_says_why(monkeypatch, capl
     monkeypatch.setattr(cpp, "load", lambda **kw: _reference_ext())
     good = Extension("stand_in_ok", ["x.cu"], check=lambda module, device: self_check(module, "cpu"))
     assert good.get() is not None and good.reason is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
+def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
+    """``make gpu-check``'s script: without a CUDA device, exit 2 with one line saying so, nothing built."""
+    import sys
+
+    out = tmp_path / "gpu_check.md"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    res = subprocess.run([sys.executable, str(script), "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "no CUDA device" in res.stderr and not out.exists()
