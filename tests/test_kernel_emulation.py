@@ -194,3 +194,86 @@ def test_a_row_that_sees_nothing_yet_stays_finite():
     q, k, v = (torch.randn(1, 1, 66, 64).to(torch.bfloat16) for _ in range(3))
     o, lse = flash_forward(q, k, v, causal=True)
     assert torch.isfinite(o.float()).all() and torch.isfinite(lse).all()
+
+
+# ------------------------------------------------------------------------------ rank-in-expert (moe_kernels.cu)
+MOE = (CSRC / "moe_kernels.cu").read_text()
+WARP, CHUNK = int(_const("kWarp", MOE)), int(_const("kChunk", MOE))
+
+
+def _match_any(values: list[int]) -> list[int]:
+    """``__match_any_sync(full mask, v)``: for each lane, the bit mask of lanes holding the same value."""
+    return [sum(1 << j for j, w in enumerate(values) if w == v) for v in values]
+
+
+def rank_in_expert_kernel(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, E: int, order: int):
+    """rank_chunks_kernel (a warp per chunk of CHUNK visited assignments, 32 at a time, ranks by
+    __match_any_sync and a per-expert counter), scan_chunks_kernel, add_offsets_kernel."""
+    T, K = expert_TK.shape
+    e_flat, n = expert_TK.reshape(-1).tolist(), T * K
+    keep = None if keep_TK is None else keep_TK.reshape(-1).tolist()
+    rank = [0] * n
+    chunks = max((n + CHUNK - 1) // CHUNK, 1)
+    chunk_counts = [[0] * E for _ in range(chunks)]
+
+    def visit(i: int) -> int:
+        return i if order == 0 else (i % T) * K + i // T
+
+    for c in range(chunks):
+        counter = [0] * E
+        begin = c * CHUNK
+        for base in range(begin, min(begin + CHUNK, n), WARP):
+            lanes = []
+            for lane in range(WARP):
+                i = base + lane
+                valid = i < n and i < begin + CHUNK
+                a = visit(i) if valid else 0
+                ranked = valid and (keep is None or bool(keep[a]))
+                e = e_flat[a] if ranked else -1 - lane
+                if ranked and not 0 <= e < E:
+                    ranked, e = False, -1 - lane
+                lanes.append((valid, a, ranked, e))
+            peers = _match_any([e for _, _, _, e in lanes])
+            starts = {}
+            for lane, (valid, a, ranked, e) in enumerate(lanes):
+                leader = (peers[lane] & -peers[lane]).bit_length() - 1
+                if ranked and lane == leader:
+                    starts[e] = counter[e]
+            for lane, (valid, a, ranked, e) in enumerate(lanes):
+                before = bin(peers[lane] & ((1 << lane) - 1)).count("1")
+                if ranked:
+                    rank[a] = starts[e] + before
+                elif valid:
+                    rank[a] = -1
+            for lane, (valid, a, ranked, e) in enumerate(lanes):
+                if ranked and lane == (peers[lane] & -peers[lane]).bit_length() - 1:
+                    counter[e] = starts[e] + bin(peers[lane]).count("1")
+        chunk_counts[c] = counter
+    total = [0] * E
+    for e in range(E):  # exclusive scan of each expert's chunk counts
+        run = 0
+        for c in range(chunks):
+            chunk_counts[c][e], run = run, run + chunk_counts[c][e]
+        total[e] = run
+    for i in range(n):
+        a = visit(i)
+        if rank[a] >= 0:
+            rank[a] += chunk_counts[i // CHUNK][e_flat[a]]
+    return torch.tensor(rank, dtype=torch.int32).view(T, K), torch.tensor(total, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("T,E,K", [(1, 4, 1), (33, 5, 2), (700, 16, 3), (1500, 64, 1)])
+@pytest.mark.parametrize("order", [0, 1])
+def test_rank_in_expert_algorithm_equals_the_reference(T, E, K, order):
+    """Chunks of CHUNK assignments across warps of WARP lanes (T*K up to 2 chunks), with dropped assignments
+    and ids outside [0, E) (never ranked, as the kernel guards its shared counters)."""
+    from moetrain.moe.kernels import rank_in_expert_ref
+
+    g = torch.Generator().manual_seed(T + E + K)
+    expert = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(torch.int32)
+    expert[torch.rand(T, K, generator=g) < 0.02] = E + 3  # out of range
+    keep = torch.rand(T, K, generator=g) < 0.85
+    for kp in (None, keep):
+        got = rank_in_expert_kernel(expert, kp, E, order)
+        want = rank_in_expert_ref(expert, kp, E, order)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
