@@ -235,7 +235,7 @@ def rank_in_expert_kernel(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None,
                 lanes.append((valid, a, ranked, e))
             peers = _match_any([e for _, _, _, e in lanes])
             starts = {}
-            for lane, (valid, a, ranked, e) in enumerate(lanes):
+            for lane, (_, _, ranked, e) in enumerate(lanes):
                 leader = (peers[lane] & -peers[lane]).bit_length() - 1
                 if ranked and lane == leader:
                     starts[e] = counter[e]
@@ -245,7 +245,7 @@ def rank_in_expert_kernel(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None,
                     rank[a] = starts[e] + before
                 elif valid:
                     rank[a] = -1
-            for lane, (valid, a, ranked, e) in enumerate(lanes):
+            for lane, (_, _, ranked, e) in enumerate(lanes):
                 if ranked and lane == (peers[lane] & -peers[lane]).bit_length() - 1:
                     counter[e] = starts[e] + bin(peers[lane]).count("1")
         chunk_counts[c] = counter
