@@ -216,6 +216,50 @@ __global__ void flash_bwd_delta_kernel(const T* __restrict__ o, const T* __restr
   if (lane == 0) delta[r] = s;
 }
 
+// The log2-domain lse and delta of a query tile's rows into shared memory (+inf / 0 past seqlen: P = 0).
+__device__ __forceinline__ void load_row_stats(float* sLse, float* sDelta, const float* __restrict__ lse,
+                                               const float* __restrict__ delta, int bh, int q0, int seqlen) {
+  for (int r = threadIdx.x; r < BR; r += kThreads) {
+    const bool in = q0 + r < seqlen;
+    sLse[r] = in ? lse[static_cast<int64_t>(bh) * seqlen + q0 + r] * kLog2e : INFINITY;
+    sDelta[r] = in ? delta[static_cast<int64_t>(bh) * seqlen + q0 + r] : 0.0f;
+  }
+}
+
+// For the warp's 16 query rows of (query tile q0, key tile k0), with Q, dO, K, V and the row stats in shared
+// memory: P = exp(S * scale - lse) (also stored to sP with kStoreP), dP = dO V^T and dS = P * (dP - delta) into
+// sdS. Both backward kernels form dS here, so the atomic and the ordered dQ sum the same terms.
+template <typename T, int D, bool kStoreP>
+__device__ __forceinline__ void form_ds(float* s_w, const T* sQ, const T* sdO, const T* sK, const T* sV,
+                                        const float* sLse, const float* sDelta, T* sP, T* sdS, int q0, int k0,
+                                        int seqlen, int causal, float scale_log2) {
+  using S = Strides<D>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row = warp * 16 + (lane >> 1);
+  const int half = lane & 1;
+  mm_abt<T, D>(s_w, S::kScratch, sQ + warp * 16 * S::kTile, S::kTile, sK, S::kTile);
+  __syncwarp();
+  const int qi = q0 + row;
+  const float row_lse = sLse[row];
+  float pv[BC / 2];
+#pragma unroll
+  for (int c = 0; c < BC / 2; ++c) {
+    const int kj = k0 + half * (BC / 2) + c;
+    const bool ok = qi < seqlen && kj < seqlen && (!causal || kj <= qi);
+    pv[c] = ok ? exp2f(s_w[(lane >> 1) * S::kScratch + half * (BC / 2) + c] * scale_log2 - row_lse) : 0.0f;
+    if (kStoreP) sP[row * S::kProb + half * (BC / 2) + c] = from_f<T>(pv[c]);
+  }
+  __syncwarp();
+  mm_abt<T, D>(s_w, S::kScratch, sdO + warp * 16 * S::kTile, S::kTile, sV, S::kTile);
+  __syncwarp();
+  const float row_delta = sDelta[row];
+#pragma unroll
+  for (int c = 0; c < BC / 2; ++c) {
+    const float dp = s_w[(lane >> 1) * S::kScratch + half * (BC / 2) + c];
+    sdS[row * S::kProb + half * (BC / 2) + c] = from_f<T>(pv[c] * (dp - row_delta));
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                                              const T* __restrict__ v, const T* __restrict__ d_o,
@@ -239,8 +283,6 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const T* __restrict
   const int bkv = blockIdx.y, b = bkv / Hkv, kvh = bkv % Hkv;
   const int group = H / Hkv;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row = warp * 16 + (lane >> 1);
-  const int half = lane & 1;
   const float scale_log2 = scale * kLog2e;
 
   load_tile<T, D>(sK, k + static_cast<int64_t>(bkv) * seqlen * D, k0, seqlen);
@@ -262,37 +304,10 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_kernel(const T* __restrict
       __syncthreads();  // every warp is done with the previous tile's Q, dO, P, dS
       load_tile<T, D>(sQ, qb, q0, seqlen);
       load_tile<T, D>(sdO, dob, q0, seqlen);
-      for (int r = threadIdx.x; r < BR; r += kThreads) {
-        const bool in = q0 + r < seqlen;
-        sLse[r] = in ? lse[static_cast<int64_t>(bh) * seqlen + q0 + r] * kLog2e : INFINITY;
-        sDelta[r] = in ? delta[static_cast<int64_t>(bh) * seqlen + q0 + r] : 0.0f;
-      }
+      load_row_stats(sLse, sDelta, lse, delta, bh, q0, seqlen);
       __syncthreads();
-
-      // S = Q K^T and P = exp(S * scale - lse) for the warp's 16 query rows
       float* s_w = sS + warp * 16 * S::kScratch;
-      mm_abt<T, D>(s_w, S::kScratch, sQ + warp * 16 * S::kTile, S::kTile, sK, S::kTile);
-      __syncwarp();
-      const int qi = q0 + row;
-      const float row_lse = sLse[row];
-      float pv[BC / 2];
-#pragma unroll
-      for (int c = 0; c < BC / 2; ++c) {
-        const int kj = k0 + half * (BC / 2) + c;
-        const bool ok = qi < seqlen && kj < seqlen && (!causal || kj <= qi);
-        pv[c] = ok ? exp2f(sS[row * S::kScratch + half * (BC / 2) + c] * scale_log2 - row_lse) : 0.0f;
-        sP[row * S::kProb + half * (BC / 2) + c] = from_f<T>(pv[c]);
-      }
-      __syncwarp();
-      // dP = dO V^T, then dS = P * (dP - delta)
-      mm_abt<T, D>(s_w, S::kScratch, sdO + warp * 16 * S::kTile, S::kTile, sV, S::kTile);
-      __syncwarp();
-      const float row_delta = sDelta[row];
-#pragma unroll
-      for (int c = 0; c < BC / 2; ++c) {
-        const float dp = sS[row * S::kScratch + half * (BC / 2) + c];
-        sdS[row * S::kProb + half * (BC / 2) + c] = from_f<T>(pv[c] * (dp - row_delta));
-      }
+      form_ds<T, D, true>(s_w, sQ, sdO, sK, sV, sLse, sDelta, sP, sdS, q0, k0, seqlen, causal, scale_log2);
       __syncthreads();  // dV and dK below read every query row of P and dS
 
       // dV += P^T dO and dK += dS^T Q for the warp's 16 key rows
@@ -365,17 +380,11 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dq_kernel(const T* __restr
   const int bh = blockIdx.y, b = bh / H, h = bh % H;
   const int bkv = b * Hkv + h / (H / Hkv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row = warp * 16 + (lane >> 1);
-  const int half = lane & 1;
   const float scale_log2 = scale * kLog2e;
 
   load_tile<T, D>(sQ, q + static_cast<int64_t>(bh) * seqlen * D, q0, seqlen);
   load_tile<T, D>(sdO, d_o + static_cast<int64_t>(bh) * seqlen * D, q0, seqlen);
-  for (int r = threadIdx.x; r < BR; r += kThreads) {
-    const bool in = q0 + r < seqlen;
-    sLse[r] = in ? lse[static_cast<int64_t>(bh) * seqlen + q0 + r] * kLog2e : INFINITY;
-    sDelta[r] = in ? delta[static_cast<int64_t>(bh) * seqlen + q0 + r] : 0.0f;
-  }
+  load_row_stats(sLse, sDelta, lse, delta, bh, q0, seqlen);
   FragC acc_dq[D / 16];  // the warp's 16 query rows, all D columns
 #pragma unroll
   for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(acc_dq[n], 0.0f);
@@ -389,27 +398,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dq_kernel(const T* __restr
     load_tile<T, D>(sK, kb, k0, seqlen);
     load_tile<T, D>(sV, vb, k0, seqlen);
     __syncthreads();
-    // S = Q K^T, P = exp(S * scale - lse), dP = dO V^T, dS = P * (dP - delta): as flash_bwd_kernel
-    mm_abt<T, D>(s_w, S::kScratch, sQ + warp * 16 * S::kTile, S::kTile, sK, S::kTile);
-    __syncwarp();
-    const int qi = q0 + row;
-    const float row_lse = sLse[row];
-    float pv[BC / 2];
-#pragma unroll
-    for (int c = 0; c < BC / 2; ++c) {
-      const int kj = k0 + half * (BC / 2) + c;
-      const bool ok = qi < seqlen && kj < seqlen && (!causal || kj <= qi);
-      pv[c] = ok ? exp2f(s_w[(lane >> 1) * S::kScratch + half * (BC / 2) + c] * scale_log2 - row_lse) : 0.0f;
-    }
-    __syncwarp();
-    mm_abt<T, D>(s_w, S::kScratch, sdO + warp * 16 * S::kTile, S::kTile, sV, S::kTile);
-    __syncwarp();
-    const float row_delta = sDelta[row];
-#pragma unroll
-    for (int c = 0; c < BC / 2; ++c) {
-      const float dp = s_w[(lane >> 1) * S::kScratch + half * (BC / 2) + c];
-      sdS[row * S::kProb + half * (BC / 2) + c] = from_f<T>(pv[c] * (dp - row_delta));
-    }
+    form_ds<T, D, false>(s_w, sQ, sdO, sK, sV, sLse, sDelta, nullptr, sdS, q0, k0, seqlen, causal, scale_log2);
     __syncwarp();
     // dQ += dS K for the warp's rows: A = dS [16 x 64], B = K [64 x D], both row-major in shared memory
 #pragma unroll

@@ -17,6 +17,7 @@ first few hundred steps of dropless training when routing is still uneven).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from moetrain.config import JobConfig
 from moetrain.models.spec import ModelSpec, ParamInfo, RankShape
 
 __all__ = ["StageMemory", "stage_memory", "grad_buckets", "rank_shape", "inflight_microbatches", "param_bytes",
-           "expert_rows_factor", "rank_params"]
+           "expert_rows_factor", "rank_params", "shard_elements"]
 
 DROPLESS_IMBALANCE = 1.5
 
@@ -83,6 +84,15 @@ def grad_buckets(params: list[ParamInfo], cfg: JobConfig) -> list[tuple[int, lis
         if late:
             out.append((world, late))
     return out
+
+
+def shard_elements(params: list[ParamInfo], cfg: JobConfig, buckets: list[tuple[int, list[ParamInfo]]]) -> int:
+    """Elements of this rank's ZeRO slices: ``ceil(numel / group size)`` of each shard unit, the units being
+    dense-over-dp and experts-over-edp at stage 1 and the gradient buckets at stage 2 (``ShardedAdamW``)."""
+    lay = cfg.layout
+    units = buckets if cfg.train.optimizer.zero_stage == 2 else \
+        [(lay.dp, [q for q in params if not q.expert]), (lay.edp, [q for q in params if q.expert])]
+    return sum(math.ceil(sum(q.numel for q in g) / w) for w, g in units if g)
 
 
 def inflight_microbatches(cfg: JobConfig, stage: int) -> list[int]:
@@ -161,25 +171,19 @@ def stage_memory(cfg: JobConfig, spec: ModelSpec, stage: int, imbalance: float =
     params = rank_params(cfg, spec, shape)
     nbytes = sum(q.numel for q in params) * size
     buckets = grad_buckets(params, cfg)
-    lay = cfg.layout
     if o.zero_stage == 0:
         grads, opt = nbytes, 2 * sum(q.numel for q in params if q.ndim > 0) * size
     else:
-        if o.zero_stage == 1:
-            shards = [(w, g) for w, g in ((lay.dp, [q for q in params if not q.expert]),
-                                          (lay.edp, [q for q in params if q.expert])) if g]
-            grads = nbytes
-        else:
-            shards = buckets
-            grads = sum(math.ceil(sum(q.numel for q in g) / w) for w, g in shards) * size
-        opt = 3 * sum(math.ceil(sum(q.numel for q in g) / w) for w, g in shards) * size
+        sliced = shard_elements(params, cfg, buckets)
+        grads = nbytes if o.zero_stage == 1 else sliced * size
+        opt = 3 * sliced * size
     # activations: each chunk's micro-batch bytes times the micro-batches it holds at the peak
     chunks = spec._chunks(stage) if hasattr(spec, "_chunks") else [(range(cfg.model.layers), True, True)]
     per_chunk = [_activations(cfg, spec, ids, pre, post, shape) for ids, pre, post in chunks]
     held = inflight_microbatches(cfg, stage)
     activations = sum(a * n for a, n in zip(per_chunk, held))
     if cfg.train.recompute != "none":  # backward regenerates one block's (or one attention's) activations at a time
-        plain = RankShape(**{**vars(shape), "recompute": "none"})
+        plain = dataclasses.replace(shape, recompute="none")
         activations += max((_activations(cfg, spec, range(i, i + 1), False, False, plain)
                             - _activations(cfg, spec, range(i, i + 1), False, False, shape)
                             for ids, _, _ in chunks for i in ids), default=0.0)

@@ -20,6 +20,7 @@ Per micro-batch and model chunk, on one rank of a stage:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from moetrain.config import JobConfig
 from moetrain.models.spec import ModelSpec
 from moetrain.plan.hardware import Hardware, Link
-from moetrain.plan.memory import act_bytes, grad_buckets, param_bytes, rank_params, rank_shape
+from moetrain.plan.memory import act_bytes, grad_buckets, param_bytes, rank_params, rank_shape, shard_elements
 
 __all__ = ["ChunkCost", "StepTime", "step_time", "moe_layer_time", "gemm_time"]
 
@@ -135,7 +136,7 @@ _MOE_CACHE: dict[tuple, dict] = {}
 
 
 def _moe_layer_time(cfg: JobConfig, hw: Hardware, tokens: float, dtype: str, rows_factor: float) -> dict:
-    from moetrain.moe.perf_model import AlphaBeta, SectionShape, choose_degrees, pair_time
+    from moetrain.moe.perf_model import AlphaBeta, SectionShape, choose_degrees, makespan
 
     m, moe, p = cfg.model, cfg.moe, cfg.parallel
     e = {"bfloat16": 2, "float32": 4, "float64": 8}[dtype]
@@ -169,13 +170,9 @@ def _moe_layer_time(cfg: JobConfig, hw: Hardware, tokens: float, dtype: str, row
         bwd_ab = AlphaBeta(2 * launch, max(experts_bwd - 2 * launch, 0.0) / rows)
         fixed = tuple(None if x == "auto" else int(x) for x in degrees)
         (rf, rb), _ = choose_degrees(shape, links, fwd_ab, bwd_ab, coschedule=moe.coschedule, fixed=fixed)
-        from moetrain.moe.perf_model import makespan
-
-        g = math.lcm(rf, rb)
+        g = math.lcm(rf, rb)  # each direction as pair_time plays it, kept apart
         sect_f = makespan(rf, shape, links, AlphaBeta(fwd_ab.alpha * g / rf, fwd_ab.beta), moe.coschedule)[0]
         sect_b = makespan(rb, shape, links, AlphaBeta(bwd_ab.alpha * g / rb, bwd_ab.beta), moe.coschedule)[0]
-        assert abs(sect_f + sect_b - pair_time(rf, rb, shape, links, fwd_ab, bwd_ab,
-                                               coschedule=moe.coschedule)) < 1e-12
         out.update(fwd=router + shuffle + route / 3 + sect_f, bwd=router * 2 + shuffle * 2 + 2 * route / 3 + sect_b,
                    overlap_degrees=(rf, rb),
                    a2a_fwd=max(sect_f - experts_fwd, 0.0), a2a_bwd=max(sect_b - experts_bwd, 0.0))
@@ -229,7 +226,7 @@ def _chunk_cost(cfg: JobConfig, spec: ModelSpec, hw: Hardware, layers: range, *,
         core = 0.5 * 4 * b * s * s * h * hd / (hw.peak_flops(dtype) * hw.attention_efficiency)
         c.add("attention", core, 2.5 * core)
         one = spec.saved_activation_bytes(range(i, i + 1), pre=False, post=False,
-                                          rank=rank_shape(cfg, stage).__class__(**{**vars(shape), "recompute": "none"}))
+                                          rank=dataclasses.replace(shape, recompute="none"))
         if moe.is_moe_layer(i):
             tokens = T // tp if p.sp and tp > 1 else T
             lay = moe_layer_time(cfg, hw, tokens, dtype)
@@ -356,12 +353,7 @@ def step_time(cfg: JobConfig, spec: ModelSpec, hw: Hardware) -> StepTime:
         exposed = max(comm - window, times[-1] if times else 0.0)
         dp_exposed = max(dp_exposed, exposed)
         n_local = sum(q.numel for q in params)
-        shard = n_local
-        if o.zero_stage:
-            shard = sum(math.ceil(sum(q.numel for q in g) / w) for w, g in
-                        (buckets if o.zero_stage == 2 else
-                         [(cfg.layout.dp, [q for q in params if not q.expert]),
-                          (cfg.layout.edp, [q for q in params if q.expert])]) if g)
+        shard = shard_elements(params, cfg, buckets) if o.zero_stage else n_local
         if o.offload == "cpu":
             up_down = (shard + n_local) * size / (hw.host_copy_gbps * 1e9)
             stage_opt = up_down + shard / (hw.host_adam_gparams_per_s * 1e9)
