@@ -19,7 +19,8 @@ collectives run on NCCL's internal streams; the channel threads only order and o
 Simulated links (``network.simulate``): each collective on a channel also takes ``latency +
 bytes / bandwidth`` of its link class; the thread sleeps out whatever the real transfer did not
 already take, so the delay costs no CPU and the channel stays busy for it, like a real link. Never on
-unless the config asks for it.
+unless the config asks for it. With ``network.isolation=netns`` inter-node links are real, shaped veths:
+only their latency is added here.
 
 Every collective is recorded as a :class:`Span` (link, op, bytes, start, end), and the training thread
 records when it waits for a job (``waits``): the profiler's communication, hidden and exposed time.
@@ -286,5 +287,7 @@ def link_engine_for(cfg, grid, *, profile: bool = False) -> LinkEngine | None:
     if net.simulate:
         sim = {name: LinkSpec(link.latency_us * 1e-6, link.bandwidth_gbps * 1e9)
                for name, link in (("intra", net.intra), ("inter", net.inter))}
+        if net.isolation == "netns":  # the kernel shapes inter-node bandwidth; only its latency is simulated
+            sim["inter"] = LinkSpec(net.inter.latency_us * 1e-6, float("inf"))
     return LinkEngine(node_of=[grid.node_of(r) for r in range(grid.world_size)], simulate=sim,
                       coschedule=moe.coschedule)

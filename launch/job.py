@@ -104,7 +104,7 @@ def _launch(cfg: JobConfig, data: dict[str, Any], profile_dir: Optional[str]) ->
                    "MOETRAIN_JOB_START": os.environ["MOETRAIN_JOB_START"]}
             pool = LocalRanks(cfg.world_size, ranks_per_node=cfg.cluster.ranks_per_node, timeout=None,
                               collective_timeout_s=cfg.cluster.collective_timeout_s, env=env,
-                              device=cfg.cluster.device)
+                              device=cfg.cluster.device, hosts=hosts)
             with pool, forward_signals(pool.signal_ranks) as stop:
                 try:
                     return pool.run(rank_main, data, profile_dir, timeout=None)[0]
@@ -113,7 +113,19 @@ def _launch(cfg: JobConfig, data: dict[str, Any], profile_dir: Optional[str]) ->
                         raise JobStopped(stop.signum, "while the ranks were starting") from None
                     raise
 
-        return with_restarts(cfg, start, (RankFailure,))
+        hosts = None
+        if cfg.network.isolation == "netns":  # one namespaced host per node, for the whole job
+            from moetrain.dist.netns import NetHosts
+
+            hosts = NetHosts(cfg.cluster.nodes, bandwidth_gbps=cfg.network.inter.bandwidth_gbps).create()
+        try:
+            summary = with_restarts(cfg, start, (RankFailure,))
+        finally:
+            if hosts is not None:
+                hosts.close()
+        if hosts is not None:
+            summary["network"] = {"isolation": "netns", "hosts": hosts.addrs, "namespaces": hosts.names}
+        return summary
     from moetrain.launch.ray_launcher import run_ray
 
     return run_ray(cfg, data, profile_dir)

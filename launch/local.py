@@ -35,6 +35,7 @@ from typing import Any, Optional
 __all__ = ["LocalRanks", "RankFailure", "RankReport", "run_ranks"]
 
 _GRACE_AFTER_ERROR_S = 3.0
+_NETNS_STORE_PORT = 29500
 
 
 @dataclass
@@ -86,18 +87,32 @@ def _describe_exc(exc: BaseException) -> tuple[str, str, str, bool]:
 
 
 def _rank_main(rank: int, world: int, ranks_per_node: int, port: int, workdir: str, env: dict,
-               threads: int, pg_timeout_s: float, device: str, launcher_pid: int, tasks, results) -> None:
+               threads: int, pg_timeout_s: float, device: str, launcher_pid: int, hosts, tasks, results) -> None:
+    node = rank // ranks_per_node
+    master, ifname = "127.0.0.1", env.get("GLOO_SOCKET_IFNAME", "lo")
+    if hosts is not None:  # this node is a namespaced host: its ranks live there, rank 0's host holds the store
+        from moetrain.dist.netns import IFNAME, enter_netns
+
+        names, addrs = hosts
+        try:
+            enter_netns(names[node])
+        except BaseException as exc:
+            results.put((0, rank, "error", _describe_exc(exc)))
+            return
+        master, ifname = addrs[0], IFNAME
+        # c10d warns once per connection that the peer's address has no host name (no DNS in the hosts)
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     os.environ.update(env)
     os.environ.update({
         "RANK": str(rank),
         "WORLD_SIZE": str(world),
         "LOCAL_RANK": str(rank % ranks_per_node),
         "LOCAL_WORLD_SIZE": str(ranks_per_node),
-        "NODE_RANK": str(rank // ranks_per_node),
+        "NODE_RANK": str(node),
         "NUM_NODES": str(world // ranks_per_node),
-        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_ADDR": master,
         "MASTER_PORT": str(port),
-        "GLOO_SOCKET_IFNAME": env.get("GLOO_SOCKET_IFNAME", "lo"),
+        "GLOO_SOCKET_IFNAME": ifname,
         "MOETRAIN_SIMULATED": "1",
         "OMP_NUM_THREADS": str(threads),
     })
@@ -115,8 +130,9 @@ def _rank_main(rank: int, world: int, ranks_per_node: int, port: int, workdir: s
 
     torch.set_num_threads(threads)
     try:
-        store = dist.TCPStore("127.0.0.1", port, world, is_master=False,
-                              timeout=timedelta(seconds=pg_timeout_s))
+        # the launcher holds the store on loopback; a namespaced job's rank 0 holds it on its host
+        store = dist.TCPStore(master, port, world, is_master=hosts is not None and rank == 0,
+                              wait_for_workers=False, timeout=timedelta(seconds=pg_timeout_s))
         init_distributed(from_env(launcher="local"), device, timeout_s=pg_timeout_s, store=store)
     except BaseException as exc:
         results.put((0, rank, "error", _describe_exc(exc)))
@@ -146,13 +162,16 @@ def _rank_main(rank: int, world: int, ranks_per_node: int, port: int, workdir: s
 class LocalRanks:
     """A pool of ``world_size`` gloo ranks on 127.0.0.1, simulated as ``world_size/ranks_per_node`` nodes.
 
+    With ``hosts`` (a created :class:`~moetrain.dist.netns.NetHosts` of one host per node) each node's ranks
+    run in that host's network namespace instead, and the rendezvous is on host 0 (``network.isolation``).
+
     ``run(fn, *args)`` calls ``fn`` on every rank (it must be importable by name) and returns the list
     of per-rank results, or raises :class:`RankFailure` naming the ranks that failed or hung.
     """
 
     def __init__(self, world_size: int, *, ranks_per_node: Optional[int] = None, timeout: float = 120.0,
                  threads: int = 1, env: Optional[dict] = None, collective_timeout_s: float = 300.0,
-                 start_timeout: float = 180.0, device: str = "cpu"):
+                 start_timeout: float = 180.0, device: str = "cpu", hosts=None):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         rpn = ranks_per_node or world_size
@@ -166,6 +185,9 @@ class LocalRanks:
         self.collective_timeout_s = collective_timeout_s
         self.start_timeout = start_timeout
         self.device = device  # the collective backend follows it (gloo on CPU, NCCL on CUDA)
+        if hosts is not None and hosts.count != world_size // rpn:
+            raise ValueError(f"{hosts.count} namespaced hosts for {world_size // rpn} nodes")
+        self.hosts = hosts
         self._procs: list = []
         self._tasks: list = []
         self._results = None
@@ -185,9 +207,13 @@ class LocalRanks:
 
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "torch.distributed"])
-        self._store = dist.TCPStore("127.0.0.1", 0, self.world_size, is_master=True,
-                                    wait_for_workers=False, timeout=timedelta(seconds=self.start_timeout))
-        port = self._store.port
+        hosts = None
+        if self.hosts is not None:
+            hosts, port = (self.hosts.names, self.hosts.addrs), _NETNS_STORE_PORT  # a fresh namespace: port free
+        else:
+            self._store = dist.TCPStore("127.0.0.1", 0, self.world_size, is_master=True,
+                                        wait_for_workers=False, timeout=timedelta(seconds=self.start_timeout))
+            port = self._store.port
         self._workdir = tempfile.mkdtemp(prefix="moetrain-ranks-")
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
@@ -195,7 +221,7 @@ class LocalRanks:
             p = ctx.Process(
                 target=_rank_main,
                 args=(rank, self.world_size, self.ranks_per_node, port, self._workdir, self.env,
-                      self.threads, self.collective_timeout_s, self.device, os.getpid(), self._tasks[rank],
+                      self.threads, self.collective_timeout_s, self.device, os.getpid(), hosts, self._tasks[rank],
                       self._results),
                 name=f"moetrain-rank{rank}",
                 daemon=True,

@@ -31,7 +31,28 @@ def rank_main(cfg_data: dict[str, Any], profile_dir: Optional[str] = None) -> di
         groups = setup_groups(cfg)
         summary = train(cfg, groups, profile_dir=profile_dir, stop=stop)
     summary["node_of_rank"] = [groups.grid.node_of(r) for r in range(cfg.world_size)]
+    summary["host_of_rank"] = _gather_host_addresses()
     return summary
+
+
+def _host_address() -> str:
+    """The address this rank reaches the rendezvous host from: its host's address on the job's network."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((os.environ.get("MASTER_ADDR", "127.0.0.1"), 9))  # UDP: no packet is sent
+            return s.getsockname()[0]
+        except OSError:
+            return "unknown"
+
+
+def _gather_host_addresses() -> list[str]:
+    import torch.distributed as dist
+
+    out: list[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, _host_address())
+    return [str(a) for a in out]
 
 
 def setup_groups(cfg: JobConfig) -> ParallelGroups:

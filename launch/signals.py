@@ -84,23 +84,35 @@ class StopRequests:
 
 
 def watch_launcher(pid: int, *, period_s: float = 0.5, on_lost: Callable[[], None] | None = None) -> threading.Thread:
-    """A daemon thread that ends this process when process ``pid`` (its launcher) is gone."""
+    """A daemon thread that ends this process when process ``pid`` (its launcher) is gone: exited, or dead
+    and not yet reaped by its own parent (a zombie)."""
 
     def watch() -> None:
         while True:
             time.sleep(period_s)
             try:
                 os.kill(pid, 0)
+                gone = _is_zombie(pid)
             except ProcessLookupError:
+                gone = True
+            except PermissionError:  # another user's process took the pid: ours is gone
+                os._exit(143)
+            if gone:
                 if on_lost is not None:
                     on_lost()
-                os._exit(143)
-            except PermissionError:  # another user's process took the pid: ours is gone
                 os._exit(143)
 
     thread = threading.Thread(target=watch, name="moetrain-launcher-watch", daemon=True)
     thread.start()
     return thread
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[-1][:1] in ("Z", "X")
+    except OSError:  # no /proc (not Linux), or the process is already gone
+        return False
 
 
 class forward_signals:  # noqa: N801 - used as a context manager

@@ -107,6 +107,10 @@ class LinkConfig(_Section):
 class NetworkConfig(_Section):
     simulate: bool = False
     """Delay collectives on simulated ranks by latency + bytes/bandwidth of their link class."""
+    isolation: Literal["none", "netns"] = "none"
+    """none: every simulated rank on this machine's loopback. netns: each simulated node a real host (its own
+    network namespace and address, a veth to a shared bridge) whose link the kernel shapes to
+    ``inter.bandwidth_gbps``; needs root and iproute2 (dist/netns.py)."""
     intra: LinkConfig = LinkConfig(latency_us=5.0, bandwidth_gbps=100.0)
     inter: LinkConfig = LinkConfig(latency_us=20.0, bandwidth_gbps=12.5)
 
@@ -781,6 +785,10 @@ def _check_training(cfg: JobConfig) -> None:
             f"schedule 'interleaved' needs the micro-batch count per step (global_batch_size / "
             f"(micro_batch_size*dp) = {cfg.grad_accum_steps}) to be a multiple of parallel.pp={p.pp}",
         )
+    if cfg.network.isolation == "netns" and (c.launcher != "local" or c.device != "cpu"):
+        raise ConfigError("network.isolation", "netns makes real hosts of simulated CPU nodes: it needs "
+                          f"cluster.launcher=local and cluster.device=cpu (got {c.launcher}, {c.device}); "
+                          "other launchers already run on real hosts")
     f, ck = cfg.fault, cfg.checkpoint
     if f.max_restarts and (not ck.dir or ck.resume == "never" or not ck.every):
         raise ConfigError("fault.max_restarts", "restarts resume from checkpoints: set checkpoint.dir and "
