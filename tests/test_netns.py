@@ -4,7 +4,6 @@ be made (not root, no iproute2)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
