@@ -63,6 +63,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def host_address(peer: str) -> str:
+    """This host's address on the route to ``peer`` (no packet is sent); "unknown" without a route."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((peer, 9))
+            return s.getsockname()[0]
+        except OSError:
+            return "unknown"
+
+
 def _int(environ: Mapping[str, str], name: str) -> int:
     raw = environ.get(name)
     if raw is None:
@@ -131,7 +141,7 @@ def from_env(environ: Mapping[str, str] | None = None, launcher: str = "env") ->
 
 
 def from_mpi() -> RankEnv:
-    """Rank environment from MPI: COMM_WORLD, a shared-memory split for the node, rank 0's address.
+    """Rank environment from MPI: COMM_WORLD, nodes by host name and address, rank 0's address.
 
     Must run under ``mpiexec ... python -m mpi4py`` so an exception on one rank aborts the job.
     """
@@ -141,10 +151,14 @@ def from_mpi() -> RankEnv:
         raise LaunchEnvError(f"cluster.launcher=mpi needs mpi4py: {exc}") from None
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
-    local = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    # a node is a host name and the address the rank reaches MASTER_ADDR from: namespaced hosts on one
+    # machine share the name (and its shared memory) but not the address
+    hosts = world.allgather((socket.gethostname(), host_address(os.environ["MASTER_ADDR"])
+                             if os.environ.get("MASTER_ADDR") else ""))
+    order = list(dict.fromkeys(hosts))  # nodes numbered by their lowest rank
+    node = order.index(hosts[rank])
+    local = world.Split(color=node, key=rank)
     local_rank, local_size = local.Get_rank(), local.Get_size()
-    leader = local.bcast(rank, root=0)
-    leaders = sorted(set(world.allgather(leader)))
     if rank == 0:
         addr = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
         port = int(os.environ.get("MASTER_PORT") or free_port(addr))
@@ -158,8 +172,8 @@ def from_mpi() -> RankEnv:
         world_size=size,
         local_rank=local_rank,
         local_world_size=local_size,
-        node_rank=leaders.index(leader),
-        num_nodes=len(leaders),
+        node_rank=node,
+        num_nodes=len(order),
         master_addr=addr,
         master_port=port,
         launcher="mpi",

@@ -80,6 +80,7 @@ def run_job(cfg: JobConfig, summary_path: Optional[str] = None, profile_dir: Opt
         from moetrain.dist.env import detect, init_distributed
 
         env = detect(launcher)
+        os.environ["NODE_RANK"] = str(env.node_rank)  # the node map reads it (MPI finds it only in from_mpi)
         watch_launcher(os.getppid())  # torchrun's agent, mpiexec's proxy, slurmstepd: gone -> this rank ends
         init_distributed(env, cfg.cluster.device, timeout_s=cfg.cluster.collective_timeout_s)
         try:

@@ -35,23 +35,14 @@ def rank_main(cfg_data: dict[str, Any], profile_dir: Optional[str] = None) -> di
     return summary
 
 
-def _host_address() -> str:
-    """The address this rank reaches the rendezvous host from: its host's address on the job's network."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((os.environ.get("MASTER_ADDR", "127.0.0.1"), 9))  # UDP: no packet is sent
-            return s.getsockname()[0]
-        except OSError:
-            return "unknown"
-
-
 def _gather_host_addresses() -> list[str]:
+    """Each rank's address on the route to the rendezvous host: which real host it ran on."""
     import torch.distributed as dist
 
     out: list[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, _host_address())
+    from moetrain.dist.env import host_address
+
+    dist.all_gather_object(out, host_address(os.environ.get("MASTER_ADDR", "127.0.0.1")))
     return [str(a) for a in out]
 
 

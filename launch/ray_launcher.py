@@ -82,6 +82,16 @@ def _node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
+def _interface_of(addr: str) -> Optional[str]:
+    """The network interface holding address ``addr`` on this host (psutil comes with Ray), or None."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == addr for a in addrs):
+            return name
+    return None
+
+
 class _Rank:
     """One rank's process (a Ray actor)."""
 
@@ -116,6 +126,10 @@ class _Rank:
 
         try:
             os.environ.update({"MASTER_ADDR": addr, "MASTER_PORT": str(port)})
+            if "GLOO_SOCKET_IFNAME" not in os.environ:  # gloo would look up the host name: use Ray's node IP
+                ifname = _interface_of(_node_ip())
+                if ifname:
+                    os.environ["GLOO_SOCKET_IFNAME"] = ifname
             init_distributed(from_env(launcher="ray"), data["cluster"]["device"], timeout_s=timeout_s)
             try:
                 return "ok", rank_main(data, profile_dir)
@@ -286,7 +300,9 @@ def _collect(refs: list, where: list[dict]) -> list[Any]:
             reports[r] = RankReport(r, "hung", "still running when the job was stopped")
         failed = sorted(r for r, rep in reports.items() if rep.state in ("error", "died"))
         allrep = [reports.get(r, RankReport(r, "ok")) for r in range(len(refs))]
-        raise RankFailure(f"ray job: rank(s) {failed} failed", allrep)
+        lost = sorted({where[r]["ip"] for r, rep in reports.items() if rep.state == "died"})
+        why = f" (node(s) lost or rank processes died: {', '.join(lost)})" if lost else ""
+        raise RankFailure(f"ray job: rank(s) {failed} failed{why}", allrep)
     return [done[r] for r in range(len(refs))]
 
 
