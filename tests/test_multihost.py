@@ -106,7 +106,8 @@ def test_mpiexec_across_hosts(hosts, local_run, tmp_path):
 
 # ------------------------------------------------------------------ Ray
 # real hosts: Ray's multi-node mode (conftest's 0 keeps test-local instances on 127.0.0.1), fast node-death checks
-RAY_ENV = {**ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+RAY_ENV = {**ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_health_check_period_ms": "1000",
+           "RAY_health_check_timeout_ms": "1000",
            "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "1000"}
 
 
