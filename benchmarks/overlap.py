@@ -1,4 +1,4 @@
-"""MoE layer forward+backward with simulated links: no overlap vs Tutel-style overlap vs moetrain.
+"""MoE layer forward+backward over simulated or real links: no overlap vs single-degree chunking vs moetrain.
 
 Ranks: gloo processes on 2 simulated nodes; every collective of the MoE section and the gradient
 reduction takes ``latency + bytes / bandwidth`` of its link class (``dist.links``, sleeping, so 4
@@ -7,8 +7,9 @@ a dense projection -> loss -> backward -> data-parallel reduction of the dense g
 non-expert gradients every real model has). Settings:
 
 - (a) no overlap: degree 1, one channel for both link classes, gradient reduced after backward;
-- (b) Tutel-style: dispatch/experts/combine chunked with one degree for forward and backward, one
-  channel (no intra/inter co-scheduling), gradient bucket launched as soon as it is ready (DDP);
+- (b) single-degree chunking (Tutel's scheme, run as moetrain's own layer at degree 2): dispatch/experts/
+  combine chunked with one degree for forward and backward, one channel (no intra/inter co-scheduling),
+  gradient bucket launched as soon as it is ready (DDP);
 - (c) moetrain: degrees chosen by the online α-β model (forward and backward separately), intra
   and inter channels co-scheduled, gradient buckets placed in the MoE backward's idle inter windows.
 
@@ -17,7 +18,12 @@ settings' timed iterations alternate, so the machine's slow spells hit all of th
 Lower bound: max(busiest link's total transfer time, expert + dense compute measured in (a)), over all
 ranks.
 
-    python benchmarks/overlap.py [--iters 8] [--tokens 512] [--links default|comm-heavy]
+With ``--isolation netns`` the two simulated nodes are namespaced hosts (``network.isolation=netns``):
+inter-node collectives cross a real veth that the kernel shapes to the inter link's bandwidth per rank times
+the ranks per host (tbf), and
+only that link's latency is still added by sleeping; intra-node links stay simulated as before.
+
+    python benchmarks/overlap.py [--iters 8] [--tokens 512] [--links default|comm-heavy] [--isolation netns]
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ class _Setting:
     """One setting's layer, dense projection, link engine and reducer on this rank, stepped by the caller."""
 
     def __init__(self, name: str, *, tokens: int, d: int, d_expert: int, experts: int, topk: int, dense_mb: float,
-                 links: dict, degrees=None):
+                 links: dict, degrees=None, real_inter: bool = False):
         import torch
         import torch.distributed as dist
 
@@ -62,8 +68,11 @@ class _Setting:
         world = self.world = dist.get_world_size()
         grid = build_rank_grid(Layout(dp=world, ep=world), ranks_per_node=world // 2)
         groups = create_groups(grid)
-        self.engine = LinkEngine(node_of=[grid.node_of(r) for r in range(world)],
-                                 simulate={k: LinkSpec(*v) for k, v in links.items()}, coschedule=s["coschedule"])
+        simulate = {k: LinkSpec(*v) for k, v in links.items()}
+        if real_inter:  # the kernel carries inter-node bytes at the shaped rate: only latency is slept
+            simulate["inter"] = LinkSpec(links["inter"][0], float("inf"))
+        self.engine = LinkEngine(node_of=[grid.node_of(r) for r in range(world)], simulate=simulate,
+                                 coschedule=s["coschedule"])
         torch.manual_seed(0)
         args = MoEConfig(num_experts=experts, topk=topk, d_expert=d_expert, router="topk", capacity_factor=None,
                          dispatch="hier2d", activation="swiglu", aux_loss_coef=0.0)
@@ -161,25 +170,36 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 512, 1024, 2048])
     ap.add_argument("--links", choices=sorted(LINK_PRESETS), default="default")
+    ap.add_argument("--isolation", choices=["none", "netns"], default="none",
+                    help="netns: the nodes are namespaced hosts and the inter link a tbf-shaped veth")
     args = ap.parse_args()
     links = LINK_PRESETS[args.links]
+    real = args.isolation == "netns"
 
+    import contextlib
+
+    from moetrain.dist.netns import NetHosts
     from moetrain.launch.local import LocalRanks
 
-    print(f"# MoE overlap, {args.ranks} ranks on 2 simulated nodes, hier2d; links: "
-          + ", ".join(f"{k} {v[0] * 1e6:.0f} us + {v[1] / 1e9:g} GB/s" for k, v in links.items())
+    print(f"# MoE overlap, {args.ranks} ranks on 2 {'namespaced hosts' if real else 'simulated nodes'}, hier2d; "
+          + "links: " + ", ".join(f"{k} {v[0] * 1e6:.0f} us + {v[1] / 1e9:g} GB/s"
+                                  + (" (bandwidth real: tbf on a veth)" if real and k == "inter" else "")
+                                  for k, v in links.items())
           + f"; {platform.node()}, {os.cpu_count()} cores")
-    print("| tokens/rank | d | E | k | (a) none s | (b) tutel-style s | (c) moetrain s | (c) degrees, hier2d order | "
-          "b/c | a/c | lower bound s | c / bound |")
+    print("| tokens/rank | d | E | k | (a) none s | (b) single-degree chunking s | (c) moetrain s | "
+          "(c) degrees, hier2d order | b/c | a/c | lower bound s | c / bound |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    with LocalRanks(args.ranks, ranks_per_node=args.ranks // 2, timeout=1200, threads=1) as pool:
+    # the inter link's rate is per rank: a host's veth carries ranks_per_node times it (one NIC per rank)
+    hosts = NetHosts(2, bandwidth_gbps=links["inter"][1] / 1e9 * (args.ranks // 2)) if real else None
+    with (hosts if hosts is not None else contextlib.nullcontext()), \
+            LocalRanks(args.ranks, ranks_per_node=args.ranks // 2, timeout=1200, threads=1, hosts=hosts) as pool:
         # fresh processes pay one-time costs (lazy imports in the first backward, first gloo connections,
         # allocator growth): one untimed pass so they do not land on the first row's settings
         pool.run(run_setting, "c", tokens=min(args.tokens), d=128, d_expert=128, experts=8, topk=2, dense_mb=0.25,
-                 iters=1, warmup=1, links=links)
+                 iters=1, warmup=1, links=links, real_inter=real)
         for tokens in args.tokens:
             shape = dict(tokens=tokens, d=128, d_expert=128, experts=8, topk=2, dense_mb=0.25,
-                         iters=args.iters, warmup=args.warmup, links=links)
+                         iters=args.iters, warmup=args.warmup, links=links, real_inter=real)
             ranks = pool.run(run_settings, ["a", "b", "c"], **shape)
             per_rank = {name: [r[name] for r in ranks] for name in ("a", "b", "c")}
             res = {name: r[0] for name, r in per_rank.items()}  # times are already the slowest rank's

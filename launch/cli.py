@@ -170,6 +170,12 @@ def _cmd_profile(args) -> int:
           f"{fmt(summary['comm_s_per_step'])}/step: hidden {fmt(summary['hidden_comm_s_per_step'])}, exposed "
           f"{fmt(summary['exposed_comm_s_per_step'])}, overlap {fmt(summary['overlap_ratio'], '%')}; "
           f"degrees {summary['degrees']}")
+    if summary.get("by_kind"):
+        print("| kind | communication / step | hidden | exposed | overlap |")
+        print("|---|---|---|---|---|")
+        for kind, k in summary["by_kind"].items():
+            print(f"| {kind} | {fmt(k['comm_s_per_step'])} | {fmt(k['hidden_comm_s_per_step'])} | "
+                  f"{fmt(k['exposed_comm_s_per_step'])} | {fmt(k['overlap_ratio'], '%')} |")
     print(f"wrote {out}/summary.json, timeline.png, trace_rank*.json (chrome://tracing, ui.perfetto.dev), tb/")
     return 0
 

@@ -118,7 +118,10 @@ def _launch(cfg: JobConfig, data: dict[str, Any], profile_dir: Optional[str]) ->
         if cfg.network.isolation == "netns":  # one namespaced host per node, for the whole job
             from moetrain.dist.netns import NetHosts
 
-            hosts = NetHosts(cfg.cluster.nodes, bandwidth_gbps=cfg.network.inter.bandwidth_gbps).create()
+            # inter.bandwidth_gbps is per rank (one NIC per GPU, as on rail-optimised nodes): a host's link
+            # carries ranks_per_node times that
+            hosts = NetHosts(cfg.cluster.nodes, bandwidth_gbps=cfg.network.inter.bandwidth_gbps
+                             * cfg.cluster.ranks_per_node).create()
         try:
             summary = with_restarts(cfg, start, (RankFailure,))
         finally:

@@ -100,8 +100,6 @@ def _rank_main(rank: int, world: int, ranks_per_node: int, port: int, workdir: s
             results.put((0, rank, "error", _describe_exc(exc)))
             return
         master, ifname = addrs[0], IFNAME
-        # c10d warns once per connection that the peer's address has no host name (no DNS in the hosts)
-        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     os.environ.update(env)
     os.environ.update({
         "RANK": str(rank),
@@ -209,6 +207,9 @@ class LocalRanks:
         ctx.set_forkserver_preload(["torch", "torch.distributed"])
         hosts = None
         if self.hosts is not None:
+            # c10d warns once per connection that a peer's address has no host name (the hosts have no DNS);
+            # the level is read when torch loads, in the forkserver started below with this environment
+            os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
             hosts, port = (self.hosts.names, self.hosts.addrs), _NETNS_STORE_PORT  # a fresh namespace: port free
         else:
             self._store = dist.TCPStore("127.0.0.1", 0, self.world_size, is_master=True,

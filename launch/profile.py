@@ -10,6 +10,8 @@ Definitions, over the measured steps (after the degree-profiling steps; the firs
 - communication time: the time at least one link of the rank is busy (union of transfer spans);
 - exposed: the part of it during which the training thread waits for a transfer;
 - hidden = communication - exposed; overlap ratio = hidden / communication;
+- the same per kind of transfer (link class and what it carries: MoE all-to-all, DP gradient all-reduce),
+  in ``by_kind``; a wait while two kinds are in flight counts as exposed for both;
 - modeled step time: measured step time with each MoE section's measured time replaced by the α-β
   model's time at the chosen degrees.
 """
@@ -46,6 +48,13 @@ def _intersect(xs, ys) -> float:
             if hi > lo:
                 total += hi - lo
     return total
+
+
+def _kind(sp) -> str:
+    """A transfer's kind for the per-kind table: its link and what it carries."""
+    what = "DP gradient all-reduce" if sp.tag == "grad" else \
+        ("MoE all-to-all" if sp.op == "a2a" else f"{sp.op} {sp.tag}".strip())
+    return f"{sp.link}: {what}"
 
 
 def write_rank_records(trainer, out_dir: str) -> dict[str, Any]:
@@ -97,6 +106,16 @@ def write_rank_records(trainer, out_dir: str) -> dict[str, Any]:
         modeled.append(b - a - sec + model if any(getattr(m, "overlap_report", None) for m in trainer.moe_layers)
                        else None)
     n = max(len(measured), 1)
+    by_kind: dict[str, dict[str, float]] = {}
+    for kind in sorted({_kind(sp) for sp in spans}):
+        kc = ke = 0.0
+        for _, a, b, _ in measured:
+            busy = _union([(sp.start, sp.end) for sp in spans if _kind(sp) == kind and a <= sp.start < b])
+            kc += _length(busy)
+            ke += _intersect(busy, _union([(x, y) for x, y in waits if a <= x < b]))
+        by_kind[kind] = {"comm_s_per_step": kc / n, "exposed_comm_s_per_step": ke / n,
+                         "hidden_comm_s_per_step": max(kc - ke, 0.0) / n,
+                         "overlap_ratio": (max(kc - ke, 0.0) / kc) if kc > 0 else None}
     metrics = {
         "rank": rank, "measured_steps": len(measured),
         "step_s": statistics.median(step_times) if step_times else None,
@@ -107,6 +126,7 @@ def write_rank_records(trainer, out_dir: str) -> dict[str, Any]:
         "degrees": {layer.layer: list(layer.tuner.chosen or (layer.tuner.fwd, layer.tuner.bwd))
                     for layer in trainer.moe_layers if layer.tuner is not None},
         "model": {layer.layer: getattr(layer, "overlap_report", None) for layer in trainer.moe_layers},
+        "by_kind": by_kind,
         "last_step": [measured[-1][1] - t_base, measured[-1][2] - t_base] if measured else None,
     }
     (out / f"metrics_rank{rank}.json").write_text(json.dumps(metrics, indent=2, default=str))
@@ -125,8 +145,12 @@ def write_report(out_dir: str, world: int) -> dict[str, Any]:
     keys = ("step_s", "modeled_step_s", "comm_s_per_step", "exposed_comm_s_per_step", "hidden_comm_s_per_step",
             "overlap_ratio")
     summary = {k: _mean([m[k] for m in ranks]) for k in keys}
+    kinds = sorted({k for m in ranks for k in m.get("by_kind", {})})
+    by_kind = {kind: {k: _mean([m["by_kind"][kind][k] for m in ranks if kind in m["by_kind"]]) for k in keys[2:]}
+               for kind in kinds}  # means over the ranks that carry that kind
     summary.update(world_size=world, measured_steps=ranks[0]["measured_steps"], degrees=ranks[0]["degrees"],
-                   model=ranks[0]["model"], per_rank={m["rank"]: {k: m[k] for k in keys} for m in ranks})
+                   by_kind=by_kind, model=ranks[0]["model"],
+                   per_rank={m["rank"]: {k: m[k] for k in keys} for m in ranks})
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     _timeline_png(out, world, ranks)
     from torch.utils.tensorboard import SummaryWriter

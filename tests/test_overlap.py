@@ -439,6 +439,11 @@ def test_profile_command_writes_traces_timeline_and_summary(tmp_path):
     assert 0.0 <= summary["overlap_ratio"] <= 1.0
     assert summary["hidden_comm_s_per_step"] + summary["exposed_comm_s_per_step"] == pytest.approx(
         summary["comm_s_per_step"])
+    kinds = summary["by_kind"]  # per kind of transfer: the MoE all-to-all on both link classes, the DP gradient
+    assert {"intra: MoE all-to-all", "inter: MoE all-to-all"} <= set(kinds)
+    for k in kinds.values():
+        assert k["hidden_comm_s_per_step"] + k["exposed_comm_s_per_step"] == pytest.approx(k["comm_s_per_step"])
+    assert "| inter: MoE all-to-all |" in out.stdout
     assert set(summary["degrees"]) == {"1"} and summary["modeled_step_s"] > 0
     assert summary["model"]["1"]["links"]["inter"]["beta"] > 0  # fitted from the simulated inter link
     trace = json.loads((prof / "trace_rank3.json").read_text())["traceEvents"]
