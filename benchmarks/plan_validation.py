@@ -72,7 +72,7 @@ def published() -> list[tuple[str, str, float, float, str]]:
     plan = make_plan(cfg, h100)
     rows.append(("Mixtral 8x7B, 64 H100, TP1 EP8 PP4 VP8", "tokens/s per GPU", plan["tokens_per_s"] / 64, 5872.0,
                  "Megatron-Core MoE README (468 TFLOP/s per GPU, MCore v0.9)"))
-    # FSMoE vs Tutel-style single-degree overlap: the layer at FSMoE's chosen degrees with co-scheduled links vs
+    # FSMoE vs single-degree chunking (Tutel's scheme): the layer at FSMoE's chosen degrees with co-scheduled links vs
     # one shared degree (2) on one channel, over a grid of MoE layers on 2 nodes x 8 A100 (HDR IB)
     a100 = load_hardware("a100_sxm")
     ratios = []
