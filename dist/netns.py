@@ -34,7 +34,7 @@ from typing import Optional
 
 from moetrain.errors import UserError
 
-__all__ = ["NetHosts", "NetnsError", "unavailable_reason", "enter_netns", "remove_leftovers", "PREFIX",
+__all__ = ["NetHosts", "NetnsError", "unavailable_reason", "enter_netns", "remove_leftovers", "list_netns", "PREFIX",
            "SUBNET", "IFNAME"]
 
 PREFIX = "mtn"

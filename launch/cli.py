@@ -73,9 +73,10 @@ def _grid(cfg: JobConfig):
 
 
 def _cmd_validate(args) -> int:
-    from moetrain.launch.preflight import check_paths
+    from moetrain.launch.preflight import check_network, check_paths
 
     cfg = load_config(args.config, args.overrides)
+    check_network(cfg)  # the local launcher makes the namespaces here
     try:
         check_paths(cfg, create=False)
     except UserError as exc:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from moetrain.config import JobConfig, write_resolved
 from moetrain.dist.checkpoint import CheckpointError, CheckpointLock
 from moetrain.launch.attempts import attempt_number, with_restarts
-from moetrain.launch.preflight import check_paths
+from moetrain.launch.preflight import check_network, check_paths
 from moetrain.launch.rank import JobError, rank_main, setup_groups
 from moetrain.launch.signals import JobStopped, forward_signals, watch_launcher
 
@@ -65,6 +65,7 @@ def _locked_on_rank0(lock: CheckpointLock | None, rank: int):
 def run_job(cfg: JobConfig, summary_path: Optional[str] = None, profile_dir: Optional[str] = None) -> dict[str, Any]:
     """Launch ``cfg`` with its launcher and return rank 0's summary (also written to ``summary_path``);
     with ``profile_dir`` every rank records its trace and metrics there (``moetrain profile``)."""
+    check_network(cfg)
     check_paths(cfg, summary_path)
     write_resolved(cfg, cfg.logging.run_dir)
     os.environ.setdefault("MOETRAIN_JOB_START", repr(time.time()))  # train.time_limit counts from here

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from moetrain.config import ConfigError, JobConfig
 
-__all__ = ["check_paths"]
+__all__ = ["check_paths", "check_network"]
 
 
 def _why_not_writable(directory: Path, create: bool) -> str | None:
@@ -66,3 +66,14 @@ def check_paths(cfg: JobConfig, summary_path: str | None = None, *, create: bool
         from moetrain.dist.checkpoint import CheckpointError
 
         raise CheckpointError(f"checkpoint.resume: {resume} is not a checkpoint directory")
+
+
+def check_network(cfg: JobConfig) -> None:
+    """``network.isolation=netns`` on a machine that cannot make namespaces: one line saying why, before
+    anything is written."""
+    if cfg.network.isolation == "netns":
+        from moetrain.dist.netns import NetnsError, unavailable_reason
+
+        why = unavailable_reason()
+        if why:
+            raise NetnsError(why)

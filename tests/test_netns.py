@@ -131,11 +131,20 @@ def test_leftovers_of_a_killed_launcher_are_removed_at_the_next_start():
         assert not set(left) & set(netns.list_netns())
 
 
-def test_not_available_is_one_line(monkeypatch):
+def test_not_available_is_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(NetnsError, match=r"^network.isolation=netns needs root \(ip netns, veth, tc\); this "
                                          r"process is not root$"):
         NetHosts(2).create()
+    from moetrain.launch.cli import main
+
+    run_dir = tmp_path / "run"  # the job fails before it writes anything
+    for cmd in ("validate", "train"):
+        assert main([cmd, str(ROOT / "cluster_configs/sim_cpu_8rank.yaml"), "network.isolation=netns",
+                     f"logging.run_dir={run_dir}"]) != 0
+        assert capsys.readouterr().err.strip() == ("error: network.isolation=netns needs root (ip netns, veth, "
+                                                   "tc); this process is not root")
+    assert not run_dir.exists()
 
 
 def test_config_rules():
