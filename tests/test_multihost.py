@@ -81,7 +81,7 @@ def _check(summary: dict, local: dict) -> None:
 
 
 def test_torchrun_c10d_rendezvous_across_hosts(hosts, local_run, tmp_path):
-    # Once in about five runs under a loaded CI machine, one host's torchrun agent has exited with code 1
+    # Once in seven runs (in a full CI run), one host's torchrun agent has exited with code 1
     # after training finished and the other agent then waits out its 300 s exit barrier. The cause is not
     # known yet. The job gets one more try on a fresh rendezvous, and the first failure is printed.
     for attempt in (0, 1):
