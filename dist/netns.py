@@ -60,19 +60,19 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    argv = ["ip", *args]
+def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     if check and proc.returncode:
         raise NetnsError(f"`{' '.join(argv)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc
 
 
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _run(["ip", *args], check)
+
+
 def _tc(ns: str, *args: str) -> None:
-    argv = ["tc", "-n", ns, *args]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    if proc.returncode:
-        raise NetnsError(f"`{' '.join(argv)}` failed: {proc.stderr.strip()}")
+    _run(["tc", "-n", ns, *args])
 
 
 def list_netns() -> list[str]:
@@ -90,15 +90,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _pids(name: str) -> list[int]:
+    return [int(p) for p in _ip("netns", "pids", name, check=False).stdout.split() if p.isdigit()]
+
+
+def _kill_all(name: str) -> list[int]:
+    """SIGKILL every process in namespace ``name``; returns their pids."""
+    pids = _pids(name)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
 def _delete(name: str) -> None:
     """Kill what runs in namespace ``name``, then delete it."""
     for _ in range(3):
-        pids = [int(p) for p in _ip("netns", "pids", name, check=False).stdout.split() if p.isdigit()]
-        if not pids:
+        if not _kill_all(name):
             break
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
     _ip("netns", "del", name, check=False)
 
@@ -200,15 +209,11 @@ class NetHosts:
         return self.addrs.index(addr)
 
     def pids(self, host: int) -> list[int]:
-        return [int(p) for p in _ip("netns", "pids", self.names[host], check=False).stdout.split() if p.isdigit()]
+        return _pids(self.names[host])
 
     def kill_host(self, host: int) -> list[int]:
         """SIGKILL every process on ``host`` (a machine that lost power); returns their pids."""
-        pids = self.pids(host)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        return pids
+        return _kill_all(self.names[host])
 
     def set_link(self, host: int, up: bool) -> None:
         """Take ``host``'s cable out (``up=False``) or put it back, at the switch."""

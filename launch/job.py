@@ -122,14 +122,12 @@ def _launch(cfg: JobConfig, data: dict[str, Any], profile_dir: Optional[str]) ->
             # inter.bandwidth_gbps is per rank (one NIC per GPU, as on rail-optimised nodes): a host's link
             # carries ranks_per_node times that
             hosts = NetHosts(cfg.cluster.nodes, bandwidth_gbps=cfg.network.inter.bandwidth_gbps
-                             * cfg.cluster.ranks_per_node).create()
-        try:
+                             * cfg.cluster.ranks_per_node)
+        if hosts is None:
+            return with_restarts(cfg, start, (RankFailure,))
+        with hosts:  # made here, removed however the job ends
             summary = with_restarts(cfg, start, (RankFailure,))
-        finally:
-            if hosts is not None:
-                hosts.close()
-        if hosts is not None:
-            summary["network"] = {"isolation": "netns", "hosts": hosts.addrs, "namespaces": hosts.names}
+        summary["network"] = {"isolation": "netns", "hosts": hosts.addrs, "namespaces": hosts.names}
         return summary
     from moetrain.launch.ray_launcher import run_ray
 

@@ -50,6 +50,16 @@ def _intersect(xs, ys) -> float:
     return total
 
 
+def _comm_and_exposed(spans, waits, measured) -> tuple[float, float]:
+    """Communication time (union of ``spans``) and the part of it spent waiting, summed over ``measured``."""
+    comm = exposed = 0.0
+    for _, a, b, _ in measured:
+        busy = _union([(sp.start, sp.end) for sp in spans if a <= sp.start < b])
+        comm += _length(busy)
+        exposed += _intersect(busy, _union([(x, y) for x, y in waits if a <= x < b]))
+    return comm, exposed
+
+
 def _kind(sp) -> str:
     """A transfer's kind for the per-kind table: its link and what it carries."""
     what = "DP gradient all-reduce" if sp.tag == "grad" else \
@@ -88,13 +98,9 @@ def write_rank_records(trainer, out_dir: str) -> dict[str, Any]:
     meta = [{"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}}]
     (out / f"trace_rank{rank}.json").write_text(json.dumps({"traceEvents": meta + events}))
 
-    comm_s = exposed_s = 0.0
+    comm_s, exposed_s = _comm_and_exposed(spans, waits, measured)
     step_times, modeled = [], []
     for _, a, b, _ in measured:
-        busy = _union([(sp.start, sp.end) for sp in spans if a <= sp.start < b])
-        wait = _union([(x, y) for x, y in waits if a <= x < b])
-        comm_s += _length(busy)
-        exposed_s += _intersect(busy, wait)
         step_times.append(b - a)
         sec = sum(e - s for layer in trainer.moe_layers for _, s, e, *_ in layer.section_times.sections if a <= s < b)
         model = 0.0
@@ -108,11 +114,7 @@ def write_rank_records(trainer, out_dir: str) -> dict[str, Any]:
     n = max(len(measured), 1)
     by_kind: dict[str, dict[str, float]] = {}
     for kind in sorted({_kind(sp) for sp in spans}):
-        kc = ke = 0.0
-        for _, a, b, _ in measured:
-            busy = _union([(sp.start, sp.end) for sp in spans if _kind(sp) == kind and a <= sp.start < b])
-            kc += _length(busy)
-            ke += _intersect(busy, _union([(x, y) for x, y in waits if a <= x < b]))
+        kc, ke = _comm_and_exposed([sp for sp in spans if _kind(sp) == kind], waits, measured)
         by_kind[kind] = {"comm_s_per_step": kc / n, "exposed_comm_s_per_step": ke / n,
                          "hidden_comm_s_per_step": max(kc - ke, 0.0) / n,
                          "overlap_ratio": (max(kc - ke, 0.0) / kc) if kc > 0 else None}
