@@ -142,10 +142,12 @@ class RayCluster:
 
     def alive(self) -> int:
         code = (f"import ray; ray.init(address='{self.address}', logging_level='ERROR'); "
-                "print(sum(n['Alive'] for n in ray.nodes()))")
+                "print('ALIVE', sum(n['Alive'] for n in ray.nodes()))")
         out = subprocess.run(self.hosts.exec_argv(0, [PY, "-c", code]), capture_output=True, text=True,
                              env=RAY_ENV, timeout=120)
-        return int(out.stdout.split()[-1])
+        # Ray may print its own warnings on stdout too (seen right after a node died): read the marked line
+        counts = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("ALIVE ")]
+        return counts[-1] if counts else -1
 
     def wait_alive(self, n: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
