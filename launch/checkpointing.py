@@ -18,7 +18,7 @@ import torch
 
 from moetrain.config import JobConfig
 from moetrain.dist.checkpoint import Checkpointer, CheckpointError, CheckpointReader
-from moetrain.launch.resharding import logical_state, restore_logical
+from moetrain.launch.resharding import load_weights, logical_state, restore_logical
 from moetrain.models.spec import ModelSpec
 
 __all__ = ["RunState", "RunCheckpoints"]
@@ -107,3 +107,35 @@ class RunCheckpoints:
         moved = "" if same_layout else f" (saved at {manifest.get('layout')}, resharded)"
         self.say(f"[moetrain] resumed from {path} at step {state.step}{moved}")
         return state, str(path)
+
+    def init_weights(self) -> str | None:
+        """``checkpoint.init_from``: this rank's weights from an HF directory or a moetrain checkpoint (the
+        optimizer stays fresh, the run starts at step 0); returns the source, or None without one."""
+        path = self.cfg.checkpoint.init_from
+        if not path:
+            return None
+        from pathlib import Path
+
+        from moetrain.models.hf_config import read_hf_config, sections_from_hf
+
+        resolved = self.cfg.resolved()
+        if (Path(path) / "config.json").is_file():
+            from moetrain.models.hf_weights import HFSource
+
+            hf = sections_from_hf(read_hf_config(path), where=f"checkpoint.init_from {path}")
+            diffs = [f"{sec}.{k}: {v!r} there, {resolved[sec][k]!r} in this config"
+                     for sec, values in hf.items() for k, v in values.items() if resolved[sec].get(k) != v]
+            if diffs:
+                raise CheckpointError(f"checkpoint.init_from {path} holds a different model ({'; '.join(diffs)}); "
+                                      f"set model.hf_config={path} to take its architecture")
+            source = HFSource(path, resolved)
+            source.check_unused()
+            get = source.tensor
+        else:
+            from moetrain.launch.ckpt_tools import open_checkpoint
+
+            reader = open_checkpoint(path)
+            get = (lambda k: reader.tensor(f"model/{k}"))
+        n = load_weights(self.chunks, self.optimizer, get, f"checkpoint.init_from {path}")
+        self.say(f"[moetrain] initialised {n} weight tensors from {path} (fresh optimizer, step 0)")
+        return path

@@ -1,4 +1,5 @@
-"""``moetrain checkpoint inspect | convert``: read a checkpoint without starting a job (one process)."""
+"""``moetrain checkpoint inspect | convert | import-hf | export-hf``: checkpoints without starting a job
+(one process)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from moetrain.dist.checkpoint import MANIFEST, Checkpointer, CheckpointError, CheckpointReader
 
-__all__ = ["open_checkpoint", "inspect", "convert"]
+__all__ = ["open_checkpoint", "inspect", "convert", "import_hf", "export_hf"]
 
 
 def open_checkpoint(path: str) -> CheckpointReader:
@@ -112,3 +113,69 @@ def convert(path: str, out: str, optimizer: bool = False) -> dict[str, Any]:
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(dest)
     return {"path": str(dest), "tensors": len(tensors), "bytes": dest.stat().st_size}
+
+
+_HF_CARRIED = ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings", "initializer_range")
+"""HF config keys that are not architecture but that an import keeps for the export (token ids and such)."""
+
+
+def import_hf(hf_dir: str, out: str) -> dict[str, Any]:
+    """A moetrain checkpoint (step 0, layout-free, no optimizer state) of an HF model directory, plus
+    ``OUT/model.yaml``: the model and moe sections it implies (the resolved config is in the manifest)."""
+    import torch
+    import yaml
+
+    from moetrain.config import config_from_dict
+    from moetrain.models.hf_config import read_hf_config, sections_from_hf
+    from moetrain.models.hf_weights import HFSource
+    from moetrain.models.spec import get_model_spec
+
+    hf = read_hf_config(hf_dir)
+    sections = sections_from_hf(hf, where=f"{hf_dir}/config.json")
+    dest = Path(out)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise CheckpointError(f"{dest} exists and is not empty; choose a new directory")
+    cfg = config_from_dict({"model": {"hf_config": str(Path(hf_dir).resolve())}})
+    resolved = cfg.resolved()
+    source = HFSource(hf_dir, resolved)
+    source.check_unused()
+    tensors = {f"model/{k}": source.tensor(k) for k in source.keys()}
+    meta = {"config": resolved, "shape": get_model_spec(cfg).shape_keys(),
+            "layout": {"tp": 1, "pp": 1, "dp": 1, "ep": 1, "etp": 1, "vpp": 1, "zero_stage": 0},
+            "losses": [], "grad_norms": [], "lr_schedule_steps": 0, "samples_consumed": 0,
+            "hf": {k: hf[k] for k in _HF_CARRIED if k in hf}, "imported_from": str(Path(hf_dir).resolve())}
+    state = {"tensors": tensors, "rank": {"rng": {"cpu": torch.get_rng_state(), "cuda": None}}}
+    path = Checkpointer(dest, keep=1, log=lambda m: None).save(0, state, meta)
+    (dest / "model.yaml").write_text(yaml.safe_dump(sections, sort_keys=False))
+    return {"path": str(path), "tensors": len(tensors), "family": resolved["model"]["family"],
+            "parameters": sum(t.numel() for t in tensors.values()), "config": str(dest / "model.yaml")}
+
+
+def export_hf(path: str, out: str, dtype: str | None = None, max_shard_gb: float = 5.0) -> dict[str, Any]:
+    """An HF model directory (config.json, generation_config.json, sharded safetensors with an index) from a
+    moetrain checkpoint; every expert of every EP / ETP rank must be there (the checkpoint saved them gathered)."""
+    import torch
+
+    from moetrain.models.hf_config import hf_from_config
+    from moetrain.models.hf_weights import to_hf, write_hf_dir
+
+    r = open_checkpoint(path)
+    resolved = r.manifest.get("config")
+    if not isinstance(resolved, dict):
+        raise CheckpointError(f"{r.path}: the manifest has no config (not a trainer checkpoint)")
+    config = hf_from_config(resolved)
+    have = {k[len("model/"):] for k in r.index if k.startswith("model/")}
+    tensors = to_hf(resolved, lambda k: r.tensor(f"model/{k}"), have)
+    if dtype is not None:
+        tensors = {k: t.to(getattr(torch, dtype)) for k, t in tensors.items()}
+    carried = r.manifest.get("hf") or {}
+    config.update({k: v for k, v in carried.items() if k in _HF_CARRIED})
+    if config.get("max_position_embeddings", 0) < resolved["model"]["seq_len"]:
+        config["max_position_embeddings"] = resolved["model"]["seq_len"]
+    dtypes = {t.dtype for t in tensors.values()}
+    config["torch_dtype"] = str(dtypes.pop()).replace("torch.", "") if len(dtypes) == 1 else "float32"
+    generation = {"_from_model_config": True,
+                  **{k: carried[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in carried}}
+    done = write_hf_dir(out, tensors, config, generation, max_shard_bytes=int(max_shard_gb * 2**30))
+    done.update(step=r.manifest.get("step"), family=resolved["model"]["family"], source=str(r.path))
+    return done

@@ -267,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=120.0, metavar="S", help="seconds --search may take (default 120)")
     p.add_argument("--calibrate", action="store_true", help="measure this machine and write a hardware file")
     p.add_argument("--out", metavar="FILE", help="where --calibrate writes the hardware file")
-    ck = sub.add_parser("checkpoint", help="inspect a checkpoint or convert it to one safetensors file",
-                        description="inspect a checkpoint or convert it to one safetensors file")
+    ck = sub.add_parser("checkpoint", help="inspect, convert, import from or export to Hugging Face",
+                        description="inspect a checkpoint, convert it to one safetensors file, or move it to and "
+                                    "from a Hugging Face model directory")
     cks = ck.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = cks.add_parser("inspect", help="what a checkpoint holds and at what layout it was saved")
     p.add_argument("dir", metavar="DIR", help="a step_* directory, or a checkpoint.dir (its newest complete step)")
@@ -277,15 +278,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="a step_* directory, or a checkpoint.dir (its newest complete step)")
     p.add_argument("--out", metavar="FILE", required=True, help="the .safetensors file to write")
     p.add_argument("--optimizer", action="store_true", help="also export AdamW moments (optim/... names)")
+    p = cks.add_parser("import-hf", help="a Hugging Face model directory as a moetrain checkpoint (step 0)")
+    p.add_argument("dir", metavar="HF_DIR", help="a local HF model directory (config.json + safetensors)")
+    p.add_argument("--out", metavar="CKPT_DIR", required=True, help="a new directory for the checkpoint")
+    p = cks.add_parser("export-hf", help="a moetrain checkpoint as a Hugging Face model directory")
+    p.add_argument("dir", metavar="CKPT", help="a step_* directory, or a checkpoint.dir (its newest complete step)")
+    p.add_argument("--out", metavar="HF_DIR", required=True, help="a new directory for the HF model")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None,
+                   help="tensor dtype of the export (default: as saved)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, metavar="GB", help="largest safetensors shard")
     return parser
 
 
 def _cmd_checkpoint(args) -> int:
-    from moetrain.launch.ckpt_tools import convert, format_inspect, inspect
+    from moetrain.launch.ckpt_tools import convert, export_hf, format_inspect, import_hf, inspect
 
     if args.action == "inspect":
         info = inspect(args.dir)
         print(json.dumps(info, indent=1) if args.json else format_inspect(info))
+    elif args.action == "import-hf":
+        done = import_hf(args.dir, args.out)
+        print(f"imported {done['family']} ({done['parameters']:,} parameters in {done['tensors']} tensors) to "
+              f"{done['path']}; its model sections: {done['config']}")
+    elif args.action == "export-hf":
+        if args.max_shard_gb <= 0:
+            raise UserError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
+        done = export_hf(args.dir, args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb)
+        print(f"exported {done['family']} at step {done['step']} ({done['tensors']} tensors in {done['shards']} "
+              f"shards, {done['bytes'] / 2**20:.1f} MiB) to {done['path']}")
     else:
         done = convert(args.dir, args.out, optimizer=args.optimizer)
         print(f"wrote {done['tensors']} tensors ({done['bytes'] / 2**20:.1f} MiB) to {done['path']}")

@@ -18,7 +18,7 @@ from moetrain.dist.checkpoint import CheckpointError, CheckpointReader
 from moetrain.parallel.logical import LogicalParam, logical_params
 from moetrain.parallel.zero import ShardedAdamW
 
-__all__ = ["logical_state", "restore_logical", "MOMENTS"]
+__all__ = ["logical_state", "restore_logical", "load_weights", "MOMENTS"]
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -95,8 +95,10 @@ def restore_logical(params_of: list, optimizer, reader: CheckpointReader) -> Non
             lp.param.copy_(local)
     trainable = [lp for lp in lps if isinstance(lp.param, torch.nn.Parameter) and lp.param.requires_grad]
     with_state = [lp for lp in trainable if f"optim/{lp.keys[0]}/step" in reader]
-    if not with_state:
-        return  # saved before the first optimizer step
+    if not with_state:  # saved before the first optimizer step (or imported): the weights only
+        if isinstance(optimizer, ShardedAdamW):
+            optimizer.refresh_masters()
+        return
     states: dict[int, dict[str, torch.Tensor]] = {}
     for lp in trainable:
         states[id(lp.param)] = {m: lp.shard(lambda k, m=m: reader.tensor(f"optim/{k}/{m}")).to(lp.param.dtype)
@@ -109,3 +111,19 @@ def restore_logical(params_of: list, optimizer, reader: CheckpointReader) -> Non
         st = states[id(lp.param)]
         optimizer.state[lp.param] = {"step": torch.tensor(float(st["step"]), dtype=torch.float32),
                                      **{m: st[m].to(lp.param.device).clone() for m in MOMENTS}}
+
+
+def load_weights(params_of: list, optimizer, get, where: str) -> int:
+    """Only the weights (parameters and persistent buffers) of this rank from logical tensors ``get(key)``
+    (a checkpoint or a Hugging Face directory), for ``checkpoint.init_from``; returns the tensors loaded."""
+    lps = logical_params(params_of)
+    for lp in lps:
+        local = lp.shard(get)
+        if tuple(local.shape) != tuple(lp.param.shape):
+            raise CheckpointError(f"{where}: {lp.name} has shape {tuple(local.shape)} there but the model needs "
+                                  f"{tuple(lp.param.shape)} (a different model config?)")
+        with torch.no_grad():
+            lp.param.copy_(local)
+    if isinstance(optimizer, ShardedAdamW):
+        optimizer.refresh_masters()
+    return len(lps)

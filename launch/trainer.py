@@ -258,7 +258,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         resumed = self.checkpoints.resume()
-        if resumed is not None:
+        if resumed is None:
+            self.checkpoints.init_weights()
+        else:
             self.state, self.resumed_from = resumed
             if cfg.train.steps > self.state.lr_horizon:
                 self.reporter.say(f"[moetrain] train.steps={cfg.train.steps} runs past the LR schedule's "

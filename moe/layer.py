@@ -37,7 +37,7 @@ from moetrain.moe.overlap import SectionTimes, pipelined_experts
 from moetrain.moe.routers import Routing, SparseRouting, token_bags, weighted_token_sum
 from moetrain.moe.runtime import MoERuntime
 from moetrain.parallel.mappings import copy_to_tp, gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
-from moetrain.parallel.rng import stream_seed
+from moetrain.parallel.rng import init_normal, stream_seed
 from moetrain.parallel.weight_grad import PendingWeightGrads
 from moetrain.parallel.wtacrs import WTACRSConfig, budget, draw_sample, sampling_probs
 from moetrain.registry import ROUTERS
@@ -268,6 +268,13 @@ class MoELayer(nn.Module):
         self.combine = Combine()
         self.unorder = FusedInverseOrder(cfg.num_experts) if self.fused else InverseOrder()
         self.shared = shared
+        self.shared_gate = None
+        if cfg.shared_expert_gate:  # Qwen2-MoE: sigmoid(x w) scales the shared experts' output per token
+            w = init_normal((1, d_model), 1.0 / d_model ** 0.5, seed, f"{name}.shared_gate").to(dtype)
+            self.shared_gate = nn.Linear(d_model, 1, bias=False, dtype=dtype)
+            self.shared_gate.weight = nn.Parameter(w)
+            self.shared_gate.weight.tp_sharded = False
+            self.shared_gate.weight.tp_partial_grad = self.sp  # sequence shards: each rank's tokens only
         self.aux_scale = runtime.aux_scale  # aux losses weigh like the main loss (1 / micro-batches)
         self.last_stats: dict = {}
         # chunk pipelining (moe/overlap.py): the link engine, a tuner that picks (fwd, bwd) degrees, the
@@ -365,7 +372,10 @@ class MoELayer(nn.Module):
         out = self.unorder(y_sorted, order, mine, T).view(s, b, d)
         out = reduce_scatter_to_sp(out, tp) if self.sp else reduce_from_tp(out, tp)
         if self.shared is not None:
-            out = out + self.shared(x)
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
         if routing.aux_loss.requires_grad and torch.is_grad_enabled():
             out = _AuxLoss.apply(out, routing.aux_loss, self.aux_scale / self.tp_size)
         self.last_stats = routing.stats

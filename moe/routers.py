@@ -5,7 +5,8 @@ order) and returns a :class:`Routing`: a list of ``A`` assignments (row of the i
 id, combine weight) plus its auxiliary losses. Definitions (``probs`` are float32, or float64 for
 float64 models):
 
-- ``topk`` (Mixtral): probs = softmax(logits); the k largest; gates = those probs renormalised to sum 1.
+- ``topk`` (Mixtral): probs = softmax(logits); the k largest; gates = those probs renormalised to sum 1
+  (``norm_topk_prob`` false: the probs themselves, as Qwen2-MoE and OLMoE).
 - ``switch``: top-1 of softmax; gate = its prob (not renormalised).
 - ``gshard``: top-2 of softmax, gates renormalised over the two; GShard's second-expert policy keeps
   the second choice only when ``2 * g2 > u`` with u ~ U(0,1) from the layout-free RNG stream
@@ -290,9 +291,11 @@ class Router(nn.Module):
 
 
 class TopKRouter(Router):
-    """``topk``: the k most probable experts, gates renormalised to sum 1 (Mixtral)."""
+    """``topk``: the k most probable experts, gates renormalised to sum 1 (Mixtral; ``moe.norm_topk_prob``
+    false keeps the raw probabilities, as Qwen2-MoE and OLMoE do)."""
 
-    renormalize = True
+    renormalize: bool | None = None
+    """None: as ``moe.norm_topk_prob`` says."""
 
     def forward(self, x_TD: torch.Tensor, batch: int) -> Routing:
         logits = self.logits(x_TD)
@@ -302,7 +305,8 @@ class TopKRouter(Router):
             top_p = prob.gather(1, top_e)
         else:
             top_p, top_e = prob.topk(self.topk, dim=-1)
-        gates = top_p / top_p.sum(dim=-1, keepdim=True) if self.renormalize else top_p
+        renormalize = self.cfg.norm_topk_prob if self.renormalize is None else self.renormalize
+        gates = top_p / top_p.sum(dim=-1, keepdim=True) if renormalize else top_p
         return self._finish(x_TD.shape[0], top_e, gates, prob, logits, batch)
 
 
@@ -374,7 +378,7 @@ class SigmoidRouter(Router):
         else:
             top_e = biased.topk(self.topk, dim=-1).indices
         top_s = scores.gather(1, top_e)
-        gates = top_s / top_s.sum(dim=-1, keepdim=True) if self.topk > 1 else top_s
+        gates = top_s / top_s.sum(dim=-1, keepdim=True) if self.topk > 1 and c.norm_topk_prob else top_s
         prob = scores / scores.sum(dim=-1, keepdim=True)
         if torch.is_grad_enabled() and not is_recomputing():  # count each micro-batch once
             self.load += torch.bincount(top_e.reshape(-1), minlength=c.num_experts).to(self.load.dtype)

@@ -161,6 +161,18 @@ class ModelConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     norm_eps: float = Field(1e-5, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
+    head_dim: Optional[int] = Field(None, ge=2)
+    """Width of one attention head; defaults to d_model / heads (Qwen3-MoE sets it independently)."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2-MoE)."""
+    qk_norm: Literal["none", "head", "full"] = "none"
+    """RMSNorm on queries and keys before RoPE: ``head`` over each head's width (Qwen3-MoE), ``full`` over all
+    heads' query / key projection at once (OLMoE; one extra all-reduce under TP)."""
+    clip_qkv: Optional[float] = Field(None, gt=0)
+    """Clamp queries, keys and values to [-clip_qkv, clip_qkv] after the projection (OLMoE)."""
+    hf_config: Optional[str] = None
+    """A Hugging Face model directory (or its config.json): its architecture fills the model and moe sections;
+    a key given here as well must agree with it (moetrain/models/hf_config.py)."""
 
     @model_validator(mode="after")
     def _derived_defaults(self) -> ModelConfig:
@@ -168,11 +180,14 @@ class ModelConfig(_Section):
             self._fill("kv_heads", self.heads)
         if self.d_ffn is None:
             self._fill("d_ffn", 4 * self.d_model)
+        if self.head_dim is None:
+            self._fill("head_dim", self.d_model // self.heads)
         return self
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.heads
+    def attn_dim(self) -> int:
+        """Width of all query heads together (heads * head_dim; d_model unless head_dim is set apart)."""
+        return self.heads * self.head_dim
 
     def check_rules(self, path: str) -> None:
         why = MODEL_FAMILIES.check(self.family)
@@ -180,10 +195,10 @@ class ModelConfig(_Section):
             raise ConfigError(f"{path}.family", why)
         if self.kv_heads > self.heads or self.heads % self.kv_heads:
             raise ConfigError(f"{path}.kv_heads", f"{self.kv_heads} kv heads must divide model.heads={self.heads}")
-        if self.d_model % self.heads:
+        if "head_dim" not in self.model_fields_set and self.d_model % self.heads:
             raise ConfigError(f"{path}.d_model", f"{self.d_model} is not divisible by model.heads={self.heads}")
         if self.head_dim % 2:
-            raise ConfigError(f"{path}.d_model", f"head dim {self.head_dim} must be even for rotary embedding")
+            raise ConfigError(f"{path}.head_dim", f"head dim {self.head_dim} must be even for rotary embedding")
 
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
@@ -259,6 +274,13 @@ class MoEConfig(_Section):
     """sigmoid router: aux-loss-free expert-bias update rate (0 = off)."""
     xmoe_dim: int = Field(16, ge=1)
     slots_per_expert: int = Field(1, ge=1)
+    norm_topk_prob: bool = True
+    """topk / sigmoid routers: renormalise the chosen experts' gates to sum 1 (Mixtral, Qwen3-MoE, DeepSeek-V3);
+    off: the raw probabilities (Qwen2-MoE, OLMoE)."""
+    d_shared: Optional[int] = Field(None, ge=1)
+    """Hidden size of the shared-expert MLP; defaults to shared_experts * d_expert."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output by sigmoid(x w) per token (Qwen2-MoE)."""
     kernels: Literal["auto", "torch", "cuda"] = "auto"
     """Routing / packing / combine ops: ``cuda`` = the csrc kernels (error if they cannot build), ``torch`` =
     torch ops, ``auto`` = the kernels on CUDA devices when they build and pass their self-check, torch ops
@@ -305,6 +327,9 @@ class MoEConfig(_Section):
                                                   f"{E // self.n_groups} experts")
         if self.bias_update_rate and r != "sigmoid":
             raise ConfigError(f"{path}.bias_update_rate", "the aux-loss-free expert bias needs router 'sigmoid'")
+        if (self.d_shared is not None or self.shared_expert_gate) and not self.shared_experts:
+            key = "d_shared" if self.d_shared is not None else "shared_expert_gate"
+            raise ConfigError(f"{path}.{key}", "needs moe.shared_experts >= 1")
 
 
 class OptimizerConfig(_Section):
@@ -398,6 +423,9 @@ class CheckpointConfig(_Section):
     resume: str = "auto"
     """auto | never | a checkpoint path."""
     keep: int = Field(3, ge=1)
+    init_from: Optional[str] = None
+    """Weights to start from (fine-tuning): a Hugging Face model directory or a moetrain checkpoint. Weights
+    only: the optimizer starts fresh at step 0. A checkpoint that ``resume`` finds takes precedence."""
 
     def check_rules(self, path: str) -> None:
         if self.every > 0 and not self.dir:
@@ -459,6 +487,8 @@ class JobConfig(_Section):
     def _derived_defaults(self) -> JobConfig:
         if self.moe.d_expert is None:
             self.moe._fill("d_expert", self.model.d_ffn)
+        if self.moe.d_shared is None and self.moe.shared_experts:
+            self.moe._fill("d_shared", self.moe.shared_experts * self.moe.d_expert)
         return self
 
     # ----------------------------------------------------------------------- derived values
@@ -622,6 +652,9 @@ def config_from_dict(data: Any, *, check: bool = True) -> JobConfig:
     for key in data:
         if not isinstance(key, str):
             raise ConfigError(str(key), "section names must be strings")
+    from moetrain.models.hf_config import merge_hf_config
+
+    data = merge_hf_config(data)
     try:
         cfg = JobConfig.model_validate(data)
     except ValidationError as err:
@@ -732,6 +765,16 @@ def _check_model_fits_layout(cfg: JobConfig) -> None:
         raise ConfigError("model.kv_heads", f"{m.kv_heads} kv heads are not divisible by parallel.tp={p.tp}")
     if m.d_ffn % p.tp:
         raise ConfigError("model.d_ffn", f"{m.d_ffn} is not divisible by parallel.tp={p.tp}")
+    if cfg.moe.shared_experts and cfg.moe.d_shared % p.tp:
+        raise ConfigError("moe.d_shared", f"{cfg.moe.d_shared} is not divisible by parallel.tp={p.tp}")
+    if m.family != "llama":
+        from moetrain.models.hf_config import HF_FAMILIES, check_family
+
+        if m.family in HF_FAMILIES:
+            try:
+                check_family(cfg.resolved())
+            except UserError as exc:
+                raise ConfigError("model.family", str(exc).split(": ", 1)[1]) from None
     if p.sp and m.seq_len % p.tp:
         raise ConfigError("model.seq_len", f"{m.seq_len} is not divisible by parallel.tp={p.tp} (parallel.sp=true)")
     if p.pp > m.layers:

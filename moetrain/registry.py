@@ -81,6 +81,10 @@ def _is_import_path(name: str) -> bool:
 
 MODEL_FAMILIES: Registry[Callable[..., Any]] = Registry("model.family", {
     "llama": "moetrain.models.llama:LlamaSpec",
+    "mixtral": "moetrain.models.llama:MixtralSpec",
+    "qwen2_moe": "moetrain.models.llama:Qwen2MoeSpec",
+    "qwen3_moe": "moetrain.models.llama:Qwen3MoeSpec",
+    "olmoe": "moetrain.models.llama:OlmoeSpec",
 })
 """Model specs (:class:`moetrain.models.spec.ModelSpec` subclasses)."""
 

@@ -77,7 +77,7 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_parts: Sequence[int], *, tp_group, sp: bool, seed: int, name: str,
                  std: float, dtype: torch.dtype = torch.float32, weights: torch.Tensor | None = None,
-                 wgrad: SampledWeightGrad | None = None):
+                 wgrad: SampledWeightGrad | None = None, bias: bool = False):
         super().__init__()
         rank, tp = rank_size(tp_group)
         for n in out_parts:
@@ -94,6 +94,9 @@ class ColumnParallelLinear(nn.Module):
         else:
             local = weights
         self.weight = _mark(nn.Parameter(local.to(dtype).contiguous()), tp_sharded=tp > 1)
+        # a bias (zeros at init, like HF's) is split like the weight's rows: its logical tensor is the parts' concat
+        self.bias = _mark(nn.Parameter(torch.zeros(sum(out_parts) // tp, dtype=dtype)), tp_sharded=tp > 1) \
+            if bias else None
         self.wgrad = wgrad
 
     @property
@@ -103,7 +106,8 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = gather_from_sp(x, self.tp_group) if self.sp else copy_to_tp(x, self.tp_group)
-        return _matmul(self, x, g_group=self.tp_group)
+        y = _matmul(self, x, g_group=self.tp_group)
+        return y if self.bias is None else y + self.bias
 
     def full(self, local: torch.Tensor) -> torch.Tensor:
         """The logical ``[sum(out_parts), in]`` tensor from this rank's slice of it (collective over TP)."""

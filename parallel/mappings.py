@@ -139,6 +139,28 @@ class _GatherLastDim(torch.autograd.Function):
         return _chunk(g, g.dim() - 1, ctx.group), None
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """A sum over the group that every member uses in its own further work: all-reduce both ways."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum of ``x`` over the group (e.g. a norm's statistic over TP-sharded features); the gradient is summed too."""
+    return x if _size(group) == 1 else _AllReduceSum.apply(x, group)
+
+
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     return x if _size(group) == 1 else _CopyToTP.apply(x, group)
 

@@ -37,7 +37,7 @@ from moetrain.parallel.layers import (
     padded_vocab_size,
     vocab_parallel_cross_entropy,
 )
-from moetrain.parallel.mappings import gather_from_sp
+from moetrain.parallel.mappings import all_reduce_sum, gather_from_sp, gather_last_dim
 from moetrain.parallel.recompute import recompute
 from moetrain.parallel.rng import DropoutStream, init_normal
 from moetrain.parallel.weight_grad import linear
@@ -69,10 +69,16 @@ class TransformerArgs:
     """Activation recomputation: none | selective (core attention) | full (whole blocks)."""
     deterministic: bool = False
     """Kernels with order-dependent sums take their ordered paths (the fused attention's dQ)."""
+    head_dim: int = 0
+    """Width of one head (0: d_model / heads)."""
+    qkv_bias: bool = False
+    qk_norm: str = "none"
+    """none | head (RMSNorm over each head's width) | full (over all heads' projection, all-reduced over TP)."""
+    clip_qkv: float | None = None
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.heads
+    def __post_init__(self):
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.d_model // self.heads)
 
 
 _APEX_RMSNORM = importlib.util.find_spec("apex") is not None and importlib.util.find_spec("apex.normalization")
@@ -94,6 +100,31 @@ class RMSNorm(nn.Module):
 
             return fused_layer_norm.fused_rms_norm_affine(x, self.weight, self.weight.shape, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class ShardedRMSNorm(nn.Module):
+    """RMSNorm over a feature dimension that is split over TP (OLMoE's q / k norm over all heads): the sum of
+    squares is all-reduced over the group, the weight is sharded like the features."""
+
+    def __init__(self, dim: int, eps: float, *, tp_group, dtype: torch.dtype):
+        super().__init__()
+        rank, tp = rank_size(tp_group)
+        self.dim, self.eps, self.tp_group = dim, eps, tp_group
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype).chunk(tp)[rank].contiguous())
+        self.weight.tp_sharded = tp > 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if rank_size(self.tp_group)[1] == 1:
+            return F.rms_norm(x, (self.dim,), self.weight, self.eps)
+        ss = all_reduce_sum(x.pow(2).sum(-1, keepdim=True), self.tp_group)
+        return x * torch.rsqrt(ss / self.dim + self.eps) * self.weight
+
+    def full(self, local: torch.Tensor) -> torch.Tensor:
+        return gather_dim(local, 0, self.tp_group)
+
+    def shard(self, full: torch.Tensor) -> torch.Tensor:
+        rank, tp = rank_size(self.tp_group)
+        return full.chunk(tp)[rank]
 
 
 def _rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +163,15 @@ class Attention(nn.Module):
         std = 1.0 / math.sqrt(d)
         self.qkv = ColumnParallelLinear(d, [args.heads * hd, args.kv_heads * hd, args.kv_heads * hd],
                                         tp_group=tp_group, sp=sp, seed=args.seed, name=f"layers.{layer}.attn.qkv",
-                                        std=std, dtype=dtype, wgrad=sampler("qkv"))
+                                        std=std, dtype=dtype, wgrad=sampler("qkv"), bias=args.qkv_bias)
+        self.qk_norm, self.clip = args.qk_norm, args.clip_qkv
+        self.q_norm = self.k_norm = None
+        if args.qk_norm == "head":  # replicated over TP; each rank's heads give a partial gradient
+            self.q_norm = RMSNorm(hd, args.norm_eps, sequence_parallel=tp > 1, dtype=dtype)
+            self.k_norm = RMSNorm(hd, args.norm_eps, sequence_parallel=tp > 1, dtype=dtype)
+        elif args.qk_norm == "full":
+            self.q_norm = ShardedRMSNorm(args.heads * hd, args.norm_eps, tp_group=tp_group, dtype=dtype)
+            self.k_norm = ShardedRMSNorm(args.kv_heads * hd, args.norm_eps, tp_group=tp_group, dtype=dtype)
         self.out = RowParallelLinear(args.heads * hd, d, tp_group=tp_group, sp=sp, seed=args.seed,
                                      name=f"layers.{layer}.attn.out", std=std / math.sqrt(2 * args.layers),
                                      dtype=dtype, wgrad=sampler("attn_out"))
@@ -144,8 +183,16 @@ class Attention(nn.Module):
         qkv = self.qkv(x_SBD)  # [s, b, (H + 2 KV) hd / tp]
         s, b, _ = qkv.shape
         q, k, v = qkv.split([self.heads * self.hd, self.kv_heads * self.hd, self.kv_heads * self.hd], dim=-1)
-        q = q.reshape(s, b, self.heads, self.hd).permute(1, 2, 0, 3)  # [b, h, s, hd]
-        k = k.reshape(s, b, self.kv_heads, self.hd).permute(1, 2, 0, 3)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q = q.reshape(s, b, self.heads, self.hd)
+        k = k.reshape(s, b, self.kv_heads, self.hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.permute(1, 2, 0, 3)  # [b, h, s, hd]
+        k = k.permute(1, 2, 0, 3)
         v = v.reshape(s, b, self.kv_heads, self.hd).permute(1, 2, 0, 3)
         o = recompute(self._core, q, k, v) if self.selective else self._core(q, k, v)
         o = o.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.hd)
@@ -304,6 +351,8 @@ class Transformer(nn.Module):
         return full.chunk(tp, dim=0)[rank]
 
     def forward(self, inputs: torch.Tensor, targets_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean loss (``post`` with targets), the logits ``[b, s, vocab_size]`` gathered over TP (``post``
+        without targets), or the hidden states for the next chunk."""
         if self.pre:
             x = self.embed(inputs.t())  # [s(/tp), b, d]
             x = self.dropout(x, "embed")
@@ -321,6 +370,9 @@ class Transformer(nn.Module):
 
             x = gather_from_sp(x, self.tp_group) if self.sp else copy_to_tp(x, self.tp_group)
             logits = linear(x, self.embed.weight)
+        if targets_BS is None:
+            full = gather_last_dim(logits, self.tp_group) if rank_size(self.tp_group)[1] > 1 else logits
+            return full[..., : self.args.vocab_size].transpose(0, 1)
         loss_SB = vocab_parallel_cross_entropy(logits, targets_BS.t(), self.tp_group, self.args.vocab_size,
                                                vocab_start=self.vocab_start)
         return loss_SB.mean()

@@ -225,10 +225,14 @@ class ShardedAdamW:
                     st[k][a:b].copy_(states[id(p)][k].reshape(-1)[pa:pb])
             step = states[id(s.params[0])]["step"]
             self.inner.state[s.master] = {"step": torch.tensor(float(step), dtype=torch.float32), **st}
-        with torch.no_grad():  # the master slices follow the (already loaded) parameters
-            for s in self.shards:
-                for p, (a, b), (pa, pb) in s.pieces():
-                    s.master[a:b].copy_(p.detach().reshape(-1)[pa:pb])
+        self.refresh_masters()
+
+    @torch.no_grad()
+    def refresh_masters(self) -> None:
+        """The master slices follow the parameters (after weights were loaded into them)."""
+        for s in self.shards:
+            for p, (a, b), (pa, pb) in s.pieces():
+                s.master[a:b].copy_(p.detach().reshape(-1)[pa:pb])
 
     # ------------------------------------------------------------------ memory
     def state_bytes(self) -> int:

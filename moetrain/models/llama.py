@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from moetrain.parallel.model import TransformerArgs
 
-__all__ = ["LlamaSpec"]
+__all__ = ["LlamaSpec", "MixtralSpec", "Qwen2MoeSpec", "Qwen3MoeSpec", "OlmoeSpec"]
 
 
 class LlamaSpec(ModelSpec):
@@ -49,13 +49,14 @@ class LlamaSpec(ModelSpec):
         m, moe = self.cfg.model, self.cfg.moe
         d, hd = m.d_model, m.head_dim
         attn = d * m.heads * hd + 2 * d * m.kv_heads * hd + m.heads * hd * d  # q, k, v, out
+        attn += self._attn_extras()
         norms = 2 * d
         attention_flops = 12.0 * m.seq_len * m.heads * hd
         layers = []
         for i in range(m.layers):
             if moe.is_moe_layer(i):
                 per_expert = (3 if moe.activation == "swiglu" else 2) * d * moe.d_expert
-                shared = 3 * d * moe.shared_experts * moe.d_expert
+                shared = (3 * d * moe.d_shared + (d if moe.shared_expert_gate else 0)) if moe.shared_experts else 0
                 router, router_mm = self._router_params()
                 k = self._experts_per_token()
                 layers.append(LayerFacts(
@@ -71,6 +72,14 @@ class LlamaSpec(ModelSpec):
         emb = m.vocab_size * d
         return ModelFacts(layers=tuple(layers), embedding_params=emb, head_params=0 if m.tie_embeddings else emb,
                           final_norm_params=d, head_matmul_params=emb)
+
+    def _attn_extras(self) -> int:
+        """Parameters of the q/k/v biases and q/k norms (not multiplied with: outside the FLOP count's weights,
+        but counted here as parameters, which is all they are)."""
+        m = self.cfg.model
+        q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+        extra = (q + 2 * kv) if m.qkv_bias else 0
+        return extra + {"none": 0, "head": 2 * m.head_dim, "full": q + kv}[m.qk_norm]
 
     # ------------------------------------------------------------------ per rank (the planner's inputs)
     def _chunks(self, stage: int) -> list[tuple[range, bool, bool]]:
@@ -107,6 +116,14 @@ class LlamaSpec(ModelSpec):
             for i in ids:
                 add(f"layers.{i}.attn_norm.weight", d, tp_partial=sp, ndim=1)
                 add(f"layers.{i}.attn.qkv.weight", (m.heads + 2 * m.kv_heads) * hd // tp * d)
+                if m.qkv_bias:
+                    add(f"layers.{i}.attn.qkv.bias", (m.heads + 2 * m.kv_heads) * hd // tp, ndim=1)
+                if m.qk_norm == "head":
+                    add(f"layers.{i}.attn.q_norm.weight", hd, tp_partial=tp > 1, ndim=1)
+                    add(f"layers.{i}.attn.k_norm.weight", hd, tp_partial=tp > 1, ndim=1)
+                elif m.qk_norm == "full":
+                    add(f"layers.{i}.attn.q_norm.weight", m.heads * hd // tp, ndim=1)
+                    add(f"layers.{i}.attn.k_norm.weight", m.kv_heads * hd // tp, ndim=1)
                 add(f"layers.{i}.attn.out.weight", d * (m.heads * hd // tp))
                 add(f"layers.{i}.ffn_norm.weight", d, tp_partial=sp, ndim=1)
                 if not moe.is_moe_layer(i):
@@ -126,7 +143,9 @@ class LlamaSpec(ModelSpec):
                 add(f"layers.{i}.ffn.experts.w_up_EFD", local * parts * f * d, expert=True, ndim=3)
                 add(f"layers.{i}.ffn.experts.w_down_EDF", local * d * f, expert=True, ndim=3)
                 if moe.shared_experts:
-                    swiglu(f"layers.{i}.ffn.shared", moe.shared_experts * moe.d_expert)
+                    swiglu(f"layers.{i}.ffn.shared", moe.d_shared)
+                    if moe.shared_expert_gate:
+                        add(f"layers.{i}.ffn.shared_gate.weight", d, tp_partial=sp)
             if post:
                 add("norm.weight", d, tp_partial=sp, ndim=1)
                 if not m.tie_embeddings:
@@ -173,6 +192,9 @@ class LlamaSpec(ModelSpec):
                 total += norm_tokens * d * e
                 continue
             total += norm() + lin_in(d, "qkv")
+            if m.qk_norm != "none":  # each norm keeps its input, output and 1 / rms
+                q_kv = (h + kv) * hd
+                total += tokens * (2 * q_kv * e + (2 if m.qk_norm == "full" else h + kv) * e)
             total += 2 * m.seq_len * hd * e  # rotary cos / sin tables
             if rank.recompute == "selective":
                 total += tokens * ((h + 2 * kv) * hd + h * hd) * e
@@ -193,7 +215,9 @@ class LlamaSpec(ModelSpec):
             total += rows * (8 + d * e + expert * e + 8 + 8 + 4 + d * e)  # order, experts, combine
             total += moe_tokens * 24 + E * 4
             if moe.shared_experts:
-                total += swiglu(moe.shared_experts * moe.d_expert)
+                total += swiglu(moe.d_shared)
+                if moe.shared_expert_gate:  # the gate's input (the layer input) is kept already; its output
+                    total += norm_tokens * 2 * e
         if post:
             total += norm() + tokens * d * e
             total += tokens * padded_vocab_size(m.vocab_size, tp) // tp * e + tokens * 9
@@ -209,6 +233,7 @@ class LlamaSpec(ModelSpec):
         m, w = cfg.model, cfg.wtacrs
         return TransformerArgs(
             layers=m.layers, d_model=m.d_model, heads=m.heads, kv_heads=m.kv_heads, d_ffn=m.d_ffn,
+            head_dim=m.head_dim, qkv_bias=m.qkv_bias, qk_norm=m.qk_norm, clip_qkv=m.clip_qkv,
             vocab_size=m.vocab_size, seq_len=m.seq_len, attention=m.attention, tie_embeddings=m.tie_embeddings,
             dropout=m.dropout, norm_eps=m.norm_eps, rope_theta=m.rope_theta, seed=cfg.train.seed,
             wtacrs=WTACRSConfig(keep_ratio=w.keep_ratio, k_min=w.min_rows, seed=cfg.train.seed) if w.enabled else None,
@@ -249,7 +274,7 @@ class LlamaSpec(ModelSpec):
                               dtype=ctx.dtype, sampler=sampler)
             shared = None
             if moe.shared_experts:
-                shared = SwiGLU(m.d_model, moe.shared_experts * moe.d_expert, m.layers, layer, tp_group=tp_group,
+                shared = SwiGLU(m.d_model, moe.d_shared, m.layers, layer, tp_group=tp_group,
                                 sp=sp, seed=args.seed, dtype=ctx.dtype, name=f"layers.{layer}.moe.shared",
                                 sampler=sampler)
             return MoELayer(moe, layer, groups, d_model=m.d_model, sp=sp, dtype=ctx.dtype, seed=args.seed,
@@ -257,3 +282,26 @@ class LlamaSpec(ModelSpec):
                             wtacrs=args.wtacrs, wtacrs_sites=args.wtacrs_sites)
 
         return build
+
+
+class _HFFamilySpec(LlamaSpec):
+    """A Hugging Face architecture built from the same modules (its differences are config keys: q/k/v biases,
+    q/k norms, clipping, gate normalisation, a gated shared expert). The config rules that keep a job within
+    what the architecture can express are in :func:`moetrain.models.hf_config.check_family`; tensor names in
+    :mod:`moetrain.models.hf_weights`."""
+
+
+class MixtralSpec(_HFFamilySpec):
+    name = "mixtral"
+
+
+class Qwen2MoeSpec(_HFFamilySpec):
+    name = "qwen2_moe"
+
+
+class Qwen3MoeSpec(_HFFamilySpec):
+    name = "qwen3_moe"
+
+
+class OlmoeSpec(_HFFamilySpec):
+    name = "olmoe"

@@ -1,0 +1,253 @@
+"""Hugging Face ``config.json`` <-> moetrain's ``model`` and ``moe`` sections, per model family (torch-free).
+
+``model.hf_config: DIR`` reads ``DIR/config.json`` and fills the two sections with the architecture it
+describes (:func:`sections_from_hf`); a key the job config also gives must agree, or the config is refused
+naming both values (:func:`merge_hf_config`, called while loading the config, before validation).
+``moetrain checkpoint export-hf`` writes the inverse (:func:`hf_from_config`).
+
+Only architecture is mapped: training choices that HF configs also carry (``router_aux_loss_coef``,
+``initializer_range``, ``max_position_embeddings``) stay the job config's. What a family's HF
+implementation can express and moetrain cannot (RoPE scaling, sliding windows, dense-only layer lists,
+biases on the output projection) is refused with the HF key's name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moetrain.errors import UserError
+
+__all__ = ["HFFamily", "HF_FAMILIES", "family_of", "read_hf_config", "sections_from_hf", "merge_hf_config",
+           "hf_from_config", "check_family"]
+
+
+@dataclass(frozen=True)
+class HFFamily:
+    """One HF architecture as moetrain builds it."""
+
+    family: str
+    """``model.family`` (also the HF ``model_type``)."""
+    architecture: str
+    """HF ``architectures[0]``."""
+    moe: bool
+    moe_prefix: str = "mlp"
+    """HF name of a block's MoE module: ``block_sparse_moe`` (Mixtral) or ``mlp``."""
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    """HF names of an expert's gate, up and down projections (Mixtral: w1, w3, w2)."""
+    qkv_bias: bool = False
+    qk_norm: str = "none"
+    shared_expert_gate: bool = False
+    clip_qkv: bool = False
+
+
+HF_FAMILIES: dict[str, HFFamily] = {f.family: f for f in (
+    HFFamily("llama", "LlamaForCausalLM", moe=False),
+    HFFamily("mixtral", "MixtralForCausalLM", moe=True, moe_prefix="block_sparse_moe", expert_names=("w1", "w3", "w2")),
+    HFFamily("qwen2_moe", "Qwen2MoeForCausalLM", moe=True, qkv_bias=True, shared_expert_gate=True),
+    HFFamily("qwen3_moe", "Qwen3MoeForCausalLM", moe=True, qk_norm="head"),
+    HFFamily("olmoe", "OlmoeForCausalLM", moe=True, qk_norm="full", clip_qkv=True),
+)}
+
+
+def family_of(name: str) -> HFFamily:
+    if name not in HF_FAMILIES:
+        raise UserError(f"model.family {name!r} has no Hugging Face mapping (families with one: "
+                        f"{', '.join(HF_FAMILIES)})")
+    return HF_FAMILIES[name]
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of an HF model directory (or the file itself)."""
+    p = Path(path)
+    f = p / "config.json" if p.is_dir() else p
+    if not f.is_file():
+        raise UserError(f"{path}: no Hugging Face config.json there" if p.is_dir() else f"{path}: file not found")
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{f}: not a JSON file ({exc})") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise UserError(f"{f}: not a Hugging Face model config (no model_type)")
+    return data
+
+
+def _rope_theta(hf: dict[str, Any], where: str) -> float:
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise UserError(f"{where}: rope_type {kind!r} is not supported (moetrain implements plain RoPE)")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    return float(theta)
+
+
+def sections_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict[str, dict[str, Any]]:
+    """``{"model": {...}, "moe": {...}}`` for an HF config (``where`` names it in errors)."""
+    kind = hf["model_type"]
+    if kind not in HF_FAMILIES:
+        raise UserError(f"{where}: model_type {kind!r} is not supported (supported: {', '.join(HF_FAMILIES)})")
+    fam = HF_FAMILIES[kind]
+
+    def need(key: str) -> Any:
+        if hf.get(key) is None:
+            raise UserError(f"{where}: {kind} config without {key!r}")
+        return hf[key]
+
+    def refuse(key: str, ok: Any, what: str) -> None:
+        value = hf.get(key, ok)
+        if value not in (ok, None) and not (isinstance(ok, bool) and value == ok):
+            raise UserError(f"{where}: {key}={value!r} is not supported ({what})")
+
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
+    refuse("mlp_bias", False, "MLPs without biases only")
+    refuse("use_sliding_window", False, "full attention only")
+    if kind == "mixtral":
+        refuse("sliding_window", None, "full attention only")
+    refuse("mlp_only_layers", [], "use decoder_sparse_step for dense layers")
+    if kind != "qwen2_moe":
+        refuse("attention_bias", False, "biases on q/k/v and the output projection")
+    heads = int(need("num_attention_heads"))
+    d_model = int(need("hidden_size"))
+    model: dict[str, Any] = {
+        "family": kind,
+        "layers": int(need("num_hidden_layers")),
+        "d_model": d_model,
+        "heads": heads,
+        "kv_heads": int(hf.get("num_key_value_heads") or heads),
+        "head_dim": int(hf.get("head_dim") or d_model // heads),
+        "d_ffn": int(need("intermediate_size")),
+        "vocab_size": int(need("vocab_size")),
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "rope_theta": _rope_theta(hf, where),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "qkv_bias": bool(hf.get("qkv_bias", True)) if fam.qkv_bias else False,
+        "qk_norm": fam.qk_norm,
+        "clip_qkv": (float(hf["clip_qkv"]) if hf.get("clip_qkv") is not None else None) if fam.clip_qkv else None,
+    }
+    moe: dict[str, Any] = {"num_experts": 0}
+    if fam.moe:
+        experts = hf.get("num_local_experts") if kind == "mixtral" else (hf.get("num_experts")
+                                                                         or hf.get("num_local_experts"))
+        if not experts:
+            raise UserError(f"{where}: {kind} config without a number of experts")
+        moe = {
+            "num_experts": int(experts),
+            "topk": int(need("num_experts_per_tok")),
+            "router": "topk",
+            "activation": "swiglu",
+            "every": int(hf.get("decoder_sparse_step") or 1),
+            "d_expert": int(need("intermediate_size") if kind in ("mixtral", "olmoe") else need("moe_intermediate_size")),
+            "norm_topk_prob": True if kind == "mixtral" else bool(hf.get("norm_topk_prob", False)),
+            "shared_experts": 0,
+        }
+        if fam.shared_expert_gate:
+            shared = int(need("shared_expert_intermediate_size"))
+            moe.update(shared_experts=1, d_shared=shared, shared_expert_gate=True)
+    return {"model": model, "moe": moe}
+
+
+def merge_hf_config(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a job config as plain data) with ``model.hf_config`` expanded into the model and moe sections;
+    a key given in both must have the same value (:class:`UserError` naming the key and both values)."""
+    from moetrain.config import ConfigError
+
+    model = data.get("model")
+    path = model.get("hf_config") if isinstance(model, dict) else None
+    if path is None:
+        return data
+    if not isinstance(path, str) or not path.strip():
+        raise ConfigError("model.hf_config", f"expected a Hugging Face model directory, got {path!r}")
+    try:
+        sections = sections_from_hf(read_hf_config(path), where=f"model.hf_config {path}")
+    except UserError as exc:
+        raise ConfigError("model.hf_config", str(exc)) from None
+    out = dict(data)
+    for name, values in sections.items():
+        given = out.get(name)
+        if given is not None and not isinstance(given, dict):
+            continue  # not a mapping: validation names the mistake
+        merged = dict(given or {})
+        for key, value in values.items():
+            if key in merged and merged[key] != value and not _same_number(merged[key], value):
+                raise ConfigError(f"{name}.{key}", f"{merged[key]!r} contradicts {value!r} from model.hf_config "
+                                                   f"{path} (leave the key out to use the model's value)")
+            merged[key] = value if key not in merged else merged[key]
+        out[name] = merged
+    return out
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and float(a) == b
+
+
+def check_family(resolved: dict[str, Any]) -> None:
+    """Refuse a config that its family's HF architecture cannot express (before an export writes anything)."""
+    m, moe = resolved["model"], resolved["moe"]
+    fam = family_of(m["family"])
+    wrong = []
+    if fam.moe != (moe["num_experts"] > 0):
+        wrong.append(f"moe.num_experts={moe['num_experts']} ({fam.family} is {'an MoE' if fam.moe else 'a dense'} "
+                     "model)")
+    if m["qkv_bias"] and not fam.qkv_bias:
+        wrong.append("model.qkv_bias=true")
+    if m["qk_norm"] != fam.qk_norm:
+        wrong.append(f"model.qk_norm={m['qk_norm']} ({fam.family}: {fam.qk_norm})")
+    if m["clip_qkv"] is not None and not fam.clip_qkv:
+        wrong.append("model.clip_qkv")
+    if fam.moe:
+        if moe["router"] != "topk" or moe["activation"] != "swiglu":
+            wrong.append(f"moe.router={moe['router']}, moe.activation={moe['activation']} ({fam.family}: topk, "
+                         "swiglu)")
+        if fam.family == "mixtral" and not moe["norm_topk_prob"]:
+            wrong.append("moe.norm_topk_prob=false")
+        shared = moe["shared_experts"] > 0
+        if shared != fam.shared_expert_gate or (shared and not moe["shared_expert_gate"]):
+            wrong.append(f"moe.shared_experts={moe['shared_experts']}, moe.shared_expert_gate="
+                         f"{moe['shared_expert_gate']}")
+        if moe["every"] != 1 and fam.family in ("mixtral", "olmoe"):
+            wrong.append(f"moe.every={moe['every']}")
+    if wrong:
+        raise UserError(f"model.family {fam.family}: its Hugging Face architecture ({fam.architecture}) cannot hold "
+                        f"{'; '.join(wrong)}")
+
+
+def hf_from_config(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The HF ``config.json`` of a resolved job config (``JobConfig.resolved()``), for ``export-hf``."""
+    check_family(resolved)
+    m, moe = resolved["model"], resolved["moe"]
+    fam = HF_FAMILIES[m["family"]]
+    hf: dict[str, Any] = {
+        "architectures": [fam.architecture], "model_type": fam.family,
+        "vocab_size": m["vocab_size"], "hidden_size": m["d_model"], "num_hidden_layers": m["layers"],
+        "num_attention_heads": m["heads"], "num_key_value_heads": m["kv_heads"], "head_dim": m["head_dim"],
+        "intermediate_size": m["d_ffn"], "hidden_act": "silu", "rms_norm_eps": m["norm_eps"],
+        "rope_theta": m["rope_theta"], "rope_parameters": {"rope_theta": m["rope_theta"], "rope_type": "default"},
+        "tie_word_embeddings": m["tie_embeddings"], "max_position_embeddings": max(m["seq_len"], 4096),
+        "attention_dropout": 0.0, "use_cache": True,
+    }
+    if fam.family in ("llama", "qwen3_moe", "olmoe"):
+        hf["attention_bias"] = False
+    if fam.family == "llama":
+        hf["mlp_bias"] = False
+    if fam.moe:
+        hf["num_experts_per_tok"] = moe["topk"]
+        if fam.family == "mixtral":
+            hf.update(num_local_experts=moe["num_experts"], intermediate_size=moe["d_expert"])
+        else:
+            hf.update(num_experts=moe["num_experts"], norm_topk_prob=moe["norm_topk_prob"], mlp_only_layers=[],
+                      decoder_sparse_step=moe["every"])
+            if fam.family == "olmoe":
+                hf["intermediate_size"] = moe["d_expert"]
+            else:
+                hf["moe_intermediate_size"] = moe["d_expert"]
+        if fam.shared_expert_gate:
+            hf.update(shared_expert_intermediate_size=moe["d_shared"], qkv_bias=m["qkv_bias"])
+        if fam.clip_qkv:
+            hf["clip_qkv"] = m["clip_qkv"]
+        hf["router_aux_loss_coef"] = moe["aux_loss_coef"]
+        hf["output_router_logits"] = False
+    return hf

@@ -1,0 +1,122 @@
+"""Tiny random Hugging Face models of each family, and their logits in true float64 (offline, for tests).
+
+transformers computes RMSNorm, the router softmax and RoPE's frequencies in float32 even for a float64
+model (a bf16 safeguard), which caps agreement at ~1e-7. :func:`float64_reference` removes those
+down-casts for the duration of a call, so the HF model is a float64 reference that moetrain's float64
+model must match to ~1e-12.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+
+COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+FAMILIES = ("llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE_FAMILIES = FAMILIES[1:]
+
+
+def hf_config(family: str):
+    import transformers as tf
+
+    if family == "llama":
+        return tf.LlamaConfig(intermediate_size=48, **COMMON)
+    if family == "mixtral":
+        return tf.MixtralConfig(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, **COMMON)
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=40,
+                                 num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, **COMMON)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                                 head_dim=16, norm_topk_prob=True, **COMMON)
+    if family == "olmoe":
+        return tf.OlmoeConfig(intermediate_size=16, num_experts=4, num_experts_per_tok=2, clip_qkv=2.5,
+                              norm_topk_prob=False, pad_token_id=None, eos_token_id=2, **COMMON)
+    raise ValueError(family)
+
+
+def make_hf_model(family: str, out: Path, seed: int = 0) -> Path:
+    """A tiny random ``family`` model saved (float32 safetensors) in ``out``; weights scaled so routing and
+    attention are far from uniform."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = hf_config(family)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p.shape[-1]
+                p.copy_(torch.randn(p.shape, generator=g) * (1.5 / math.sqrt(fan_in)))
+    model.save_pretrained(out)
+    return out
+
+
+@contextlib.contextmanager
+def float64_reference():
+    """Within: float64 tensors are never cast down to float32 by ``.to``, ``.float()`` or ``softmax(dtype=)``."""
+    import torch.nn.functional as F
+
+    to, flt, softmax = torch.Tensor.to, torch.Tensor.float, F.softmax
+
+    def keep64(dtype):
+        return dtype is torch.float32
+
+    def to64(self, *args, **kwargs):
+        if self.dtype is torch.float64:
+            if kwargs.get("dtype") is torch.float32:
+                kwargs["dtype"] = torch.float64
+            args = tuple(torch.float64 if keep64(a) else a for a in args)
+        return to(self, *args, **kwargs)
+
+    def float64(self, *args, **kwargs):
+        return self if self.dtype is torch.float64 else flt(self, *args, **kwargs)
+
+    def softmax64(input, *args, **kwargs):
+        if input.dtype is torch.float64 and kwargs.get("dtype") is torch.float32:
+            kwargs["dtype"] = torch.float64
+        return softmax(input, *args, **kwargs)
+
+    torch.Tensor.to, torch.Tensor.float, F.softmax = to64, float64, softmax64
+    try:
+        yield
+    finally:
+        torch.Tensor.to, torch.Tensor.float, F.softmax = to, flt, softmax
+
+
+def load_float64(path: Path):
+    """The HF model at ``path`` in float64, RoPE frequencies recomputed in float64."""
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation="sdpa",
+                                                 experts_implementation="eager")
+    model.eval()
+    for mod in model.modules():
+        if hasattr(mod, "inv_freq"):
+            dim = mod.inv_freq.numel() * 2
+            theta = model.config.rope_parameters["rope_theta"]
+            inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+            mod.inv_freq = inv
+            if hasattr(mod, "original_inv_freq"):
+                mod.original_inv_freq = inv
+    return model
+
+
+def hf_logits(path: Path, ids_BS: torch.Tensor) -> torch.Tensor:
+    model = load_float64(path)
+    with torch.no_grad(), float64_reference():
+        return model(input_ids=ids_BS).logits
+
+
+def sample_ids(batch: int, seq: int, vocab: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
