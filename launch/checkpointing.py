@@ -88,9 +88,7 @@ class RunCheckpoints:
         if found is None:
             return None
         path, manifest = found
-        mine = self.spec.shape_keys()
-        saved = manifest.get("shape", {})
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in mine.items() if saved.get(k) != v]
+        diffs = self.spec.shape_differences(manifest.get("shape", {}))
         if diffs:
             raise CheckpointError(f"checkpoint {path} was saved for a different model ({'; '.join(diffs)})")
         reader = CheckpointReader(path, manifest)
@@ -135,7 +133,9 @@ class RunCheckpoints:
             from moetrain.launch.ckpt_tools import open_checkpoint
 
             reader = open_checkpoint(path)
-            get = (lambda k: reader.tensor(f"model/{k}"))
+
+            def get(key: str):
+                return reader.tensor(f"model/{key}")
         n = load_weights(self.chunks, self.optimizer, get, f"checkpoint.init_from {path}")
         self.say(f"[moetrain] initialised {n} weight tensors from {path} (fresh optimizer, step 0)")
         return path

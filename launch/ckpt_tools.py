@@ -139,7 +139,7 @@ def import_hf(hf_dir: str, out: str) -> dict[str, Any]:
     resolved = cfg.resolved()
     source = HFSource(hf_dir, resolved)
     source.check_unused()
-    tensors = {f"model/{k}": source.tensor(k) for k in source.keys()}
+    tensors = {f"model/{k}": source.tensor(k) for k in source.logical_keys()}
     meta = {"config": resolved, "shape": get_model_spec(cfg).shape_keys(),
             "layout": {"tp": 1, "pp": 1, "dp": 1, "ep": 1, "etp": 1, "vpp": 1, "zero_stage": 0},
             "losses": [], "grad_norms": [], "lr_schedule_steps": 0, "samples_consumed": 0,

@@ -38,7 +38,9 @@ def describe(cfg: JobConfig) -> str:
         f"device={c.device})",
         f"layout   tp={p.tp} pp={p.pp} dp={cfg.dp} ep={p.ep} etp={p.etp} edp={edp} sp={str(p.sp).lower()} "
         f"vpp={p.vpp} schedule={p.schedule}",
-        f"model    {m.layers} layers, d_model={m.d_model}, heads={m.heads}/{cfg.kv_heads} kv, d_ffn={cfg.d_ffn}, "
+        f"model    {m.family}{' from ' + m.hf_config if m.hf_config else ''}: "
+        f"{m.layers} layers, d_model={m.d_model}, heads={m.heads}/{cfg.kv_heads} kv"
+        f"{'' if m.head_dim * m.heads == m.d_model else f' x {m.head_dim}'}, d_ffn={cfg.d_ffn}, "
         f"vocab={m.vocab_size}, seq={m.seq_len}, attention={m.attention}; params {_human(total)} "
         f"({_human(active)} active), {_human(facts.flops_per_token)}FLOP/token (training)",
     ]

@@ -62,6 +62,8 @@ def family_of(name: str) -> HFFamily:
 def read_hf_config(path: str | Path) -> dict[str, Any]:
     """The parsed ``config.json`` of an HF model directory (or the file itself)."""
     p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: no such directory")
     f = p / "config.json" if p.is_dir() else p
     if not f.is_file():
         raise UserError(f"{path}: no Hugging Face config.json there" if p.is_dir() else f"{path}: file not found")
@@ -140,7 +142,7 @@ def sections_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict[str
             "router": "topk",
             "activation": "swiglu",
             "every": int(hf.get("decoder_sparse_step") or 1),
-            "d_expert": int(need("intermediate_size") if kind in ("mixtral", "olmoe") else need("moe_intermediate_size")),
+            "d_expert": int(need("intermediate_size" if kind in ("mixtral", "olmoe") else "moe_intermediate_size")),
             "norm_topk_prob": True if kind == "mixtral" else bool(hf.get("norm_topk_prob", False)),
             "shared_experts": 0,
         }
@@ -175,7 +177,7 @@ def merge_hf_config(data: dict[str, Any]) -> dict[str, Any]:
             if key in merged and merged[key] != value and not _same_number(merged[key], value):
                 raise ConfigError(f"{name}.{key}", f"{merged[key]!r} contradicts {value!r} from model.hf_config "
                                                    f"{path} (leave the key out to use the model's value)")
-            merged[key] = value if key not in merged else merged[key]
+            merged.setdefault(key, value)
         out[name] = merged
     return out
 

@@ -97,8 +97,6 @@ class HFSource:
     """The safetensors of an HF model directory, read lazily by HF name or by moetrain logical key."""
 
     def __init__(self, path: str | os.PathLike, resolved: dict[str, Any]):
-        from safetensors import safe_open
-
         self.path = Path(path)
         self.resolved = resolved
         index = self.path / "model.safetensors.index.json"
@@ -117,7 +115,7 @@ class HFSource:
         self._files: dict[str, Any] = {}
         self._where: dict[str, str] = {}
         if weight_map is None:
-            weight_map = {k: "model.safetensors" for k in self._open("model.safetensors").keys()}
+            weight_map = dict.fromkeys(self._open("model.safetensors").keys(), "model.safetensors")
         for name, file in weight_map.items():
             self._where[name] = file
         self._entries = {e.key: e for e in entries(resolved)}
@@ -161,7 +159,7 @@ class HFSource:
                 raise HFWeightsError(f"{self.path}: {n} has shape {tuple(t.shape)}, expected {rows} rows")
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-    def keys(self) -> list[str]:
+    def logical_keys(self) -> list[str]:
         return list(self._entries)
 
     def check_unused(self) -> None:

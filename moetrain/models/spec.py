@@ -194,10 +194,22 @@ class ModelSpec(ABC):
     def shape_keys(self) -> dict[str, Any]:
         """Config values that fix parameter shapes: a checkpoint saved with other values cannot load."""
         r = self.cfg.resolved()
-        keys = {f"model.{k}": v for k, v in r["model"].items()}
+        keys = {f"model.{k}": v for k, v in r["model"].items() if k != "hf_config"}  # where from is no shape
         keys.update({f"moe.{k}": r["moe"][k] for k in ("num_experts", "every", "d_expert", "shared_experts",
-                                                        "activation", "router", "xmoe_dim", "slots_per_expert")})
+                                                        "activation", "router", "xmoe_dim", "slots_per_expert",
+                                                        "d_shared", "shared_expert_gate")})
         return keys
+
+    def shape_differences(self, saved: dict[str, Any]) -> list[str]:
+        """How a checkpoint's shape keys differ from this config's (keys added to moetrain after the
+        checkpoint was written count as equal while they hold the value that older versions implied)."""
+        mine = self.shape_keys()
+        m = self.cfg.model
+        implied = {"model.head_dim": m.d_model // m.heads, "model.qkv_bias": False, "model.qk_norm": "none",
+                   "model.clip_qkv": None, "moe.shared_expert_gate": False,
+                   "moe.d_shared": self.cfg.moe.shared_experts * (self.cfg.moe.d_expert or 0) or None}
+        return [f"{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in mine.items()
+                if saved.get(k, implied.get(k)) != v]
 
 
 def get_model_spec(cfg: JobConfig) -> ModelSpec:
