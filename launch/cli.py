@@ -1,4 +1,4 @@
-"""``moetrain`` command line: validate, topology, plan, train, profile, checkpoint inspect|convert.
+"""``moetrain`` command line: validate, topology, plan, train, profile, checkpoint, data prepare.
 
 Exit codes: 0 success; 1 the job failed while running; 2 bad input (config, flags, launcher
 environment), reported as one line without a traceback.
@@ -269,6 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=120.0, metavar="S", help="seconds --search may take (default 120)")
     p.add_argument("--calibrate", action="store_true", help="measure this machine and write a hardware file")
     p.add_argument("--out", metavar="FILE", help="where --calibrate writes the hardware file")
+    dt = sub.add_parser("data", help="prepare a corpus: tokenize local files into Megatron's indexed format",
+                        description="prepare a corpus: tokenize local files into Megatron's indexed format")
+    dts = dt.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = dts.add_parser("prepare", help="tokenize .jsonl / .parquet / .txt files into PREFIX.bin + PREFIX.idx")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories (.jsonl, .json, .parquet, .txt)")
+    p.add_argument("--tokenizer", required=True, metavar="PATH",
+                   help="an HF tokenizer directory, a tokenizer.json or a SentencePiece .model")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="tokenizer processes (default 1)")
+    p.add_argument("--field", default="text", help="the text field of .jsonl / .parquet records (default text)")
+    p.add_argument("--eod-token", default=None, metavar="TOKEN",
+                   help="end-of-document token (default: the tokenizer's eos token)")
+    p.add_argument("--json", action="store_true", help="machine-readable result")
     ck = sub.add_parser("checkpoint", help="inspect, convert, import from or export to Hugging Face",
                         description="inspect a checkpoint, convert it to one safetensors file, or move it to and "
                                     "from a Hugging Face model directory")
@@ -314,6 +327,20 @@ def _cmd_checkpoint(args) -> int:
     return 0
 
 
+def _cmd_data(args) -> int:
+    from moetrain.launch.prepare import prepare
+
+    done = prepare(args.inputs, args.tokenizer, args.out, workers=args.workers, field=args.field,
+                   eod_token=args.eod_token)
+    if args.json:
+        print(json.dumps(done, indent=1))
+    else:
+        print(f"prepared {done['documents']:,} documents, {done['tokens']:,} tokens ({done['dtype']}) from "
+              f"{done['files']} file(s) in {done['seconds']:.1f} s ({done['docs_per_s']:,.0f} documents/s, "
+              f"{done['tokens_per_s']:,.0f} tokens/s) -> {done['bin']}, {done['idx']}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     # Overrides may stand before or after options: argparse leaves the later ones unparsed.
@@ -325,10 +352,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = list(getattr(args, "overrides", [])) + rest
-    if args.command == "checkpoint" and args.overrides:
+    if args.command in ("checkpoint", "data") and args.overrides:
         parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
     handler = {"validate": _cmd_validate, "topology": _cmd_topology, "train": _cmd_train,
-               "profile": _cmd_profile, "checkpoint": _cmd_checkpoint, "plan": _cmd_plan}[args.command]
+               "profile": _cmd_profile, "checkpoint": _cmd_checkpoint, "plan": _cmd_plan,
+               "data": _cmd_data}[args.command]
     try:
         return handler(args)
     except ConfigError as exc:

@@ -61,6 +61,31 @@ def check_paths(cfg: JobConfig, summary_path: str | None = None, *, create: bool
         from moetrain.launch.data import check_token_file
 
         check_token_file(d.path, d.token_dtype, cfg.model.vocab_size)
+    if d.source == "indexed":
+        from moetrain.launch.indexed import IndexedTokens
+
+        prefixes = [(f"data.blend[{i}]", p) for i, (_, p) in enumerate(d.blend)] if d.blend else [("data.path", d.path)]
+        if d.valid is not None:
+            prefixes += [("data.valid", d.valid)] if isinstance(d.valid, str) else \
+                [(f"data.valid[{i}]", p) for i, (_, p) in enumerate(d.valid)]
+        for key, prefix in prefixes:
+            data = IndexedTokens(prefix)  # header and sizes checked; then every id against the vocabulary
+            top = int(data.tokens.max()) if data.tokens.size else 0
+            if top >= cfg.model.vocab_size:
+                from moetrain.launch.data import DataError
+
+                raise DataError(f"{key}: {prefix} holds token id {top} >= model.vocab_size={cfg.model.vocab_size} "
+                                "(prepared with another tokenizer?)")
+    if d.tokenizer:
+        from moetrain.launch.tokenizer import load_tokenizer
+
+        load_tokenizer(d.tokenizer, vocab_size=cfg.model.vocab_size)
+    init = cfg.checkpoint.init_from
+    if init and not Path(init).is_dir():
+        from moetrain.dist.checkpoint import CheckpointError
+
+        raise CheckpointError(f"checkpoint.init_from: {init} is not a directory (an HF model directory or a "
+                              "moetrain checkpoint)")
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         from moetrain.dist.checkpoint import CheckpointError

@@ -117,6 +117,18 @@ class Reporter:
                   f"MFU {mfu:.1%} | mem {mem / 2**20:.0f} MiB | act {out['saved_activation_bytes'] / 2**20:.1f} MiB",
                   flush=True)
 
+    def evaluation(self, out: dict[str, float]) -> None:
+        """One validation result (``Trainer.evaluate``): a console line and TensorBoard scalars."""
+        if self.writer:
+            self.writer.add_scalar("valid/loss", out["loss"], out["step"])
+            self.writer.add_scalar("valid/ppl", out["ppl"], out["step"])
+        if self.is_logger:
+            if self.bar is not None:
+                self.bar.console.print(f"valid at step {out['step']} | loss {out['loss']:.4f} | ppl {out['ppl']:.2f}")
+            else:
+                print(f"valid at step {out['step']:>5} | loss {out['loss']:.4f} | ppl {out['ppl']:.2f} | "
+                      f"{out['tokens']:,} tokens", flush=True)
+
     def _log_gpus(self, step: int) -> None:
         """Every rank's NVML sample (utilisation, memory, power) to TensorBoard as gpu/<metric>/rank<r>."""
         if self.gpu_monitor is None:

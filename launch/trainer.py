@@ -27,7 +27,7 @@ from moetrain.dist.groups import ParallelGroups
 from moetrain.dist.links import link_engine_for
 from moetrain.launch.attempts import attempt_number
 from moetrain.launch.checkpointing import RunCheckpoints, RunState
-from moetrain.launch.data import TokenBatches
+from moetrain.launch.data import DataError, TokenBatches
 from moetrain.launch.faults import CollectiveFailure, TrainError, collective_failure, inject_fault, is_comm_failure
 from moetrain.launch.health import StepHealth
 from moetrain.launch.metrics import SavedBytes, peak_flops_per_rank
@@ -117,10 +117,15 @@ class Trainer:
         units = dp_units if self.zero_stage == 1 else [(b.group, b.params, b.size) for b in self.reducer.buckets]
         self.optimizer = build_optimizer(self.params, cfg.train, device=self.device,
                                          zero_units=units if self.zero_stage else None)
-        self.data = TokenBatches(cfg.data.source, seq_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size,
-                                 seed=cfg.train.seed, global_batch=cfg.global_batch_size,
-                                 micro_batch=cfg.train.micro_batch_size, dp_rank=groups.rank("dp"),
-                                 dp_size=groups.size("dp"), path=cfg.data.path, token_dtype=cfg.data.token_dtype)
+        d = cfg.data
+        data_kw = dict(seq_len=cfg.model.seq_len, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed,
+                       global_batch=cfg.global_batch_size, micro_batch=cfg.train.micro_batch_size,
+                       dp_rank=groups.rank("dp"), dp_size=groups.size("dp"), path=d.path, token_dtype=d.token_dtype,
+                       blend=d.blend, split=d.split, valid=d.valid)
+        self.data = TokenBatches(d.source, **data_kw)
+        held_out = d.source == "synthetic" or d.split is not None or d.valid is not None
+        self.valid = TokenBatches(d.source, which="valid", **data_kw) if held_out else None
+        self.evals: list[dict[str, float]] = []
         self.checkpoints = RunCheckpoints(cfg, self.spec, self.chunks, self.optimizer, device=self.device,
                                           rank=self.rank, say=self.reporter.say)
         self.state = RunState(lr_horizon=cfg.train.steps)
@@ -289,6 +294,9 @@ class Trainer:
                 self.first_step_wall = time.time()  # start-up figures: launch -> first step done
                 self.memory = self.reporter.memory(self.params, self.optimizer, last["saved_activation_bytes"])
             stopped = last["stop"]
+            every = cfg.train.eval_every
+            if every and (self.step % every == 0 or self.step == cfg.train.steps or stopped is not None):
+                self.evaluate()
             if self.checkpoints.due(self.step) or (stopped and self.checkpoints.checkpointer is not None):
                 self.checkpoints.save(self.state)
         if stopped is not None:
@@ -314,9 +322,41 @@ class Trainer:
             first_step_wall=getattr(self, "first_step_wall", None), moe_degrees=self.moe.degrees())
         from moetrain.plan.runtime import compare_run
 
+        summary["valid"] = self.evals
         summary["plan"] = compare_run(self.prediction, summary["memory"], self.step_times,
                                       per_stage=self.groups.size("tp") * self.groups.size("dp"))
         return summary
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss over ``train.eval_iters`` global batches of held-out samples (the same ones at
+        every evaluation) and its perplexity; logged, written to TensorBoard and kept for the summary."""
+        import math
+
+        from moetrain.launch.inference import forward_loss
+
+        if self.valid is None:
+            raise DataError("validation needs held-out data: set data.split or data.valid")
+        cfg, g = self.cfg, self.groups
+        shape = self.spec.boundary_shape(cfg.train.micro_batch_size, g.size("tp"))
+        total, n = 0.0, 0
+        with self._phase("evaluate"):
+            for it in range(cfg.train.eval_iters):
+                for micro in range(self.valid.micro_batches):
+                    tokens, targets, ids = self.valid.micro_batch_tensors(it, micro)
+                    for chunk in self.chunks:
+                        chunk.dropout.set(it, ids)
+                    with self._amp():
+                        total += forward_loss(self.chunks, g, tokens.to(self.device), targets.to(self.device),
+                                              boundary_shape=shape, dtype=self.param_dtype)
+                    n += 1
+        mean = torch.tensor(total / n, dtype=torch.float64)
+        dist.all_reduce(mean, group=g.group("dp"))
+        loss = float(mean) / g.size("dp")
+        out = {"step": self.step, "loss": loss, "ppl": math.exp(min(loss, 700.0)),
+               "tokens": cfg.train.eval_iters * cfg.global_batch_size * cfg.model.seq_len}
+        self.evals.append(out)
+        self.reporter.evaluation(out)
+        return out
 
     def _predict(self) -> None:
         """The planner's prediction for this run (``moetrain plan``), logged once; a warning when it predicts

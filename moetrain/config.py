@@ -369,6 +369,10 @@ class TrainConfig(_Section):
     skip_nonfinite_steps: int = Field(0, ge=0)
     """Steps whose loss or gradient norm is not finite may be skipped (no optimizer update) this many times
     in a run; the next one stops the run with an error (0: the first one does)."""
+    eval_every: int = Field(0, ge=0)
+    """Validation loss every this many steps and after the last (0: off); data from data.valid / data.split."""
+    eval_iters: int = Field(1, ge=1)
+    """Global batches each validation averages over (the same samples every time)."""
     optimizer: OptimizerConfig = OptimizerConfig()
 
     @property
@@ -402,18 +406,60 @@ class WTACRSConfig(_Section):
         return self.enabled and bool({"mlp_up", "mlp_down"} & set(self.layers))
 
 
+Blend = list[list[Union[float, int, str]]]
+
+
+def _check_blend(value: Any, where: str) -> None:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(where, "expected a list of [weight, prefix] pairs")
+    for i, item in enumerate(value):
+        ok = (isinstance(item, list) and len(item) == 2 and isinstance(item[0], (int, float))
+              and not isinstance(item[0], bool) and item[0] > 0 and isinstance(item[1], str) and item[1].strip())
+        if not ok:
+            raise ConfigError(f"{where}[{i}]", f"expected [weight > 0, prefix], got {item!r}")
+
+
 class DataConfig(_Section):
-    source: Literal["synthetic", "text", "tokens"] = "synthetic"
+    source: Literal["synthetic", "text", "tokens", "indexed"] = "synthetic"
     path: Optional[str] = None
-    """text: a file or folder of .txt files (default: Python's own stdlib sources); tokens: a .bin file."""
+    """text: a file or folder of .txt files (default: Python's own stdlib sources); tokens: a .bin file;
+    indexed: the prefix of a Megatron indexed dataset (PREFIX.bin + PREFIX.idx, from moetrain data prepare)."""
     token_dtype: Literal["uint16", "uint32"] = "uint16"
     """Element type of a ``tokens`` file."""
+    blend: Optional[Blend] = None
+    """indexed: several datasets, ``[[weight, prefix], ...]``, sampled in proportion to the weights."""
+    split: Optional[list[Annotated[float, Field(ge=0)]]] = None
+    """``[train, valid]`` shares of each dataset's windows (e.g. ``[99, 1]``): the tail is held out for validation."""
+    valid: Optional[Union[str, Blend]] = None
+    """indexed: validation data, a prefix or a blend (instead of ``split``)."""
+    tokenizer: Optional[str] = None
+    """An HF tokenizer directory, a tokenizer.json or a SentencePiece .model: checked against model.vocab_size,
+    used by ``moetrain generate --prompt`` and copied beside an HF export."""
 
     def check_rules(self, path: str) -> None:
         if self.source == "tokens" and not self.path:
             raise ConfigError(f"{path}.path", "data.source=tokens needs a token file path")
         if self.path and self.source == "synthetic":
             raise ConfigError(f"{path}.path", "data.source=synthetic takes no path")
+        if self.source == "indexed" and bool(self.path) == (self.blend is not None):
+            raise ConfigError(f"{path}.path", "data.source=indexed needs data.path (a prefix) or data.blend, not both")
+        if self.blend is not None:
+            if self.source != "indexed":
+                raise ConfigError(f"{path}.blend", "needs data.source=indexed")
+            _check_blend(self.blend, f"{path}.blend")
+        if self.valid is not None:
+            if self.source != "indexed":
+                raise ConfigError(f"{path}.valid", "needs data.source=indexed")
+            if self.split is not None:
+                raise ConfigError(f"{path}.valid", "give data.valid or data.split, not both")
+            if not isinstance(self.valid, str):
+                _check_blend(self.valid, f"{path}.valid")
+        if self.split is not None:
+            if self.source == "synthetic":
+                raise ConfigError(f"{path}.split", "synthetic data has no files to split (validation draws its own "
+                                                   "samples)")
+            if len(self.split) != 2 or self.split[0] <= 0 or self.split[1] <= 0:
+                raise ConfigError(f"{path}.split", f"expected [train, valid] with both > 0, got {self.split}")
 
 
 class CheckpointConfig(_Section):
@@ -832,6 +878,10 @@ def _check_training(cfg: JobConfig) -> None:
         raise ConfigError("network.isolation", "netns makes real hosts of simulated CPU nodes: it needs "
                           f"cluster.launcher=local and cluster.device=cpu (got {c.launcher}, {c.device}); "
                           "other launchers already run on real hosts")
+    d = cfg.data
+    if t.eval_every and d.source != "synthetic" and d.valid is None and d.split is None:
+        raise ConfigError("train.eval_every", "validation needs held-out data: set data.split (e.g. [99, 1]) or "
+                                              "data.valid")
     f, ck = cfg.fault, cfg.checkpoint
     if f.max_restarts and (not ck.dir or ck.resume == "never" or not ck.every):
         raise ConfigError("fault.max_restarts", "restarts resume from checkpoints: set checkpoint.dir and "
