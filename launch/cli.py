@@ -147,6 +147,29 @@ def _cmd_train(args) -> int:
     return _finish(cfg, run_job(cfg, args.summary))
 
 
+def _cmd_eval(args) -> int:
+    from moetrain.launch.job import run_job
+
+    # an evaluation writes nothing into the training run's directories and never saves a checkpoint
+    given = {o.partition("=")[0].strip() for o in args.overrides}
+    defaults = {"logging.run_dir": "runs/eval"} if "logging.run_dir" not in given else {}
+    cfg = load_config(args.config, [f"{k}={v}" for k, v in defaults.items()] + list(args.overrides)
+                      + ["checkpoint.every=0", "fault.max_restarts=0"])
+    d = cfg.data
+    if d.source != "synthetic" and d.split is None and d.valid is None:
+        raise UserError("moetrain eval needs held-out data: set data.split (e.g. [99, 1]) or data.valid")
+    summary = run_job(cfg, args.summary, mode="eval")
+    if not _is_rank0(cfg):
+        return 0
+    out = summary["valid"][0]
+    if args.json:
+        print(json.dumps({**out, "source": summary["source"], "checkpoint_step": summary["step"]}, indent=1))
+    else:
+        print(f"valid loss {out['loss']:.4f} | ppl {out['ppl']:.2f} | {out['tokens']:,} tokens | weights of "
+              f"{summary['source']} (step {summary['step']})")
+    return 0
+
+
 def _cmd_profile(args) -> int:
     from moetrain.launch.job import run_job
     from moetrain.launch.profile import write_report
@@ -251,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = add("train", "run the job with the launcher named by cluster.launcher")
     p.add_argument("--summary", metavar="PATH", help="write a JSON summary of the run here")
+    p = add("eval", "validation loss and perplexity of a checkpoint (checkpoint.dir or checkpoint.init_from)")
+    p.add_argument("--summary", metavar="PATH", help="write the result as JSON here")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = add("profile", "run a few steps with timing on: traces, timeline, hidden/exposed communication")
     p.add_argument("--out", metavar="DIR", required=True, help="where traces, timeline.png and summary.json go")
     p.add_argument("--steps", type=int, metavar="N", help="steps to run (default: train.steps)")
@@ -356,7 +382,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
     handler = {"validate": _cmd_validate, "topology": _cmd_topology, "train": _cmd_train,
                "profile": _cmd_profile, "checkpoint": _cmd_checkpoint, "plan": _cmd_plan,
-               "data": _cmd_data}[args.command]
+               "data": _cmd_data, "eval": _cmd_eval}[args.command]
     try:
         return handler(args)
     except ConfigError as exc:

@@ -46,7 +46,7 @@ class IndexedWriter:
             raise ValueError(f"unsupported token dtype {self.dtype}")
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self._bin_part = self.prefix.with_name(self.prefix.name + ".bin.part")
-        self._bin = open(self._bin_part, "wb")
+        self._bin = open(self._bin_part, "wb")  # noqa: SIM115 (open until finish / abort)
         self.lengths: list[int] = []
         self.tokens = 0
 
@@ -92,8 +92,8 @@ class IndexedTokens:
         idx, bin_ = (self.prefix.with_name(self.prefix.name + s) for s in (".idx", ".bin"))
         for p in (idx, bin_):
             if not p.is_file():
-                raise IndexedDataError(f"indexed dataset {prefix}: {p} does not exist (prefix without .bin/.idx; made by "
-                                  "moetrain data prepare or Megatron's preprocess_data.py)")
+                raise IndexedDataError(f"indexed dataset {prefix}: {p} does not exist (a prefix without .bin/.idx, "
+                                       "made by moetrain data prepare or Megatron's preprocess_data.py)")
         raw = np.memmap(idx, dtype=np.uint8, mode="r")
         head = len(_HEADER) + 8 + 1 + 8 + 8
         if raw.size < head or bytes(raw[: len(_HEADER)]) != _HEADER:
@@ -112,7 +112,8 @@ class IndexedTokens:
             np.zeros(0, dtype=self.dtype)
         total = int(self.lengths.astype(np.int64).sum())
         if total * self.dtype.itemsize != bin_.stat().st_size:
-            raise IndexedDataError(f"{bin_}: {bin_.stat().st_size} bytes, the index describes {total} {self.dtype} tokens")
+            raise IndexedDataError(f"{bin_}: {bin_.stat().st_size} bytes, the index describes {total} {self.dtype} "
+                                   "tokens")
 
     @property
     def num_documents(self) -> int:

@@ -62,14 +62,17 @@ def _locked_on_rank0(lock: CheckpointLock | None, rank: int):
     return held
 
 
-def run_job(cfg: JobConfig, summary_path: Optional[str] = None, profile_dir: Optional[str] = None) -> dict[str, Any]:
+def run_job(cfg: JobConfig, summary_path: Optional[str] = None, profile_dir: Optional[str] = None,
+            mode: str = "train") -> dict[str, Any]:
     """Launch ``cfg`` with its launcher and return rank 0's summary (also written to ``summary_path``);
-    with ``profile_dir`` every rank records its trace and metrics there (``moetrain profile``)."""
+    with ``profile_dir`` every rank records its trace and metrics there (``moetrain profile``); ``mode``
+    ``eval``: the ranks evaluate the checkpoint instead of training (``moetrain eval``)."""
     check_network(cfg)
     check_paths(cfg, summary_path)
     write_resolved(cfg, cfg.logging.run_dir)
     os.environ.setdefault("MOETRAIN_JOB_START", repr(time.time()))  # train.time_limit counts from here
     data = cfg.model_dump(mode="json")
+    data["_mode"] = mode
     launcher = cfg.cluster.launcher
     if launcher in ("local", "ray"):
         lock = _lock(cfg)

@@ -104,7 +104,8 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, workers: int = 1, fi
     writer = IndexedWriter(prefix, token_dtype_for(tok.vocab_size))
     docs = tokens = 0
     t0 = time.perf_counter()
-    batches = iter(lambda it=_documents(files, field): list(itertools.islice(it, _BATCH)), [])
+    documents = _documents(files, field)
+    batches = iter(lambda: list(itertools.islice(documents, _BATCH)), [])
     pool = None
     bar = _Progress(progress)
     try:

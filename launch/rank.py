@@ -22,14 +22,20 @@ class JobError(UserError, RuntimeError):
 
 def rank_main(cfg_data: dict[str, Any], profile_dir: Optional[str] = None) -> dict[str, Any]:
     """Everything one rank does, launcher-agnostic. Returns this rank's summary. SIGTERM / SIGUSR1 received
-    meanwhile stop the run after the current step (launch/signals.py)."""
+    meanwhile stop the run after the current step (launch/signals.py). ``cfg_data`` is the resolved config;
+    its key ``_mode`` (set by :func:`moetrain.launch.job.run_job`) says ``train`` or ``eval``."""
     from moetrain.launch.signals import StopRequests
-    from moetrain.launch.trainer import train
+    from moetrain.launch.trainer import evaluate_run, train
 
-    cfg = config_from_dict(cfg_data, check=False)
+    cfg_data = dict(cfg_data)
+    mode = cfg_data.pop("_mode", "train")
+    cfg = config_from_dict(cfg_data, check=False, hf=False)
     with StopRequests() as stop:
         groups = setup_groups(cfg)
-        summary = train(cfg, groups, profile_dir=profile_dir, stop=stop)
+        if mode == "eval":
+            summary = evaluate_run(cfg, groups, stop=stop)
+        else:
+            summary = train(cfg, groups, profile_dir=profile_dir, stop=stop)
     summary["node_of_rank"] = [groups.grid.node_of(r) for r in range(cfg.world_size)]
     summary["host_of_rank"] = _gather_host_addresses()
     return summary

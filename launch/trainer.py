@@ -393,6 +393,22 @@ class Trainer:
         return out
 
 
+def evaluate_run(cfg: JobConfig, groups: ParallelGroups, stop=None) -> dict[str, Any]:
+    """``moetrain eval``: the validation loss of the newest checkpoint in checkpoint.dir (``checkpoint.resume``)
+    or of ``checkpoint.init_from``, without training."""
+    trainer = Trainer(cfg, groups, stop=stop)
+    resumed = trainer.checkpoints.resume()
+    source = resumed[1] if resumed is not None else trainer.checkpoints.init_weights()
+    if source is None:
+        raise TrainError("moetrain eval needs weights: a checkpoint in checkpoint.dir (checkpoint.resume) or "
+                         "checkpoint.init_from (an HF directory or a moetrain checkpoint)")
+    if resumed is not None:
+        trainer.state = resumed[0]
+    out = trainer.evaluate()
+    trainer.reporter.close()
+    return {"mode": "eval", "valid": [out], "step": trainer.step, "source": source}
+
+
 def train(cfg: JobConfig, groups: ParallelGroups, profile_dir: str | None = None,
           stop: StopRequests | None = None) -> dict[str, Any]:
     """Build a Trainer for this rank and run it to ``train.steps`` (recording a profile into

@@ -689,8 +689,9 @@ def _translate(err: ValidationError) -> ConfigError:
     return ConfigError(dotted, reason)
 
 
-def config_from_dict(data: Any, *, check: bool = True) -> JobConfig:
-    """Validate plain data (as loaded from YAML) into a JobConfig; raise ConfigError on any mistake."""
+def config_from_dict(data: Any, *, check: bool = True, hf: bool = True) -> JobConfig:
+    """Validate plain data (as loaded from YAML) into a JobConfig; raise ConfigError on any mistake.
+    ``hf=False``: ``model.hf_config`` is not read again (data already resolved, e.g. on a rank elsewhere)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -700,7 +701,7 @@ def config_from_dict(data: Any, *, check: bool = True) -> JobConfig:
             raise ConfigError(str(key), "section names must be strings")
     from moetrain.models.hf_config import merge_hf_config
 
-    data = merge_hf_config(data)
+    data = merge_hf_config(data) if hf else data
     try:
         cfg = JobConfig.model_validate(data)
     except ValidationError as err:
