@@ -170,6 +170,38 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from moetrain.launch.generate import GenerateError, generate, generation_config
+
+    base = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, list(args.overrides) + generation_config(base))
+    tok = None
+    if cfg.data.tokenizer:
+        from moetrain.launch.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(cfg.data.tokenizer, vocab_size=cfg.model.vocab_size)
+    if args.prompt is not None:
+        if tok is None:
+            raise GenerateError("--prompt needs data.tokenizer (or give token ids with --ids)")
+        prompt = tok.encode(args.prompt)
+    else:
+        try:
+            prompt = [int(x) for x in args.ids.split(",") if x.strip()]
+        except ValueError:
+            raise GenerateError(f"--ids {args.ids!r}: expected comma-separated token ids") from None
+    stop = tok.eod_id if tok is not None and not args.ignore_eod else None
+    out = generate(cfg, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   seed=args.seed, stop_id=stop)
+    text = tok.decode(out["new_ids"]) if tok is not None else None
+    if args.json:
+        print(json.dumps({"prompt_ids": prompt, "new_ids": out["new_ids"], "text": text, "weights": out["source"]}))
+    elif text is not None:
+        print((args.prompt or "") + text)
+    else:
+        print(",".join(map(str, out["ids"])))
+    return 0
+
+
 def _cmd_profile(args) -> int:
     from moetrain.launch.job import run_job
     from moetrain.launch.profile import write_report
@@ -277,6 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("eval", "validation loss and perplexity of a checkpoint (checkpoint.dir or checkpoint.init_from)")
     p.add_argument("--summary", metavar="PATH", help="write the result as JSON here")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("generate", "continue a prompt with a trained model (KV cache, at the config's TP degree)")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", metavar="TEXT", help="text, tokenized with data.tokenizer")
+    given.add_argument("--ids", metavar="1,2,3", help="token ids")
+    p.add_argument("--max-new-tokens", type=int, required=True, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed")
+    p.add_argument("--ignore-eod", action="store_true", help="do not stop at the tokenizer's end-of-document token")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = add("profile", "run a few steps with timing on: traces, timeline, hidden/exposed communication")
     p.add_argument("--out", metavar="DIR", required=True, help="where traces, timeline.png and summary.json go")
     p.add_argument("--steps", type=int, metavar="N", help="steps to run (default: train.steps)")
@@ -382,7 +424,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
     handler = {"validate": _cmd_validate, "topology": _cmd_topology, "train": _cmd_train,
                "profile": _cmd_profile, "checkpoint": _cmd_checkpoint, "plan": _cmd_plan,
-               "data": _cmd_data, "eval": _cmd_eval}[args.command]
+               "data": _cmd_data, "eval": _cmd_eval, "generate": _cmd_generate}[args.command]
     try:
         return handler(args)
     except ConfigError as exc:

@@ -97,6 +97,7 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, workers: int = 1, fi
         raise PrepareError(f"--workers must be at least 1, got {workers}")
     files = input_files(inputs)
     tok = load_tokenizer(tokenizer, eod_token=eod_token)
+    eod = tok.require_eod()
     prefix = Path(out)
     for suffix in (".bin", ".idx"):
         if prefix.with_name(prefix.name + suffix).exists():
@@ -118,7 +119,7 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, workers: int = 1, fi
             encoded = map(tok.encode_batch, batches)
         for ids_batch in encoded:
             for ids in ids_batch:
-                writer.add(np.asarray(ids + [tok.eod_id]))
+                writer.add(np.asarray(ids + [eod]))
                 docs += 1
                 tokens += len(ids) + 1
             bar.update(docs, tokens, time.perf_counter() - t0)

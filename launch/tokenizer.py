@@ -3,7 +3,8 @@ library), or a SentencePiece ``.model`` (the ``sentencepiece`` package, when ins
 
 The end-of-document id that ``moetrain data prepare`` appends after every document is the tokenizer's
 EOS token (``tokenizer_config.json``'s ``eos_token``), else the first of the usual names that exists
-(``<|endoftext|>``, ``</s>``, ``<eos>``, ``<|end_of_text|>``), else the one given with ``--eod-token``.
+(``<|endoftext|>``, ``</s>``, ``<eos>``, ``<|end_of_text|>``), else the one given with ``--eod-token``;
+``moetrain generate`` stops at it when there is one.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class Tokenizer:
         i = self._tok.piece_to_id(token)
         return None if i == self._tok.unk_id() and token != self._tok.id_to_piece(i) else i
 
-    def _eod(self, given: str | None, config: dict) -> int:
+    def _eod(self, given: str | None, config: dict) -> int | None:
         if given is not None:
             i = self.token_id(given)
             if i is None:
@@ -97,8 +98,14 @@ class Tokenizer:
         for name in _EOD_NAMES:
             if self.token_id(name) is not None:
                 return self.token_id(name)
-        raise TokenizerError(f"tokenizer {self.path} names no end-of-document token (no eos_token, none of "
-                             f"{', '.join(_EOD_NAMES)}); give one with --eod-token")
+        return None
+
+    def require_eod(self) -> int:
+        """The end-of-document id, which preparing data needs."""
+        if self.eod_id is None:
+            raise TokenizerError(f"tokenizer {self.path} names no end-of-document token (no eos_token, none of "
+                                 f"{', '.join(_EOD_NAMES)}); give one with --eod-token")
+        return self.eod_id
 
     def encode(self, text: str) -> list[int]:
         if self.kind == "tokenizers":

@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ from moetrain.parallel.rng import DropoutStream, init_normal
 from moetrain.parallel.weight_grad import linear
 from moetrain.parallel.wtacrs import SampledWeightGrad, WTACRSConfig
 
-__all__ = ["TransformerArgs", "Transformer", "DropoutStream", "RMSNorm", "SwiGLU", "Sampler"]
+__all__ = ["TransformerArgs", "Transformer", "KVCache", "DropoutStream", "RMSNorm", "SwiGLU", "Sampler"]
 
 
 @dataclass(frozen=True)
@@ -178,8 +178,9 @@ class Attention(nn.Module):
         cos, sin = _rope_tables(args.seq_len, hd, args.rope_theta)
         self.register_buffer("cos", cos.to(dtype), persistent=False)
         self.register_buffer("sin", sin.to(dtype), persistent=False)
+        self.rope_theta, self.layer = args.rope_theta, layer
 
-    def forward(self, x_SBD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_SBD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         qkv = self.qkv(x_SBD)  # [s, b, (H + 2 KV) hd / tp]
         s, b, _ = qkv.shape
         q, k, v = qkv.split([self.heads * self.hd, self.kv_heads * self.hd, self.kv_heads * self.hd], dim=-1)
@@ -194,9 +195,33 @@ class Attention(nn.Module):
         q = q.permute(1, 2, 0, 3)  # [b, h, s, hd]
         k = k.permute(1, 2, 0, 3)
         v = v.reshape(s, b, self.kv_heads, self.hd).permute(1, 2, 0, 3)
-        o = recompute(self._core, q, k, v) if self.selective else self._core(q, k, v)
+        if cache is not None:
+            o = self._cached(q, k, v, cache)
+        else:
+            o = recompute(self._core, q, k, v) if self.selective else self._core(q, k, v)
         o = o.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.hd)
         return self.out(o)
+
+    def _cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Attention of the new tokens (positions ``cache.pos ...``) over every token so far; appends their
+        rotated keys and values to ``cache`` (generation)."""
+        s, pos = q.shape[2], cache.pos
+        if pos + s > self.cos.shape[0]:  # past the training length: longer RoPE tables, made once
+            cos, sin = _rope_tables(max(pos + s, 2 * self.cos.shape[0]), self.hd, self.rope_theta)
+            self.cos, self.sin = cos.to(self.cos), sin.to(self.sin)
+        cos, sin = self.cos[pos:pos + s], self.sin[pos:pos + s]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if self.layer in cache.k:
+            k = torch.cat([cache.k[self.layer], k], dim=2)
+            v = torch.cat([cache.v[self.layer], v], dim=2)
+        cache.k[self.layer], cache.v[self.layer] = k, v
+        if self.kv_heads != self.heads:
+            rep = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        seen = torch.arange(pos + s, device=q.device)
+        allowed = seen.unsqueeze(0) <= (pos + torch.arange(s, device=q.device)).unsqueeze(1)  # [s, pos + s]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Rotary embedding and causal attention: ``[b, h, s, hd]`` in and out."""
@@ -254,12 +279,25 @@ class Block(nn.Module):
         self.dropout = dropout
         self.full_recompute = args.recompute == "full"
 
-    def forward(self, x_SBD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_SBD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if cache is not None:  # generation: no dropout, no recomputation
+            h = x_SBD + self.attn(self.attn_norm(x_SBD), cache)
+            return h + self.ffn(self.ffn_norm(h))
         return recompute(self._forward, x_SBD) if self.full_recompute else self._forward(x_SBD)
 
     def _forward(self, x_SBD: torch.Tensor) -> torch.Tensor:
         h = x_SBD + self.dropout(self.attn(self.attn_norm(x_SBD)), f"{self.layer}.attn")
         return h + self.dropout(self.ffn(self.ffn_norm(h)), f"{self.layer}.mlp")
+
+
+@dataclass
+class KVCache:
+    """Generation state: every layer's rotated keys and values so far (``[b, kv_heads/tp, t, hd]``) and the
+    position of the next token."""
+
+    k: dict = field(default_factory=dict)
+    v: dict = field(default_factory=dict)
+    pos: int = 0
 
 
 class Transformer(nn.Module):
@@ -349,6 +387,25 @@ class Transformer(nn.Module):
         full[: self.args.vocab_size] = init_normal((self.args.vocab_size, self.args.d_model),
                                                    1.0 / math.sqrt(self.args.d_model), self.args.seed, "head")
         return full.chunk(tp, dim=0)[rank]
+
+    @torch.no_grad()
+    def decode(self, ids_BS: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits ``[b, s, vocab_size]`` of new tokens ``ids_BS`` at positions ``cache.pos ...``, attending to
+        the cached ones (the whole model in one chunk, without sequence parallelism; generation)."""
+        assert self.pre and self.post and not self.sp, "decode needs the whole model, without SP"
+        x = self.embed(ids_BS.t())
+        for block in self.layers.values():
+            x = block(x, cache)
+        cache.pos += ids_BS.shape[1]
+        x = self.norm(x)
+        if self.head is not None:
+            logits = self.head(x)
+        else:
+            from moetrain.parallel.mappings import copy_to_tp
+
+            logits = linear(copy_to_tp(x, self.tp_group), self.embed.weight)
+        full = gather_last_dim(logits, self.tp_group) if rank_size(self.tp_group)[1] > 1 else logits
+        return full[..., : self.args.vocab_size].transpose(0, 1)
 
     def forward(self, inputs: torch.Tensor, targets_BS: torch.Tensor | None = None) -> torch.Tensor:
         """The mean loss (``post`` with targets), the logits ``[b, s, vocab_size]`` gathered over TP (``post``
