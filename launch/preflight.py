@@ -76,6 +76,11 @@ def check_paths(cfg: JobConfig, summary_path: str | None = None, *, create: bool
 
                 raise DataError(f"{key}: {prefix} holds token id {top} >= model.vocab_size={cfg.model.vocab_size} "
                                 "(prepared with another tokenizer?)")
+    if cfg.logging.wandb is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.wandb", "the wandb package is not installed (pip install wandb)")
     if d.tokenizer:
         from moetrain.launch.tokenizer import load_tokenizer
 

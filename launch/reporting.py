@@ -60,6 +60,13 @@ class Reporter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(cfg.logging.tensorboard_dir)
+        self.wandb = None
+        if self.is_logger and cfg.logging.wandb is not None:
+            import wandb
+
+            w = cfg.logging.wandb
+            self.wandb = wandb.init(project=w.project, name=w.run_name, mode=w.mode, dir=cfg.logging.run_dir,
+                                    config=cfg.resolved(), settings=wandb.Settings(silent=True))
         self.bar = None
         self.gpu_monitor = None
 
@@ -83,6 +90,9 @@ class Reporter:
             self.bar.stop()
         if self.writer:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
     def logs(self, step: int) -> bool:
         """Whether step ``step`` (1-based) gets a console line (the first, every logging.every-th, the last)."""
@@ -109,6 +119,10 @@ class Reporter:
             for k, v in out.items():
                 if k.startswith("moe/"):
                     self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log({"train/loss": out["loss"], "train/lr": out["lr"], "train/grad_norm": out["grad_norm"],
+                            "train/tokens_per_s": tps, "train/mfu": mfu, "train/peak_memory_mib": mem / 2**20,
+                            **{k: v for k, v in out.items() if k.startswith("moe/")}}, step=step)
         if self.bar is not None:
             self.bar.update(self.bar.task_ids[0], completed=step, loss=out["loss"])
         if self.is_logger and self.logs(step):
@@ -122,6 +136,8 @@ class Reporter:
         if self.writer:
             self.writer.add_scalar("valid/loss", out["loss"], out["step"])
             self.writer.add_scalar("valid/ppl", out["ppl"], out["step"])
+        if self.wandb is not None:
+            self.wandb.log({"valid/loss": out["loss"], "valid/ppl": out["ppl"]}, step=out["step"])
         if self.is_logger:
             if self.bar is not None:
                 self.bar.console.print(f"valid at step {out['step']} | loss {out['loss']:.4f} | ppl {out['ppl']:.2f}")

@@ -355,6 +355,10 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    """After warm-up: cosine or linear decay to min_lr at the last step, constant, or warm-up-stable-decay."""
+    lr_decay_fraction: float = Field(0.2, gt=0, le=1)
+    """wsd: the share of the steps after warm-up spent decaying (linearly) to min_lr."""
     grad_clip: Optional[float] = Field(1.0, gt=0)
     bucket_mb: float = Field(8.0, gt=0)
     """Data-parallel gradient bucket size (MiB)."""
@@ -485,10 +489,20 @@ class CheckpointConfig(_Section):
                                                     "checkpoint: did you mean auto?), never, or a checkpoint path")
 
 
+class WandbConfig(_Section):
+    project: str
+    run_name: Optional[str] = None
+    mode: Literal["offline", "online"] = "offline"
+    """offline: written under logging.run_dir (``wandb sync`` uploads it later); online: streamed (needs network
+    and ``wandb login``)."""
+
+
 class LoggingConfig(_Section):
     run_dir: str = "runs/latest"
     """Where the resolved config, console log and summary go."""
     tensorboard_dir: Optional[str] = None
+    wandb: Optional[WandbConfig] = None
+    """Weights & Biases beside TensorBoard (rank 0): the same train/ and valid/ scalars, the resolved config."""
     every: int = Field(1, ge=1)
     collective_check: bool = False
     """Debug: every rank records (op, group, shape) of each collective and fails fast when ranks diverge."""
@@ -652,7 +666,8 @@ def _dotted_field_path(loc: tuple) -> tuple[str, ...]:
             break
         out.append(part)
         ann = fields[part].annotation
-        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        members = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type)] or [ann]  # Optional[Section]
+        cls = next((a for a in members if isinstance(a, type) and issubclass(a, BaseModel)), None)
     return tuple(out)
 
 

@@ -22,13 +22,22 @@ __all__ = ["lr_at", "build_optimizer"]
 
 
 def lr_at(step: int, t: TrainConfig, horizon: int | None = None) -> float:
-    """Linear warm-up to train.lr, then cosine decay to train.min_lr at ``horizon`` (default train.steps;
-    a resumed run keeps its first run's), and train.min_lr after it."""
+    """Linear warm-up to train.lr, then ``train.lr_schedule`` down to train.min_lr at ``horizon`` (default
+    train.steps; a resumed run keeps its first run's), and train.min_lr after it:
+    ``cosine``; ``linear``; ``constant`` (train.lr throughout, min_lr unused); ``wsd`` (warm-up, stable at
+    train.lr, then a linear decay over the last ``train.lr_decay_fraction`` of the steps after warm-up)."""
     if t.warmup_steps and step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
     span = max((horizon or t.steps) - t.warmup_steps, 1)
     progress = min(max(step - t.warmup_steps, 0) / span, 1.0)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+    if t.lr_schedule == "cosine":
+        return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+    if t.lr_schedule == "wsd":
+        stable = 1.0 - t.lr_decay_fraction
+        progress = 0.0 if progress <= stable else (progress - stable) / max(t.lr_decay_fraction, 1e-12)
+    return t.lr - (t.lr - t.min_lr) * progress
 
 
 def build_optimizer(params: list[torch.nn.Parameter], t: TrainConfig, *, device: torch.device,
