@@ -307,6 +307,8 @@ class TopKRouter(Router):
             top_p, top_e = prob.topk(self.topk, dim=-1)
         renormalize = self.cfg.norm_topk_prob if self.renormalize is None else self.renormalize
         gates = top_p / top_p.sum(dim=-1, keepdim=True) if renormalize else top_p
+        if self.cfg.routed_scaling_factor != 1.0:
+            gates = gates * self.cfg.routed_scaling_factor
         return self._finish(x_TD.shape[0], top_e, gates, prob, logits, batch)
 
 
@@ -379,6 +381,8 @@ class SigmoidRouter(Router):
             top_e = biased.topk(self.topk, dim=-1).indices
         top_s = scores.gather(1, top_e)
         gates = top_s / top_s.sum(dim=-1, keepdim=True) if self.topk > 1 and c.norm_topk_prob else top_s
+        if c.routed_scaling_factor != 1.0:
+            gates = gates * c.routed_scaling_factor
         prob = scores / scores.sum(dim=-1, keepdim=True)
         if torch.is_grad_enabled() and not is_recomputing():  # count each micro-batch once
             self.load += torch.bincount(top_e.reshape(-1), minlength=c.num_experts).to(self.load.dtype)

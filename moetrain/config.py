@@ -170,6 +170,16 @@ class ModelConfig(_Section):
     heads' query / key projection at once (OLMoE; one extra all-reduce under TP)."""
     clip_qkv: Optional[float] = Field(None, gt=0)
     """Clamp queries, keys and values to [-clip_qkv, clip_qkv] after the projection (OLMoE)."""
+    kv_lora_rank: Optional[int] = Field(None, ge=1)
+    """Multi-head latent attention (DeepSeek-V2/V3) when set: keys and values are up-projected per head from a
+    shared latent of this width (plus one shared RoPE key of qk_rope_head_dim)."""
+    q_lora_rank: Optional[int] = Field(None, ge=1)
+    """MLA: queries through a latent of this width too (None: one full query projection)."""
+    qk_nope_head_dim: Optional[int] = Field(None, ge=1)
+    qk_rope_head_dim: Optional[int] = Field(None, ge=2)
+    v_head_dim: Optional[int] = Field(None, ge=1)
+    rope_interleave: bool = False
+    """RoPE on interleaved pairs (x0, x1), (x2, x3), ... (DeepSeek's layout) instead of the two halves."""
     hf_config: Optional[str] = None
     """A Hugging Face model directory (or its config.json): its architecture fills the model and moe sections;
     a key given here as well must agree with it (moetrain/models/hf_config.py)."""
@@ -199,6 +209,25 @@ class ModelConfig(_Section):
             raise ConfigError(f"{path}.d_model", f"{self.d_model} is not divisible by model.heads={self.heads}")
         if self.head_dim % 2:
             raise ConfigError(f"{path}.head_dim", f"head dim {self.head_dim} must be even for rotary embedding")
+        mla = ("q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        if self.kv_lora_rank is None:
+            given = [k for k in mla if getattr(self, k) is not None]
+            if given:
+                raise ConfigError(f"{path}.{given[0]}", "multi-head latent attention needs model.kv_lora_rank")
+            return
+        for key in mla[1:]:
+            if getattr(self, key) is None:
+                raise ConfigError(f"{path}.{key}", "needed with model.kv_lora_rank (multi-head latent attention)")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"{path}.qk_rope_head_dim", f"{self.qk_rope_head_dim} must be even for RoPE")
+        for key, bad in (("qk_norm", self.qk_norm != "none"), ("qkv_bias", self.qkv_bias),
+                         ("clip_qkv", self.clip_qkv is not None), ("attention", self.attention == "fused")):
+            if bad:
+                raise ConfigError(f"{path}.{key}", "not available with multi-head latent attention")
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank is not None
 
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
@@ -277,6 +306,10 @@ class MoEConfig(_Section):
     norm_topk_prob: bool = True
     """topk / sigmoid routers: renormalise the chosen experts' gates to sum 1 (Mixtral, Qwen3-MoE, DeepSeek-V3);
     off: the raw probabilities (Qwen2-MoE, OLMoE)."""
+    routed_scaling_factor: float = Field(1.0, gt=0)
+    """Routed experts' gates are multiplied by this (DeepSeek-V3: 2.5)."""
+    first_k_dense: int = Field(0, ge=0)
+    """The first k blocks are dense whatever ``every`` says (DeepSeek-V3's first_k_dense_replace)."""
     d_shared: Optional[int] = Field(None, ge=1)
     """Hidden size of the shared-expert MLP; defaults to shared_experts * d_expert."""
     shared_expert_gate: bool = False
@@ -297,7 +330,7 @@ class MoEConfig(_Section):
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block ``layer`` (0-based) is an MoE block: every ``every``-th one."""
-        return self.enabled and (layer + 1) % self.every == 0
+        return self.enabled and layer >= self.first_k_dense and (layer + 1) % self.every == 0
 
     def check_rules(self, path: str) -> None:
         for key, registry in (("router", ROUTERS), ("dispatch", DISPATCHERS)):

@@ -85,6 +85,7 @@ MODEL_FAMILIES: Registry[Callable[..., Any]] = Registry("model.family", {
     "qwen2_moe": "moetrain.models.llama:Qwen2MoeSpec",
     "qwen3_moe": "moetrain.models.llama:Qwen3MoeSpec",
     "olmoe": "moetrain.models.llama:OlmoeSpec",
+    "deepseek_v3": "moetrain.models.llama:DeepseekV3Spec",
 })
 """Model specs (:class:`moetrain.models.spec.ModelSpec` subclasses)."""
 

@@ -77,9 +77,10 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_parts: Sequence[int], *, tp_group, sp: bool, seed: int, name: str,
                  std: float, dtype: torch.dtype = torch.float32, weights: torch.Tensor | None = None,
-                 wgrad: SampledWeightGrad | None = None, bias: bool = False):
+                 wgrad: SampledWeightGrad | None = None, bias: bool = False, gather_input: bool = True):
         super().__init__()
         rank, tp = rank_size(tp_group)
+        self.gather_input = gather_input  # False: the input is already the full, TP-replicated activation
         for n in out_parts:
             if n % tp:
                 raise ValueError(f"{name}: output size {n} is not divisible by tp={tp}")
@@ -105,7 +106,8 @@ class ColumnParallelLinear(nn.Module):
         return [n // tp for n in self.out_parts]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_from_sp(x, self.tp_group) if self.sp else copy_to_tp(x, self.tp_group)
+        if self.gather_input:
+            x = gather_from_sp(x, self.tp_group) if self.sp else copy_to_tp(x, self.tp_group)
         y = _matmul(self, x, g_group=self.tp_group)
         return y if self.bias is None else y + self.bias
 

@@ -75,6 +75,13 @@ class TransformerArgs:
     qk_norm: str = "none"
     """none | head (RMSNorm over each head's width) | full (over all heads' projection, all-reduced over TP)."""
     clip_qkv: float | None = None
+    kv_lora_rank: int | None = None
+    """Multi-head latent attention (parallel/mla.py) when set."""
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    rope_interleave: bool = False
 
     def __post_init__(self):
         if not self.head_dim:
@@ -273,7 +280,12 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.attn_norm = RMSNorm(args.d_model, args.norm_eps, sequence_parallel=sp, dtype=dtype)
-        self.attn = Attention(args, layer, tp_group=tp_group, sp=sp, dtype=dtype, sampler=sampler)
+        if args.kv_lora_rank:
+            from moetrain.parallel.mla import LatentAttention
+
+            self.attn = LatentAttention(args, layer, tp_group=tp_group, sp=sp, dtype=dtype, sampler=sampler)
+        else:
+            self.attn = Attention(args, layer, tp_group=tp_group, sp=sp, dtype=dtype, sampler=sampler)
         self.ffn_norm = RMSNorm(args.d_model, args.norm_eps, sequence_parallel=sp, dtype=dtype)
         self.ffn = ffn
         self.dropout = dropout

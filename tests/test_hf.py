@@ -162,6 +162,11 @@ FEATURES = {
                   "moe.shared_expert_gate=true", "moe.norm_topk_prob=false"],
     "qwen3_moe": ["model.family=qwen3_moe", "model.head_dim=16", "model.qk_norm=head"],
     "olmoe": ["model.family=olmoe", "model.qk_norm=full", "model.clip_qkv=1.5", "moe.norm_topk_prob=false"],
+    "deepseek_v3": ["model.family=deepseek_v3", "model.kv_lora_rank=12", "model.q_lora_rank=16",
+                    "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4", "model.v_head_dim=6",
+                    "model.rope_interleave=true", "moe.router=sigmoid", "moe.n_groups=4", "moe.topk_groups=2",
+                    "moe.routed_scaling_factor=2.5", "moe.first_k_dense=1", "moe.shared_experts=1",
+                    "moe.bias_update_rate=0.01"],
 }
 MOE = ["moe.num_experts=8", "moe.topk=2", "moe.d_expert=32", "moe.aux_loss_coef=0.01"]
 TRAIN_LAYOUTS = {"tp2-sp-ep2": {"tp": 2, "sp": True, "ep": 2}, "pp2-tp2": {"pp": 2, "tp": 2},

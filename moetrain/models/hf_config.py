@@ -41,6 +41,9 @@ class HFFamily:
     qk_norm: str = "none"
     shared_expert_gate: bool = False
     clip_qkv: bool = False
+    mla: bool = False
+    shared_name: str = "shared_expert"
+    """HF name of the shared-expert MLP under the MoE module."""
 
 
 HF_FAMILIES: dict[str, HFFamily] = {f.family: f for f in (
@@ -49,6 +52,7 @@ HF_FAMILIES: dict[str, HFFamily] = {f.family: f for f in (
     HFFamily("qwen2_moe", "Qwen2MoeForCausalLM", moe=True, qkv_bias=True, shared_expert_gate=True),
     HFFamily("qwen3_moe", "Qwen3MoeForCausalLM", moe=True, qk_norm="head"),
     HFFamily("olmoe", "OlmoeForCausalLM", moe=True, qk_norm="full", clip_qkv=True),
+    HFFamily("deepseek_v3", "DeepseekV3ForCausalLM", moe=True, mla=True, shared_name="shared_experts"),
 )}
 
 
@@ -103,6 +107,9 @@ def sections_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict[str
         if value not in (ok, None) and not (isinstance(ok, bool) and value == ok):
             raise UserError(f"{where}: {key}={value!r} is not supported ({what})")
 
+    if hf.get("quantization_config"):
+        method = (hf["quantization_config"] or {}).get("quant_method", "?")
+        raise UserError(f"{where}: a quantized checkpoint ({method}); dequantize it to bf16 / fp32 first")
     if hf.get("hidden_act", "silu") != "silu":
         raise UserError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
     refuse("mlp_bias", False, "MLPs without biases only")
@@ -112,6 +119,8 @@ def sections_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict[str
     refuse("mlp_only_layers", [], "use decoder_sparse_step for dense layers")
     if kind != "qwen2_moe":
         refuse("attention_bias", False, "biases on q/k/v and the output projection")
+    if kind == "deepseek_v3":
+        return _deepseek_sections(hf, where, need)
     heads = int(need("num_attention_heads"))
     d_model = int(need("hidden_size"))
     model: dict[str, Any] = {
@@ -149,6 +158,38 @@ def sections_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict[str
         if fam.shared_expert_gate:
             shared = int(need("shared_expert_intermediate_size"))
             moe.update(shared_experts=1, d_shared=shared, shared_expert_gate=True)
+    return {"model": model, "moe": moe}
+
+
+def _deepseek_sections(hf: dict[str, Any], where: str, need) -> dict[str, dict[str, Any]]:
+    """DeepSeek-V3: multi-head latent attention, the first k blocks dense, sigmoid routing limited to the best
+    groups with the aux-loss-free correction bias, routed_scaling_factor, ungated shared experts."""
+    heads, experts = int(need("num_attention_heads")), int(need("n_routed_experts"))
+    if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise UserError(f"{where}: scoring_func={hf.get('scoring_func')!r} / topk_method={hf.get('topk_method')!r} is "
+                        "not supported (sigmoid with noaux_tc, as DeepSeek-V3)")
+    model = {
+        "family": "deepseek_v3", "layers": int(need("num_hidden_layers")), "d_model": int(need("hidden_size")),
+        "heads": heads, "kv_heads": heads, "d_ffn": int(need("intermediate_size")),
+        "vocab_size": int(need("vocab_size")),
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), "rope_theta": _rope_theta(hf, where),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "qkv_bias": False, "qk_norm": "none",
+        "clip_qkv": None, "kv_lora_rank": int(need("kv_lora_rank")),
+        "q_lora_rank": int(hf["q_lora_rank"]) if hf.get("q_lora_rank") else None,
+        "qk_nope_head_dim": int(need("qk_nope_head_dim")), "qk_rope_head_dim": int(need("qk_rope_head_dim")),
+        "v_head_dim": int(need("v_head_dim")), "rope_interleave": bool(hf.get("rope_interleave", True)),
+    }
+    groups = int(hf.get("n_group") or 1)
+    moe = {
+        "num_experts": experts, "topk": int(need("num_experts_per_tok")), "router": "sigmoid", "activation": "swiglu",
+        "every": 1, "first_k_dense": int(hf.get("first_k_dense_replace") or 0),
+        "d_expert": int(need("moe_intermediate_size")),
+        "norm_topk_prob": bool(hf.get("norm_topk_prob", True)),
+        "routed_scaling_factor": float(hf.get("routed_scaling_factor", 1.0)), "n_groups": groups,
+        "topk_groups": int(hf.get("topk_group") or groups), "shared_experts": int(hf.get("n_shared_experts") or 0),
+    }
+    if moe["shared_experts"]:
+        moe["d_shared"] = moe["shared_experts"] * moe["d_expert"]
     return {"model": model, "moe": moe}
 
 
@@ -196,18 +237,27 @@ def check_family(resolved: dict[str, Any]) -> None:
                      "model)")
     if m["qkv_bias"] and not fam.qkv_bias:
         wrong.append("model.qkv_bias=true")
+    if (m["kv_lora_rank"] is not None) != fam.mla:
+        wrong.append("multi-head latent attention" if m["kv_lora_rank"] is not None else "grouped-query attention")
     if m["qk_norm"] != fam.qk_norm:
         wrong.append(f"model.qk_norm={m['qk_norm']} ({fam.family}: {fam.qk_norm})")
     if m["clip_qkv"] is not None and not fam.clip_qkv:
         wrong.append("model.clip_qkv")
     if fam.moe:
-        if moe["router"] != "topk" or moe["activation"] != "swiglu":
-            wrong.append(f"moe.router={moe['router']}, moe.activation={moe['activation']} ({fam.family}: topk, "
+        router = "sigmoid" if fam.mla else "topk"
+        if moe["router"] != router or moe["activation"] != "swiglu":
+            wrong.append(f"moe.router={moe['router']}, moe.activation={moe['activation']} ({fam.family}: {router}, "
                          "swiglu)")
+        if not fam.mla and (moe["routed_scaling_factor"] != 1.0 or moe["first_k_dense"]):
+            wrong.append("moe.routed_scaling_factor / moe.first_k_dense")
         if fam.family == "mixtral" and not moe["norm_topk_prob"]:
             wrong.append("moe.norm_topk_prob=false")
         shared = moe["shared_experts"] > 0
-        if shared != fam.shared_expert_gate or (shared and not moe["shared_expert_gate"]):
+        if fam.mla:
+            if moe["shared_expert_gate"] or (shared and moe["d_shared"] != moe["shared_experts"] * moe["d_expert"]):
+                wrong.append("moe.shared_expert_gate / moe.d_shared (DeepSeek's shared experts are n x d_expert, "
+                             "ungated)")
+        elif shared != fam.shared_expert_gate or (shared and not moe["shared_expert_gate"]):
             wrong.append(f"moe.shared_experts={moe['shared_experts']}, moe.shared_expert_gate="
                          f"{moe['shared_expert_gate']}")
         if moe["every"] != 1 and fam.family in ("mixtral", "olmoe"):
@@ -222,6 +272,8 @@ def hf_from_config(resolved: dict[str, Any]) -> dict[str, Any]:
     check_family(resolved)
     m, moe = resolved["model"], resolved["moe"]
     fam = HF_FAMILIES[m["family"]]
+    if fam.mla:
+        return _deepseek_hf(m, moe)
     hf: dict[str, Any] = {
         "architectures": [fam.architecture], "model_type": fam.family,
         "vocab_size": m["vocab_size"], "hidden_size": m["d_model"], "num_hidden_layers": m["layers"],
@@ -253,3 +305,23 @@ def hf_from_config(resolved: dict[str, Any]) -> dict[str, Any]:
         hf["router_aux_loss_coef"] = moe["aux_loss_coef"]
         hf["output_router_logits"] = False
     return hf
+
+
+def _deepseek_hf(m: dict[str, Any], moe: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": m["vocab_size"],
+        "hidden_size": m["d_model"], "num_hidden_layers": m["layers"], "num_attention_heads": m["heads"],
+        "num_key_value_heads": m["heads"], "intermediate_size": m["d_ffn"], "hidden_act": "silu",
+        "rms_norm_eps": m["norm_eps"], "rope_theta": m["rope_theta"],
+        "rope_parameters": {"rope_theta": m["rope_theta"], "rope_type": "default"},
+        "tie_word_embeddings": m["tie_embeddings"], "max_position_embeddings": max(m["seq_len"], 4096),
+        "attention_bias": False, "attention_dropout": 0.0, "use_cache": True, "kv_lora_rank": m["kv_lora_rank"],
+        "q_lora_rank": m["q_lora_rank"], "qk_nope_head_dim": m["qk_nope_head_dim"],
+        "qk_rope_head_dim": m["qk_rope_head_dim"], "v_head_dim": m["v_head_dim"],
+        "rope_interleave": m["rope_interleave"],
+        "n_routed_experts": moe["num_experts"], "num_experts_per_tok": moe["topk"],
+        "moe_intermediate_size": moe["d_expert"], "n_shared_experts": moe["shared_experts"],
+        "first_k_dense_replace": moe["first_k_dense"], "routed_scaling_factor": moe["routed_scaling_factor"],
+        "n_group": moe["n_groups"], "topk_group": moe["topk_groups"] or moe["n_groups"],
+        "norm_topk_prob": moe["norm_topk_prob"], "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+    }

@@ -55,7 +55,13 @@ def entries(resolved: dict[str, Any]) -> list[Entry]:
         hf, mt = f"model.layers.{i}", f"layers.{i}"
         att = f"{hf}.self_attn"
         out.append(Entry(f"{mt}.attn_norm.weight", (f"{hf}.input_layernorm.weight",)))
-        out.append(Entry(f"{mt}.attn.qkv.weight", tuple(f"{att}.{p}_proj.weight" for p in "qkv"), (q, kv, kv)))
+        if fam.mla:
+            for ours, theirs in ((("q_down", "q_a_proj"), ("q_norm", "q_a_layernorm"), ("q_up", "q_b_proj"))
+                                 if m["q_lora_rank"] else (("q", "q_proj"),)) + (
+                    ("kv_down", "kv_a_proj_with_mqa"), ("kv_norm", "kv_a_layernorm"), ("kv_up", "kv_b_proj")):
+                out.append(Entry(f"{mt}.attn.{ours}.weight", (f"{att}.{theirs}.weight",)))
+        else:
+            out.append(Entry(f"{mt}.attn.qkv.weight", tuple(f"{att}.{p}_proj.weight" for p in "qkv"), (q, kv, kv)))
         if m["qkv_bias"]:
             out.append(Entry(f"{mt}.attn.qkv.bias", tuple(f"{att}.{p}_proj.bias" for p in "qkv"), (q, kv, kv)))
         if m["qk_norm"] != "none":
@@ -63,7 +69,7 @@ def entries(resolved: dict[str, Any]) -> list[Entry]:
             out.append(Entry(f"{mt}.attn.k_norm.weight", (f"{att}.k_norm.weight",)))
         out.append(Entry(f"{mt}.attn.out.weight", (f"{att}.o_proj.weight",)))
         out.append(Entry(f"{mt}.ffn_norm.weight", (f"{hf}.post_attention_layernorm.weight",)))
-        moe_layer = moe["num_experts"] > 0 and (i + 1) % moe["every"] == 0
+        moe_layer = moe["num_experts"] > 0 and i >= moe["first_k_dense"] and (i + 1) % moe["every"] == 0
         if not moe_layer:
             f = m["d_ffn"]
             out.append(Entry(f"{mt}.ffn.up.weight", (f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"), (f, f)))
@@ -73,16 +79,19 @@ def entries(resolved: dict[str, Any]) -> list[Entry]:
         gate, up, down = fam.expert_names
         f = moe["d_expert"]
         out.append(Entry(f"{mt}.ffn.gate.router.weight", (f"{blk}.gate.weight",)))
+        if moe["router"] == "sigmoid":  # the aux-loss-free correction bias (a buffer on both sides)
+            out.append(Entry(f"{mt}.ffn.gate.router.expert_bias", (f"{blk}.gate.e_score_correction_bias",)))
         for e in range(moe["num_experts"]):
             ex, mx = f"{blk}.experts.{e}", f"{mt}.ffn.experts.experts.{e}"
             out.append(Entry(f"{mx}.w_up_EFD", (f"{ex}.{gate}.weight", f"{ex}.{up}.weight"), (f, f)))
             out.append(Entry(f"{mx}.w_down_EDF", (f"{ex}.{down}.weight",)))
         if moe["shared_experts"]:
-            sh, fs = f"{blk}.shared_expert", moe["d_shared"]
+            sh, fs = f"{blk}.{fam.shared_name}", moe["d_shared"]
             out.append(Entry(f"{mt}.ffn.shared.up.weight", (f"{sh}.gate_proj.weight", f"{sh}.up_proj.weight"),
                              (fs, fs)))
             out.append(Entry(f"{mt}.ffn.shared.down.weight", (f"{sh}.down_proj.weight",)))
-            out.append(Entry(f"{mt}.ffn.shared_gate.weight", (f"{blk}.shared_expert_gate.weight",)))
+            if moe["shared_expert_gate"]:
+                out.append(Entry(f"{mt}.ffn.shared_gate.weight", (f"{blk}.shared_expert_gate.weight",)))
     out.append(Entry("norm.weight", ("model.norm.weight",)))
     if not m["tie_embeddings"]:
         out.append(Entry("head.weight", ("lm_head.weight",)))
@@ -167,7 +176,13 @@ class HFSource:
         used = {n for e in self._entries.values() for n in e.hf}
         fused = {re.sub(r"\.\d+\.\w+\.weight$", "", n) for n in used if _EXPERT.match(n)}
         used |= {f"{b}.gate_up_proj" for b in fused} | {f"{b}.down_proj" for b in fused}
-        extra = sorted(n for n in self._where if n not in used and not _IGNORED.search(n))
+        layers = self.resolved["model"]["layers"]
+
+        def beyond(n: str) -> bool:  # DeepSeek's multi-token-prediction layers follow the last block
+            hit = re.match(r"model\.layers\.(\d+)\.", n)
+            return bool(hit) and int(hit.group(1)) >= layers
+
+        extra = sorted(n for n in self._where if n not in used and not _IGNORED.search(n) and not beyond(n))
         if extra:
             more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
             raise HFWeightsError(f"{self.path}: tensors the configured model has no place for: "

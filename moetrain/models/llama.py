@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from moetrain.parallel.model import TransformerArgs
 
-__all__ = ["LlamaSpec", "MixtralSpec", "Qwen2MoeSpec", "Qwen3MoeSpec", "OlmoeSpec"]
+__all__ = ["LlamaSpec", "MixtralSpec", "Qwen2MoeSpec", "Qwen3MoeSpec", "OlmoeSpec", "DeepseekV3Spec"]
 
 
 class LlamaSpec(ModelSpec):
@@ -48,10 +48,17 @@ class LlamaSpec(ModelSpec):
     def _count(self) -> ModelFacts:
         m, moe = self.cfg.model, self.cfg.moe
         d, hd = m.d_model, m.head_dim
-        attn = d * m.heads * hd + 2 * d * m.kv_heads * hd + m.heads * hd * d  # q, k, v, out
-        attn += self._attn_extras()
+        if m.mla:  # q (through its latent or not), the kv latent with the shared RoPE key, kv up, out
+            qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+            q = (d * m.q_lora_rank + m.q_lora_rank * m.heads * qk) if m.q_lora_rank else d * m.heads * qk
+            attn_mm = q + d * (m.kv_lora_rank + m.qk_rope_head_dim) + \
+                m.kv_lora_rank * m.heads * (m.qk_nope_head_dim + m.v_head_dim) + m.heads * m.v_head_dim * d
+            attention_flops = 6.0 * m.seq_len * m.heads * (qk + m.v_head_dim)
+        else:
+            attn_mm = d * m.heads * hd + 2 * d * m.kv_heads * hd + m.heads * hd * d  # q, k, v, out
+            attention_flops = 12.0 * m.seq_len * m.heads * hd
+        attn = attn_mm + self._attn_extras()
         norms = 2 * d
-        attention_flops = 12.0 * m.seq_len * m.heads * hd
         layers = []
         for i in range(m.layers):
             if moe.is_moe_layer(i):
@@ -63,12 +70,12 @@ class LlamaSpec(ModelSpec):
                     kind="moe",
                     params=attn + norms + moe.num_experts * per_expert + router + shared,
                     active_params=attn + norms + round(min(k, moe.num_experts) * per_expert) + router + shared,
-                    matmul_params=attn + k * per_expert + router_mm + shared,
+                    matmul_params=attn_mm + k * per_expert + router_mm + shared,
                     attention_flops=attention_flops))
             else:
                 mlp = 3 * d * m.d_ffn
                 layers.append(LayerFacts(kind="dense", params=attn + norms + mlp, active_params=attn + norms + mlp,
-                                         matmul_params=attn + mlp, attention_flops=attention_flops))
+                                         matmul_params=attn_mm + mlp, attention_flops=attention_flops))
         emb = m.vocab_size * d
         return ModelFacts(layers=tuple(layers), embedding_params=emb, head_params=0 if m.tie_embeddings else emb,
                           final_norm_params=d, head_matmul_params=emb)
@@ -77,6 +84,8 @@ class LlamaSpec(ModelSpec):
         """Parameters of the q/k/v biases and q/k norms (not multiplied with: outside the FLOP count's weights,
         but counted here as parameters, which is all they are)."""
         m = self.cfg.model
+        if m.mla:  # the latents' norms
+            return m.kv_lora_rank + (m.q_lora_rank or 0)
         q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
         extra = (q + 2 * kv) if m.qkv_bias else 0
         return extra + {"none": 0, "head": 2 * m.head_dim, "full": q + kv}[m.qk_norm]
@@ -97,7 +106,7 @@ class LlamaSpec(ModelSpec):
         from moetrain.parallel.layers import padded_vocab_size
 
         m, moe, p = self.cfg.model, self.cfg.moe, self.cfg.parallel
-        d, hd, tp = m.d_model, m.head_dim, rank.tp
+        d, tp = m.d_model, rank.tp
         sp = rank.sp and tp > 1
         vocab = padded_vocab_size(m.vocab_size, tp) // tp * d
         tied = p.pp > 1 and m.tie_embeddings
@@ -115,17 +124,12 @@ class LlamaSpec(ModelSpec):
                 add("embed.weight", vocab, tied=tied)
             for i in ids:
                 add(f"layers.{i}.attn_norm.weight", d, tp_partial=sp, ndim=1)
-                add(f"layers.{i}.attn.qkv.weight", (m.heads + 2 * m.kv_heads) * hd // tp * d)
-                if m.qkv_bias:
-                    add(f"layers.{i}.attn.qkv.bias", (m.heads + 2 * m.kv_heads) * hd // tp, ndim=1)
-                if m.qk_norm == "head":
-                    add(f"layers.{i}.attn.q_norm.weight", hd, tp_partial=tp > 1, ndim=1)
-                    add(f"layers.{i}.attn.k_norm.weight", hd, tp_partial=tp > 1, ndim=1)
-                elif m.qk_norm == "full":
-                    add(f"layers.{i}.attn.q_norm.weight", m.heads * hd // tp, ndim=1)
-                    add(f"layers.{i}.attn.k_norm.weight", m.kv_heads * hd // tp, ndim=1)
-                add(f"layers.{i}.attn.out.weight", d * (m.heads * hd // tp))
+                if m.mla:
+                    self._mla_params(i, add, tp)
+                else:
+                    self._attn_params(i, add, tp)
                 add(f"layers.{i}.ffn_norm.weight", d, tp_partial=sp, ndim=1)
+
                 if not moe.is_moe_layer(i):
                     swiglu(f"layers.{i}.ffn", m.d_ffn)
                     continue
@@ -151,6 +155,37 @@ class LlamaSpec(ModelSpec):
                 if not m.tie_embeddings:
                     add("head.weight", vocab)
         return out
+
+    def _attn_params(self, i: int, add, tp: int) -> None:
+        m = self.cfg.model
+        d, hd = m.d_model, m.head_dim
+        add(f"layers.{i}.attn.qkv.weight", (m.heads + 2 * m.kv_heads) * hd // tp * d)
+        if m.qkv_bias:
+            add(f"layers.{i}.attn.qkv.bias", (m.heads + 2 * m.kv_heads) * hd // tp, ndim=1)
+        if m.qk_norm == "head":
+            add(f"layers.{i}.attn.q_norm.weight", hd, tp_partial=tp > 1, ndim=1)
+            add(f"layers.{i}.attn.k_norm.weight", hd, tp_partial=tp > 1, ndim=1)
+        elif m.qk_norm == "full":
+            add(f"layers.{i}.attn.q_norm.weight", m.heads * hd // tp, ndim=1)
+            add(f"layers.{i}.attn.k_norm.weight", m.kv_heads * hd // tp, ndim=1)
+        add(f"layers.{i}.attn.out.weight", d * (m.heads * hd // tp))
+
+    def _mla_params(self, i: int, add, tp: int) -> None:
+        """Multi-head latent attention (parallel/mla.py): replicated down projections and latent norms
+        (partial gradients over TP), column-parallel up projections, row-parallel output."""
+        m = self.cfg.model
+        d, h, qk = m.d_model, m.heads // tp, m.qk_nope_head_dim + m.qk_rope_head_dim
+        a = f"layers.{i}.attn"
+        if m.q_lora_rank:
+            add(f"{a}.q_down.weight", m.q_lora_rank * d, tp_partial=tp > 1)
+            add(f"{a}.q_norm.weight", m.q_lora_rank, tp_partial=tp > 1, ndim=1)
+            add(f"{a}.q_up.weight", h * qk * m.q_lora_rank)
+        else:
+            add(f"{a}.q.weight", h * qk * d)
+        add(f"{a}.kv_down.weight", (m.kv_lora_rank + m.qk_rope_head_dim) * d, tp_partial=tp > 1)
+        add(f"{a}.kv_norm.weight", m.kv_lora_rank, tp_partial=tp > 1, ndim=1)
+        add(f"{a}.kv_up.weight", h * (m.qk_nope_head_dim + m.v_head_dim) * m.kv_lora_rank)
+        add(f"{a}.out.weight", d * h * m.v_head_dim)
 
     def saved_activation_bytes(self, layers: range, *, pre: bool, post: bool, rank: RankShape) -> float:
         """Bytes of the tensors this implementation's autograd keeps for one micro-batch (counted from what
@@ -234,6 +269,8 @@ class LlamaSpec(ModelSpec):
         return TransformerArgs(
             layers=m.layers, d_model=m.d_model, heads=m.heads, kv_heads=m.kv_heads, d_ffn=m.d_ffn,
             head_dim=m.head_dim, qkv_bias=m.qkv_bias, qk_norm=m.qk_norm, clip_qkv=m.clip_qkv,
+            kv_lora_rank=m.kv_lora_rank, q_lora_rank=m.q_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
+            qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim, rope_interleave=m.rope_interleave,
             vocab_size=m.vocab_size, seq_len=m.seq_len, attention=m.attention, tie_embeddings=m.tie_embeddings,
             dropout=m.dropout, norm_eps=m.norm_eps, rope_theta=m.rope_theta, seed=cfg.train.seed,
             wtacrs=WTACRSConfig(keep_ratio=w.keep_ratio, k_min=w.min_rows, seed=cfg.train.seed) if w.enabled else None,
@@ -305,3 +342,11 @@ class Qwen3MoeSpec(_HFFamilySpec):
 
 class OlmoeSpec(_HFFamilySpec):
     name = "olmoe"
+
+
+class DeepseekV3Spec(_HFFamilySpec):
+    """DeepSeek-V3: multi-head latent attention (parallel/mla.py), dense first blocks, group-limited sigmoid
+    routing with the correction bias and routed_scaling_factor, shared experts (multi-token prediction is not
+    built: its layers in an HF checkpoint are skipped on import)."""
+
+    name = "deepseek_v3"

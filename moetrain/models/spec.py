@@ -197,7 +197,7 @@ class ModelSpec(ABC):
         keys = {f"model.{k}": v for k, v in r["model"].items() if k != "hf_config"}  # where from is no shape
         keys.update({f"moe.{k}": r["moe"][k] for k in ("num_experts", "every", "d_expert", "shared_experts",
                                                         "activation", "router", "xmoe_dim", "slots_per_expert",
-                                                        "d_shared", "shared_expert_gate")})
+                                                        "d_shared", "shared_expert_gate", "first_k_dense")})
         return keys
 
     def shape_differences(self, saved: dict[str, Any]) -> list[str]:
@@ -206,7 +206,10 @@ class ModelSpec(ABC):
         mine = self.shape_keys()
         m = self.cfg.model
         implied = {"model.head_dim": m.d_model // m.heads, "model.qkv_bias": False, "model.qk_norm": "none",
-                   "model.clip_qkv": None, "moe.shared_expert_gate": False,
+                   "model.clip_qkv": None, "moe.shared_expert_gate": False, "moe.first_k_dense": 0,
+                   **{f"model.{k}": None for k in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
+                                                     "qk_rope_head_dim", "v_head_dim")},
+                   "model.rope_interleave": False,
                    "moe.d_shared": self.cfg.moe.shared_experts * (self.cfg.moe.d_expert or 0) or None}
         return [f"{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in mine.items()
                 if saved.get(k, implied.get(k)) != v]

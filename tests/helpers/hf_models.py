@@ -17,7 +17,7 @@ import torch
 COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
 
-FAMILIES = ("llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+FAMILIES = ("llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 MOE_FAMILIES = FAMILIES[1:]
 
 
@@ -37,6 +37,13 @@ def hf_config(family: str):
     if family == "olmoe":
         return tf.OlmoeConfig(intermediate_size=16, num_experts=4, num_experts_per_tok=2, clip_qkv=2.5,
                               norm_topk_prob=False, pad_token_id=None, eos_token_id=2, **COMMON)
+    if family == "deepseek_v3":
+        common = {**COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4}
+        return tf.DeepseekV3Config(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                                   num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1,
+                                   first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                                   q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                   v_head_dim=6, rope_interleave=True, **common)
     raise ValueError(family)
 
 
@@ -58,6 +65,9 @@ def make_hf_model(family: str, out: Path, seed: int = 0) -> Path:
             else:
                 fan_in = p.shape[-1]
                 p.copy_(torch.randn(p.shape, generator=g) * (1.5 / math.sqrt(fan_in)))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's aux-loss-free bias: make it matter
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
     model.save_pretrained(out)
     return out
 
@@ -67,7 +77,7 @@ def float64_reference():
     """Within: float64 tensors are never cast down to float32 by ``.to``, ``.float()`` or ``softmax(dtype=)``."""
     import torch.nn.functional as F
 
-    to, flt, softmax = torch.Tensor.to, torch.Tensor.float, F.softmax
+    to, flt, typ, softmax = torch.Tensor.to, torch.Tensor.float, torch.Tensor.type, F.softmax
 
     def keep64(dtype):
         return dtype is torch.float32
@@ -82,16 +92,21 @@ def float64_reference():
     def float64(self, *args, **kwargs):
         return self if self.dtype is torch.float64 else flt(self, *args, **kwargs)
 
+    def type64(self, *args, **kwargs):
+        if self.dtype is torch.float64 and args and args[0] is torch.float32:
+            return self
+        return typ(self, *args, **kwargs)
+
     def softmax64(input, *args, **kwargs):
         if input.dtype is torch.float64 and kwargs.get("dtype") is torch.float32:
             kwargs["dtype"] = torch.float64
         return softmax(input, *args, **kwargs)
 
-    torch.Tensor.to, torch.Tensor.float, F.softmax = to64, float64, softmax64
+    torch.Tensor.to, torch.Tensor.float, torch.Tensor.type, F.softmax = to64, float64, type64, softmax64
     try:
         yield
     finally:
-        torch.Tensor.to, torch.Tensor.float, F.softmax = to, flt, softmax
+        torch.Tensor.to, torch.Tensor.float, torch.Tensor.type, F.softmax = to, flt, typ, softmax
 
 
 def load_float64(path: Path):
@@ -100,6 +115,15 @@ def load_float64(path: Path):
 
     model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation="sdpa",
                                                  experts_implementation="eager")
+    model.to(torch.float64)  # also what transformers keeps in float32 (DeepSeek's router) ...
+    from safetensors.torch import load_file
+
+    own = model.state_dict()
+    with torch.no_grad():  # ... which it rounded to float32 on the way in: take the file's values again
+        for f in Path(path).glob("*.safetensors"):
+            for name, t in load_file(str(f)).items():
+                if name in own and own[name].shape == t.shape:
+                    own[name].copy_(t.to(torch.float64))
     model.eval()
     for mod in model.modules():
         if hasattr(mod, "inv_freq"):
