@@ -174,8 +174,31 @@ def export_hf(path: str, out: str, dtype: str | None = None, max_shard_gb: float
         config["max_position_embeddings"] = resolved["model"]["seq_len"]
     dtypes = {t.dtype for t in tensors.values()}
     config["torch_dtype"] = str(dtypes.pop()).replace("torch.", "") if len(dtypes) == 1 else "float32"
+    tok_path = (resolved.get("data") or {}).get("tokenizer")
+    tok = None
+    if tok_path:
+        from moetrain.launch.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tok_path, vocab_size=resolved["model"]["vocab_size"])
+        if tok.eod_id is not None:
+            config.setdefault("eos_token_id", tok.eod_id)
     generation = {"_from_model_config": True,
-                  **{k: carried[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in carried}}
-    done = write_hf_dir(out, tensors, config, generation, max_shard_bytes=int(max_shard_gb * 2**30))
+                  **{k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}}
+    done = write_hf_dir(out, tensors, config, generation, max_shard_bytes=int(max_shard_gb * 2**30),
+                        extra_files=_tokenizer_files(tok) if tok is not None else None)
     done.update(step=r.manifest.get("step"), family=resolved["model"]["family"], source=str(r.path))
     return done
+
+
+def _tokenizer_files(tok) -> dict[str, bytes]:
+    """The tokenizer's files for an HF export; a bare tokenizer.json gets the tokenizer_config.json that
+    ``AutoTokenizer`` needs to load it (a fast tokenizer, with its end-of-document token as EOS)."""
+    import json
+
+    files = {f.name: f.read_bytes() for f in tok.files}
+    if "tokenizer_config.json" not in files and "tokenizer.json" in files:
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        if tok.eod_id is not None:
+            cfg["eos_token"] = tok._tok.id_to_token(tok.eod_id) if tok.kind == "tokenizers" else None
+        files["tokenizer_config.json"] = (json.dumps(cfg, indent=2) + "\n").encode()
+    return files

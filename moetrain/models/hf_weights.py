@@ -209,9 +209,11 @@ def to_hf(resolved: dict[str, Any], get: Callable[[str], torch.Tensor], have: se
 
 
 def write_hf_dir(out: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any],
-                 generation: dict[str, Any], max_shard_bytes: int = 5 * 2**30) -> dict[str, Any]:
+                 generation: dict[str, Any], max_shard_bytes: int = 5 * 2**30,
+                 extra_files: dict[str, bytes] | None = None) -> dict[str, Any]:
     """A directory ``from_pretrained`` loads: config.json, generation_config.json, safetensors shards of at
-    most ``max_shard_bytes`` and model.safetensors.index.json. Written beside and renamed into place."""
+    most ``max_shard_bytes``, model.safetensors.index.json and ``extra_files`` (name -> bytes). Written beside
+    and renamed into place."""
     from safetensors.torch import save_file
 
     dest = Path(out)
@@ -240,6 +242,8 @@ def write_hf_dir(out: str | os.PathLike, tensors: dict[str, torch.Tensor], confi
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+        for name, data in (extra_files or {}).items():  # e.g. the tokenizer's files
+            (tmp / name).write_bytes(data)
         if dest.exists():
             dest.rmdir()
         tmp.rename(dest)
