@@ -10,7 +10,7 @@ OUT=${OUT:-runs/byo}   # the config's paths, moved with OUT
 PATHS=("data.path=$OUT/corpus" "data.tokenizer=$OUT/tokenizer" "checkpoint.dir=$OUT/ckpt" "logging.run_dir=$OUT/run")
 rm -rf "$OUT"
 "$BIN/python" examples/make_corpus.py "$OUT"
-"$BIN/moetrain" data prepare "$OUT/corpus.jsonl" --tokenizer "$OUT/tokenizer" --out "$OUT/corpus" --workers 2
+"$BIN/moetrain" data prepare "$OUT/corpus.jsonl" --tokenizer "$OUT/tokenizer" --out "$OUT/corpus"
 "$BIN/moetrain" train "$CFG" "${PATHS[@]}" --summary "$OUT/summary.json"
 "$BIN/moetrain" eval "$CFG" "${PATHS[@]}" "logging.run_dir=$OUT/eval"
 "$BIN/moetrain" checkpoint export-hf "$OUT/ckpt" --out "$OUT/hf"
