@@ -44,3 +44,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shipped_overrides(tmp_path_factory):
+    """Per shipped config, overrides pointing the inputs it names at local stand-ins (tests/helpers/shipped.py)."""
+    from tests.helpers.shipped import shipped_inputs
+
+    return shipped_inputs(tmp_path_factory.mktemp("shipped"))

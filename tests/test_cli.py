@@ -18,11 +18,12 @@ CONFIGS = sorted((ROOT / "cluster_configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_validate_and_topology_on_shipped_configs(path, capsys):
-    assert main(["validate", str(path)]) == 0
+def test_validate_and_topology_on_shipped_configs(path, capsys, shipped_overrides):
+    extra = shipped_overrides.get(path.name, [])
+    assert main(["validate", str(path), *extra]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"ok: {path}") and "layout" in out
-    assert main(["topology", str(path), "--json"]) == 0
+    assert main(["topology", str(path), "--json", *extra]) == 0
     grid = json.loads(capsys.readouterr().out)
     assert set(grid["groups"]) >= {"tp", "pp", "dp", "ep", "edp"}
     flat = sorted(r for node in grid["nodes"] for r in node)

@@ -31,8 +31,8 @@ def test_defaults_make_a_valid_small_job():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_validate(path):
-    cfg = load_config(path)
+def test_shipped_configs_validate(path, shipped_overrides):
+    cfg = load_config(path, shipped_overrides.get(path.name, []))
     assert cfg.world_size == cfg.parallel.tp * cfg.parallel.pp * cfg.dp
 
 

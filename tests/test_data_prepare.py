@@ -215,3 +215,23 @@ def test_train_with_validation_then_eval_the_checkpoint(tokenizer, corpus, tmp_p
     assert nosplit.returncode == 2 and "needs held-out data" in nosplit.stderr
     wrong_vocab = _cli("validate", str(job), *[c for c in common if "vocab_size" not in c], "model.vocab_size=256")
     assert wrong_vocab.returncode == 2 and "model.vocab_size=256" in wrong_vocab.stderr, wrong_vocab.stderr
+
+
+def test_indexed_data_resumes_where_it_stopped(tmp_path):
+    """Stopped after 2 steps and resumed, an indexed-data run takes the same samples as one that never stopped
+    (sample k is a pure function of the data, the seed and k)."""
+    a, b = _indexed(tmp_path, "a", 60, 0), _indexed(tmp_path, "b", 60, 50)
+    (tmp_path / "job.yaml").write_text("{}\n")
+    common = ["model.layers=1", "model.d_model=32", "model.heads=2", "model.vocab_size=128", "model.seq_len=16",
+              "data.source=indexed", f"data.blend=[[2, {a}], [1, {b}]]", "train.steps=4", "train.warmup_steps=0",
+              "train.dtype=float64", "checkpoint.every=2", "train.lr_schedule=constant"]
+
+    def run(*extra: str) -> list[float]:
+        done = _cli("train", str(tmp_path / "job.yaml"), *common, *extra, "--summary", str(tmp_path / "s.json"))
+        assert done.returncode == 0, done.stderr
+        return json.loads((tmp_path / "s.json").read_text())["losses"]
+
+    straight = run(f"checkpoint.dir={tmp_path / 'one'}", f"logging.run_dir={tmp_path / 'r1'}")
+    run(f"checkpoint.dir={tmp_path / 'two'}", f"logging.run_dir={tmp_path / 'r2'}", "train.steps=2")
+    resumed = run(f"checkpoint.dir={tmp_path / 'two'}", f"logging.run_dir={tmp_path / 'r3'}")
+    assert len(straight) == 4 and resumed == straight
