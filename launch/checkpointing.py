@@ -121,8 +121,14 @@ class RunCheckpoints:
             from moetrain.models.hf_weights import HFSource
 
             hf = sections_from_hf(read_hf_config(path), where=f"checkpoint.init_from {path}")
+
+            def same(mine, theirs) -> bool:  # a nested section (rope_scaling) holds defaults beside HF's keys
+                if isinstance(theirs, dict) and isinstance(mine, dict):
+                    return all(same(mine.get(k), v) for k, v in theirs.items())
+                return mine == theirs
+
             diffs = [f"{sec}.{k}: {v!r} there, {resolved[sec][k]!r} in this config"
-                     for sec, values in hf.items() for k, v in values.items() if resolved[sec].get(k) != v]
+                     for sec, values in hf.items() for k, v in values.items() if not same(resolved[sec].get(k), v)]
             if diffs:
                 raise CheckpointError(f"checkpoint.init_from {path} holds a different model ({'; '.join(diffs)}); "
                                       f"set model.hf_config={path} to take its architecture")

@@ -143,6 +143,34 @@ class ParallelConfig(_Section):
                                                          f"{self.pp}*{self.vpp} = {self.pp * self.vpp} pipeline chunks")
 
 
+class RopeScalingConfig(_Section):
+    """Longer contexts for RoPE (parallel/rope.py): Llama 3.1's frequency bands or YaRN."""
+
+    type: Literal["llama3", "yarn"]
+    factor: float = Field(gt=0)
+    original_max_position_embeddings: int = Field(ge=1)
+    low_freq_factor: float = Field(1.0, gt=0)
+    """llama3"""
+    high_freq_factor: float = Field(4.0, gt=0)
+    """llama3"""
+    beta_fast: float = Field(32.0, gt=0)
+    """yarn"""
+    beta_slow: float = Field(1.0, gt=0)
+    """yarn"""
+    mscale: Optional[float] = None
+    """yarn: with mscale_all_dim, the attention factor is mscale(factor, mscale) / mscale(factor, mscale_all_dim)."""
+    mscale_all_dim: Optional[float] = None
+    attention_factor: Optional[float] = None
+    """yarn: cos / sin multiplier (default from factor and the mscales)."""
+    truncate: bool = True
+    """yarn: round the correction range to whole dims."""
+
+    def check_rules(self, path: str) -> None:
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(f"{path}.high_freq_factor", f"{self.high_freq_factor} must exceed low_freq_factor="
+                                                          f"{self.low_freq_factor}")
+
+
 class ModelConfig(_Section):
     family: str = "llama"
     """Model family (a registered model spec): ``llama`` is the Llama-style decoder, dense or with MoE blocks
@@ -161,6 +189,8 @@ class ModelConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     norm_eps: float = Field(1e-5, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
+    rope_scaling: Optional[RopeScalingConfig] = None
+    """Llama 3.1 / YaRN frequency scaling for long contexts (None: plain RoPE)."""
     head_dim: Optional[int] = Field(None, ge=2)
     """Width of one attention head; defaults to d_model / heads (Qwen3-MoE sets it independently)."""
     qkv_bias: bool = False
@@ -209,6 +239,8 @@ class ModelConfig(_Section):
             raise ConfigError(f"{path}.d_model", f"{self.d_model} is not divisible by model.heads={self.heads}")
         if self.head_dim % 2:
             raise ConfigError(f"{path}.head_dim", f"head dim {self.head_dim} must be even for rotary embedding")
+        if self.rope_scaling is not None:
+            self.rope_scaling.check_rules(f"{path}.rope_scaling")
         mla = ("q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
         if self.kv_lora_rank is None:
             given = [k for k in mla if getattr(self, k) is not None]

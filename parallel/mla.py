@@ -94,15 +94,19 @@ class LatentAttention(nn.Module):
                                           dtype=dtype, gather_input=False)
         self.out = RowParallelLinear(H * self.vd, d, tp_group=tp_group, sp=sp, seed=seed, name=f"{name}.out",
                                      std=std / math.sqrt(2 * args.layers), dtype=dtype, wgrad=wgrad("attn_out"))
-        cos, sin = _rope_tables(args.seq_len, self.rope, args.rope_theta)
+        cos, sin = _rope_tables(args.seq_len, self.rope, args.rope_theta, args.rope_scaling)
         self.register_buffer("cos", cos.to(dtype), persistent=False)
         self.register_buffer("sin", sin.to(dtype), persistent=False)
+        self.rope_scaling = args.rope_scaling
+        from moetrain.parallel.rope import softmax_scale
+
+        self.scale = softmax_scale(qk, args.rope_scaling)  # YaRN's mscale, squared, also on the no-RoPE dims
 
     def _tables(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         if end > self.cos.shape[0]:  # generation past the training length
             from moetrain.parallel.model import _rope_tables
 
-            cos, sin = _rope_tables(max(end, 2 * self.cos.shape[0]), self.rope, self.rope_theta)
+            cos, sin = _rope_tables(max(end, 2 * self.cos.shape[0]), self.rope, self.rope_theta, self.rope_scaling)
             self.cos, self.sin = cos.to(self.cos), sin.to(self.sin)
         return self.cos, self.sin
 
@@ -138,9 +142,9 @@ class LatentAttention(nn.Module):
             cache.k[self.layer], cache.v[self.layer] = k, v
             seen = torch.arange(pos + s, device=q.device)
             allowed = seen.unsqueeze(0) <= (pos + torch.arange(s, device=q.device)).unsqueeze(1)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)
         if self.kind == "eager":
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            scores = (q @ k.transpose(-1, -2)) * self.scale
             causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
             return scores.masked_fill(causal, float("-inf")).softmax(dim=-1) @ v
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)

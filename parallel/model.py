@@ -82,6 +82,8 @@ class TransformerArgs:
     qk_rope_head_dim: int | None = None
     v_head_dim: int | None = None
     rope_interleave: bool = False
+    rope_scaling: dict | None = None
+    """``model.rope_scaling`` as a dict (parallel/rope.py), None for plain RoPE."""
 
     def __post_init__(self):
         if not self.head_dim:
@@ -134,11 +136,17 @@ class ShardedRMSNorm(nn.Module):
         return full.chunk(tp)[rank]
 
 
-def _rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+def _rope_tables(seq_len: int, head_dim: int, theta: float,
+                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos / sin ``[seq_len, head_dim]`` in float64 (rotate-half layout), with ``model.rope_scaling`` applied
+    (:func:`moetrain.parallel.rope.scaled_inv_freq`: Llama 3's frequency bands or YaRN, whose attention factor
+    scales both tables)."""
+    from moetrain.parallel.rope import scaled_inv_freq
+
+    inv, factor = scaled_inv_freq(head_dim, theta, scaling)
     ang = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv)  # [s, hd/2]
     ang = torch.cat([ang, ang], dim=-1)  # [s, hd] (rotate-half convention)
-    return ang.cos(), ang.sin()
+    return ang.cos() * factor, ang.sin() * factor
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -182,10 +190,10 @@ class Attention(nn.Module):
         self.out = RowParallelLinear(args.heads * hd, d, tp_group=tp_group, sp=sp, seed=args.seed,
                                      name=f"layers.{layer}.attn.out", std=std / math.sqrt(2 * args.layers),
                                      dtype=dtype, wgrad=sampler("attn_out"))
-        cos, sin = _rope_tables(args.seq_len, hd, args.rope_theta)
+        cos, sin = _rope_tables(args.seq_len, hd, args.rope_theta, args.rope_scaling)
         self.register_buffer("cos", cos.to(dtype), persistent=False)
         self.register_buffer("sin", sin.to(dtype), persistent=False)
-        self.rope_theta, self.layer = args.rope_theta, layer
+        self.rope_theta, self.rope_scaling, self.layer = args.rope_theta, args.rope_scaling, layer
 
     def forward(self, x_SBD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         qkv = self.qkv(x_SBD)  # [s, b, (H + 2 KV) hd / tp]
@@ -214,7 +222,7 @@ class Attention(nn.Module):
         rotated keys and values to ``cache`` (generation)."""
         s, pos = q.shape[2], cache.pos
         if pos + s > self.cos.shape[0]:  # past the training length: longer RoPE tables, made once
-            cos, sin = _rope_tables(max(pos + s, 2 * self.cos.shape[0]), self.hd, self.rope_theta)
+            cos, sin = _rope_tables(max(pos + s, 2 * self.cos.shape[0]), self.hd, self.rope_theta, self.rope_scaling)
             self.cos, self.sin = cos.to(self.cos), sin.to(self.sin)
         cos, sin = self.cos[pos:pos + s], self.sin[pos:pos + s]
         q = q * cos + _rotate_half(q) * sin

@@ -232,7 +232,7 @@ def test_hf_config_fills_model_and_moe_and_refuses_contradictions(hf_dirs):
 def test_unsupported_hf_features_are_named(tmp_path, hf_dirs):
     from moetrain.config import ConfigError, load_config
 
-    for key, value, words in (("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_type 'yarn'"),
+    for key, value, words in (("rope_scaling", {"rope_type": "dynamic", "factor": 4.0}, "rope_type 'dynamic'"),
                               ("hidden_act", "gelu", "hidden_act='gelu'"),
                               ("mlp_only_layers", [1], "mlp_only_layers=[1]")):
         d = tmp_path / key
@@ -321,3 +321,33 @@ def test_mixtral_finetune_example_validates_and_fits(tmp_path):
     plan = _cli("plan", example, f"model.hf_config={tmp_path}", "--json")
     assert plan.returncode == 0, plan.stderr
     assert json.loads(plan.stdout)["fits"] is True
+
+
+ROPE_CASES = {
+    "llama-llama3": ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8}),
+    "qwen3_moe-yarn": ("qwen3_moe", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}),
+    "deepseek_v3-yarn-mscale": ("deepseek_v3", {"rope_type": "yarn", "factor": 40.0, "mscale": 1.0,
+                                                "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1,
+                                                "original_max_position_embeddings": 4}),
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_rope_scaling_equals_transformers_and_survives_export(ranks, tmp_path, case):
+    """Llama 3.1 frequency bands and YaRN (with DeepSeek's mscale on the softmax) as transformers computes them:
+    logits at serial and tp2; import -> export keeps the scaling (transformers reads it back identically)."""
+    from moetrain.launch.ckpt_tools import export_hf, import_hf
+
+    family, rope = ROPE_CASES[case]
+    d = make_hf_model(family, tmp_path / "hf", seed=4, rope=rope)
+    ids = sample_ids(2, SEQ, 96, seed=9)
+    ref = hf_logits(d, ids)
+    plain = make_hf_model(family, tmp_path / "plain", seed=4)
+    assert _rel(hf_logits(plain, ids), ref) > 1e-4  # the scaling changes the function
+    for world, par in ((1, {}), (2, {"tp": 2})):
+        got = ranks(*POOL[world]).run(_logits, _overrides(d, _layout(world, **par), str(tmp_path / "run")), ids)[0]
+        assert _rel(got, ref) < 1e-9, f"{case} at {par}"
+    import_hf(str(d), str(tmp_path / "ck"))
+    export_hf(str(tmp_path / "ck"), str(tmp_path / "back"))
+    assert _rel(hf_logits(tmp_path / "back", ids), ref) < 1e-12

@@ -80,14 +80,40 @@ def read_hf_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
+_SCALING_KEYS = {"llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+                 "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                          "mscale_all_dim", "attention_factor", "truncate")}
+
+
 def _rope_theta(hf: dict[str, Any], where: str) -> float:
     rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise UserError(f"{where}: rope_type {kind!r} is not supported (moetrain implements plain RoPE)")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return float(theta)
+    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _rope_scaling(hf: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """``model.rope_scaling`` from transformers 5's ``rope_parameters`` or 4's ``rope_scaling``."""
+    rope = dict(hf.get("rope_scaling") or {})
+    rope.update({k: v for k, v in (hf.get("rope_parameters") or {}).items() if k != "rope_theta"})
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind == "default":
+        return None
+    if kind not in _SCALING_KEYS:
+        raise UserError(f"{where}: rope_type {kind!r} is not supported (plain RoPE, llama3 or yarn)")
+    out: dict[str, Any] = {"type": kind}
+    for key in _SCALING_KEYS[kind]:
+        if rope.get(key) is not None:
+            out[key] = rope[key]
+    if "original_max_position_embeddings" not in out:
+        out["original_max_position_embeddings"] = hf.get("max_position_embeddings")
+    if out.get("factor") is None and kind == "yarn":  # DeepSeek's convention
+        out["factor"] = hf["max_position_embeddings"] / out["original_max_position_embeddings"]
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "mscale",
+                "mscale_all_dim", "attention_factor"):
+        if key in out:
+            out[key] = float(out[key])
+    if out.get("original_max_position_embeddings") is not None:
+        out["original_max_position_embeddings"] = int(out["original_max_position_embeddings"])
+    return out
 
 
 def sections_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict[str, dict[str, Any]]:
@@ -134,6 +160,7 @@ def sections_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict[str
         "vocab_size": int(need("vocab_size")),
         "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "rope_theta": _rope_theta(hf, where),
+        "rope_scaling": _rope_scaling(hf, where),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "qkv_bias": bool(hf.get("qkv_bias", True)) if fam.qkv_bias else False,
         "qk_norm": fam.qk_norm,
@@ -173,6 +200,7 @@ def _deepseek_sections(hf: dict[str, Any], where: str, need) -> dict[str, dict[s
         "heads": heads, "kv_heads": heads, "d_ffn": int(need("intermediate_size")),
         "vocab_size": int(need("vocab_size")),
         "norm_eps": float(hf.get("rms_norm_eps", 1e-6)), "rope_theta": _rope_theta(hf, where),
+        "rope_scaling": _rope_scaling(hf, where),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "qkv_bias": False, "qk_norm": "none",
         "clip_qkv": None, "kv_lora_rank": int(need("kv_lora_rank")),
         "q_lora_rank": int(hf["q_lora_rank"]) if hf.get("q_lora_rank") else None,
@@ -279,7 +307,8 @@ def hf_from_config(resolved: dict[str, Any]) -> dict[str, Any]:
         "vocab_size": m["vocab_size"], "hidden_size": m["d_model"], "num_hidden_layers": m["layers"],
         "num_attention_heads": m["heads"], "num_key_value_heads": m["kv_heads"], "head_dim": m["head_dim"],
         "intermediate_size": m["d_ffn"], "hidden_act": "silu", "rms_norm_eps": m["norm_eps"],
-        "rope_theta": m["rope_theta"], "rope_parameters": {"rope_theta": m["rope_theta"], "rope_type": "default"},
+        "rope_theta": m["rope_theta"], "rope_parameters": _rope_parameters(m),
+        **({"rope_scaling": _rope_parameters(m)} if m.get("rope_scaling") else {}),  # transformers 4 reads this
         "tie_word_embeddings": m["tie_embeddings"], "max_position_embeddings": max(m["seq_len"], 4096),
         "attention_dropout": 0.0, "use_cache": True,
     }
@@ -313,7 +342,8 @@ def _deepseek_hf(m: dict[str, Any], moe: dict[str, Any]) -> dict[str, Any]:
         "hidden_size": m["d_model"], "num_hidden_layers": m["layers"], "num_attention_heads": m["heads"],
         "num_key_value_heads": m["heads"], "intermediate_size": m["d_ffn"], "hidden_act": "silu",
         "rms_norm_eps": m["norm_eps"], "rope_theta": m["rope_theta"],
-        "rope_parameters": {"rope_theta": m["rope_theta"], "rope_type": "default"},
+        "rope_parameters": _rope_parameters(m),
+        **({"rope_scaling": _rope_parameters(m)} if m.get("rope_scaling") else {}),
         "tie_word_embeddings": m["tie_embeddings"], "max_position_embeddings": max(m["seq_len"], 4096),
         "attention_bias": False, "attention_dropout": 0.0, "use_cache": True, "kv_lora_rank": m["kv_lora_rank"],
         "q_lora_rank": m["q_lora_rank"], "qk_nope_head_dim": m["qk_nope_head_dim"],
@@ -325,3 +355,11 @@ def _deepseek_hf(m: dict[str, Any], moe: dict[str, Any]) -> dict[str, Any]:
         "n_group": moe["n_groups"], "topk_group": moe["topk_groups"] or moe["n_groups"],
         "norm_topk_prob": moe["norm_topk_prob"], "scoring_func": "sigmoid", "topk_method": "noaux_tc",
     }
+
+
+def _rope_parameters(m: dict[str, Any]) -> dict[str, Any]:
+    scaling = m.get("rope_scaling")
+    if not scaling:
+        return {"rope_theta": m["rope_theta"], "rope_type": "default"}
+    keys = {k: v for k, v in scaling.items() if k != "type" and v is not None}
+    return {"rope_theta": m["rope_theta"], "rope_type": scaling["type"], **keys}

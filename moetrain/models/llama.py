@@ -271,6 +271,7 @@ class LlamaSpec(ModelSpec):
             head_dim=m.head_dim, qkv_bias=m.qkv_bias, qk_norm=m.qk_norm, clip_qkv=m.clip_qkv,
             kv_lora_rank=m.kv_lora_rank, q_lora_rank=m.q_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
             qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim, rope_interleave=m.rope_interleave,
+            rope_scaling=m.rope_scaling.model_dump() if m.rope_scaling is not None else None,
             vocab_size=m.vocab_size, seq_len=m.seq_len, attention=m.attention, tie_embeddings=m.tie_embeddings,
             dropout=m.dropout, norm_eps=m.norm_eps, rope_theta=m.rope_theta, seed=cfg.train.seed,
             wtacrs=WTACRSConfig(keep_ratio=w.keep_ratio, k_min=w.min_rows, seed=cfg.train.seed) if w.enabled else None,

@@ -21,7 +21,15 @@ FAMILIES = ("llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"
 MOE_FAMILIES = FAMILIES[1:]
 
 
-def hf_config(family: str):
+def hf_config(family: str, rope: dict | None = None):
+    """A tiny config of ``family``; ``rope``: rope_parameters beyond the theta (e.g. llama3 / yarn scaling)."""
+    cfg = _hf_config(family)
+    if rope:
+        cfg.rope_parameters = {"rope_theta": cfg.rope_parameters["rope_theta"], **rope}
+    return cfg
+
+
+def _hf_config(family: str):
     import transformers as tf
 
     if family == "llama":
@@ -47,13 +55,13 @@ def hf_config(family: str):
     raise ValueError(family)
 
 
-def make_hf_model(family: str, out: Path, seed: int = 0) -> Path:
+def make_hf_model(family: str, out: Path, seed: int = 0, rope: dict | None = None) -> Path:
     """A tiny random ``family`` model saved (float32 safetensors) in ``out``; weights scaled so routing and
     attention are far from uniform."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    cfg = hf_config(family)
+    cfg = hf_config(family, rope)
     model = tf.AutoModelForCausalLM.from_config(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -125,15 +133,44 @@ def load_float64(path: Path):
                 if name in own and own[name].shape == t.shape:
                     own[name].copy_(t.to(torch.float64))
     model.eval()
+    kind = model.config.rope_parameters.get("rope_type", "default")
     for mod in model.modules():
         if hasattr(mod, "inv_freq"):
             dim = mod.inv_freq.numel() * 2
             theta = model.config.rope_parameters["rope_theta"]
-            inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-            mod.inv_freq = inv
+            if kind == "default":
+                inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+            else:  # transformers' own scaling code, run in float64 throughout
+                from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+                with _all_float64():
+                    inv, mod.attention_scaling = ROPE_INIT_FUNCTIONS[kind](model.config, None)
+            mod.inv_freq = inv.to(torch.float64)
             if hasattr(mod, "original_inv_freq"):
-                mod.original_inv_freq = inv
+                mod.original_inv_freq = mod.inv_freq
     return model
+
+
+@contextlib.contextmanager
+def _all_float64():
+    """Within: float32 asked of ``.to``, ``.float()`` or ``torch.arange`` is float64 instead."""
+    to, flt, arange = torch.Tensor.to, torch.Tensor.float, torch.arange
+
+    def to64(self, *args, **kwargs):
+        if kwargs.get("dtype") is torch.float32:
+            kwargs["dtype"] = torch.float64
+        return to(self, *(torch.float64 if a is torch.float32 else a for a in args), **kwargs)
+
+    def arange64(*args, **kwargs):
+        if kwargs.get("dtype") is torch.float32:
+            kwargs["dtype"] = torch.float64
+        return arange(*args, **kwargs)
+
+    torch.Tensor.to, torch.Tensor.float, torch.arange = to64, lambda self: to(self, torch.float64), arange64
+    try:
+        yield
+    finally:
+        torch.Tensor.to, torch.Tensor.float, torch.arange = to, flt, arange
 
 
 def hf_logits(path: Path, ids_BS: torch.Tensor) -> torch.Tensor:
