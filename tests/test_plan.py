@@ -187,3 +187,20 @@ def test_dispatch_algorithms_and_chunking_change_the_predicted_moe_time():
     assert times["hier1d", "1"] > times["hier2d", "1"] > times["flat", "1"]
     for algo in ("flat", "hier2d", "hier1d"):
         assert times[algo, "auto"] < times[algo, "1"]
+
+
+def test_expert_tensor_parallelism_keeps_the_expert_work():
+    """With expert TP a rank runs the rows of all its etp peers on 1/etp of the hidden width: the same GEMM work
+    as etp=1 plus the exchange with the peers (an earlier model divided the work by etp, predicting 91% MFU)."""
+    from moetrain.plan.timing import moe_layer_time
+
+    hw = load_hardware("h100_sxm")
+    work = {}
+    for etp in (1, 2, 4):
+        cfg = load_config(None, ["cluster.launcher=env", "cluster.device=cuda", "train.dtype=bfloat16",
+                                 "model.d_model=4096", "model.heads=32", "moe.num_experts=8", "moe.topk=2",
+                                 "moe.d_expert=14336", "parallel.ep=2", f"parallel.etp={etp}", "cluster.nodes=1",
+                                 "cluster.ranks_per_node=8"])
+        work[etp] = moe_layer_time(cfg, hw, 4096, "bfloat16")["experts_fwd"]
+    assert work[2] >= 0.95 * work[1] and work[4] >= 0.95 * work[1]
+    assert work[4] > work[2]  # more peers to exchange rows with

@@ -151,11 +151,15 @@ def _moe_layer_time(cfg: JobConfig, hw: Hardware, tokens: float, dtype: str, row
     # routing, packing and combining: the routed rows read and written a few times (HBM bound)
     shuffle = 4 * rows * d * e / (hw.hbm_gbps * 1e9)
     route = rows * d * hw.moe_route_ns_per_element * 1e-9  # calibrated: forward + backward
-    up = gemm_time(hw, dtype, per_expert * local, parts * f, d, calls=local)
-    down = gemm_time(hw, dtype, per_expert * local, d, f, calls=local)
-    act = 3 * rows * f * e / (hw.hbm_gbps * 1e9)
-    experts_fwd = up + down + act
-    experts_bwd = 2 * (up + down) + 2 * act
+    # expert TP: a rank runs the rows of all its etp peers (gathered over the etp group) on its 1/etp of the
+    # hidden width, so its GEMMs have etp x the rows; the rows go out to the peers and partial outputs come back
+    etp_rows = per_expert * local * p.etp
+    up = gemm_time(hw, dtype, etp_rows, parts * f, d, calls=local)
+    down = gemm_time(hw, dtype, etp_rows, d, f, calls=local)
+    act = 3 * etp_rows * f * e / (hw.hbm_gbps * 1e9)
+    etp_exchange = hw.intra.time(rows * d * e * (p.etp - 1)) if p.etp > 1 else 0.0
+    experts_fwd = up + down + act + 2 * etp_exchange
+    experts_bwd = 2 * (up + down) + 2 * act + 2 * etp_exchange
     a2a_bytes = rows * d * e
     a2a, steps = _a2a(hw, cfg, a2a_bytes)
     degrees = (moe.pipeline_degree, moe.bwd_pipeline_degree)
