@@ -180,6 +180,10 @@ def _cmd_generate(args) -> int:
         from moetrain.launch.tokenizer import load_tokenizer
 
         tok = load_tokenizer(cfg.data.tokenizer, vocab_size=cfg.model.vocab_size)
+    elif cfg.data.source == "text":  # a byte-level model: its ids are the prompt's bytes
+        from moetrain.launch.tokenizer import ByteTokenizer
+
+        tok = ByteTokenizer()
     if args.prompt is not None:
         if tok is None:
             raise GenerateError("--prompt needs data.tokenizer (or give token ids with --ids)")

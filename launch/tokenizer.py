@@ -14,7 +14,7 @@ from pathlib import Path
 
 from moetrain.errors import UserError
 
-__all__ = ["Tokenizer", "load_tokenizer", "TokenizerError", "TOKENIZER_FILES"]
+__all__ = ["Tokenizer", "ByteTokenizer", "load_tokenizer", "TokenizerError", "TOKENIZER_FILES"]
 
 _EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -127,3 +127,16 @@ def load_tokenizer(path: str, *, eod_token: str | None = None, vocab_size: int |
     if vocab_size is not None and tok.vocab_size > vocab_size:
         raise TokenizerError(f"tokenizer {path} has {tok.vocab_size} tokens but model.vocab_size={vocab_size}")
     return tok
+
+
+class ByteTokenizer:
+    """The byte-level "tokenizer" of ``data.source: text`` (ids are UTF-8 bytes): what ``moetrain generate
+    --prompt`` uses for such a model when no ``data.tokenizer`` is set."""
+
+    kind, vocab_size, eod_id, files = "bytes", 256, None, []
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")

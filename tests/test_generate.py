@@ -85,3 +85,23 @@ def test_sampling_is_seeded_and_cli_speaks_text(tmp_path):
     no_weights = cli("generate", str(tmp_path / "job.yaml"), f"model.hf_config={d}", "--ids", "1,2",
                      "--max-new-tokens", "3")
     assert no_weights.returncode == 2 and "needs weights" in no_weights.stderr, no_weights.stderr
+
+
+def test_byte_level_model_takes_a_text_prompt(tmp_path):
+    """data.source=text models read bytes: --prompt works without a tokenizer (the quick start's model)."""
+    (tmp_path / "job.yaml").write_text("{}\n")
+    common = ["data.source=text", "model.vocab_size=256", "model.layers=1", "model.d_model=32", "model.heads=2",
+              f"checkpoint.dir={tmp_path / 'ck'}", f"logging.run_dir={tmp_path / 'run'}"]
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "moetrain", *args], capture_output=True, text=True, cwd=ROOT,
+                              timeout=300)
+
+    trained = cli("train", str(tmp_path / "job.yaml"), *common, "train.steps=1", "train.warmup_steps=0",
+                  "checkpoint.every=1")
+    assert trained.returncode == 0, trained.stderr
+    out = cli("generate", str(tmp_path / "job.yaml"), *common, "--prompt", "def", "--max-new-tokens", "4", "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["prompt_ids"] == [100, 101, 102] and len(got["new_ids"]) == 4
+    assert got["text"] == bytes(got["new_ids"]).decode("utf-8", errors="replace")
