@@ -145,3 +145,18 @@ class RunCheckpoints:
         n = load_weights(self.chunks, self.optimizer, get, f"checkpoint.init_from {path}")
         self.say(f"[moetrain] initialised {n} weight tensors from {path} (fresh optimizer, step 0)")
         return path
+
+    def load_weights_only(self) -> str | None:
+        """The weights alone (no optimizer state, no step) of the newest usable checkpoint in checkpoint.dir
+        (``checkpoint.resume``), else of ``checkpoint.init_from``; the source, or None without either."""
+        if self.checkpointer is not None and self.cfg.checkpoint.resume != "never":
+            found = self.checkpointer.find(self.cfg.checkpoint.resume)
+            if found is not None:
+                path, manifest = found
+                diffs = self.spec.shape_differences(manifest.get("shape", {}))
+                if diffs:
+                    raise CheckpointError(f"checkpoint {path} was saved for a different model ({'; '.join(diffs)})")
+                reader = CheckpointReader(path, manifest)
+                load_weights(self.chunks, self.optimizer, lambda k: reader.tensor(f"model/{k}"), str(path))
+                return str(path)
+        return self.init_weights()

@@ -199,6 +199,6 @@ def _tokenizer_files(tok) -> dict[str, bytes]:
     if "tokenizer_config.json" not in files and "tokenizer.json" in files:
         cfg = {"tokenizer_class": "PreTrainedTokenizerFast"}
         if tok.eod_id is not None:
-            cfg["eos_token"] = tok._tok.id_to_token(tok.eod_id) if tok.kind == "tokenizers" else None
+            cfg["eos_token"] = tok.id_to_token(tok.eod_id)
         files["tokenizer_config.json"] = (json.dumps(cfg, indent=2) + "\n").encode()
     return files

@@ -51,11 +51,9 @@ def _rank_generate(cfg_data: dict, prompt: list[int], max_new: int, temperature:
     import torch.distributed as dist
 
     from moetrain.config import config_from_dict
-    from moetrain.dist.checkpoint import Checkpointer
     from moetrain.dist.env import rank_device
     from moetrain.launch.checkpointing import RunCheckpoints
     from moetrain.launch.rank import setup_groups
-    from moetrain.launch.resharding import load_weights
     from moetrain.models.spec import BuildContext, get_model_spec
     from moetrain.moe.runtime import MoERuntime
     from moetrain.parallel.model import KVCache
@@ -66,18 +64,8 @@ def _rank_generate(cfg_data: dict, prompt: list[int], max_new: int, temperature:
     dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
     spec = get_model_spec(cfg)
     model = spec.build(BuildContext(groups, device, dtype, tuple(spec.stage_layers()), MoERuntime()))[0]
-    source = None
-    if cfg.checkpoint.dir and cfg.checkpoint.resume != "never":
-        found = Checkpointer(cfg.checkpoint.dir, log=lambda m: None).find(cfg.checkpoint.resume)
-        if found is not None:
-            from moetrain.dist.checkpoint import CheckpointReader
-
-            reader = CheckpointReader(*found)
-            load_weights([model], None, lambda k: reader.tensor(f"model/{k}"), str(found[0]))
-            source = str(found[0])
-    if source is None:
-        source = RunCheckpoints(cfg, spec, [model], None, device=device, rank=groups.global_rank,
-                                say=lambda m: None).init_weights()
+    source = RunCheckpoints(cfg, spec, [model], None, device=device, rank=groups.global_rank,
+                            say=lambda m: None).load_weights_only()
     if source is None:
         raise GenerateError("moetrain generate needs weights: a checkpoint in checkpoint.dir or checkpoint.init_from")
     model.eval()

@@ -81,7 +81,7 @@ def _documents(files: list[Path], field: str) -> Iterator[str]:
 _WORKER: dict = {}
 
 
-def _init_worker(path: str, eod: int | None) -> None:
+def _init_worker(path: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER["tok"] = load_tokenizer(path)
 
@@ -113,7 +113,7 @@ def prepare(inputs: list[str], tokenizer: str, out: str, *, workers: int = 1, fi
         if workers > 1:
             import multiprocessing as mp
 
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer, None))
+            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer,))
             encoded = pool.imap(_encode, batches, chunksize=1)
         else:
             encoded = map(tok.encode_batch, batches)

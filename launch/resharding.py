@@ -86,13 +86,7 @@ def logical_state(params_of: list, optimizer, rank_state: dict[str, Any]) -> dic
 def restore_logical(params_of: list, optimizer, reader: CheckpointReader) -> None:
     """Load every parameter, persistent buffer and optimizer state of this rank from ``reader``."""
     lps = logical_params(params_of)
-    for lp in lps:
-        local = lp.shard(lambda k: reader.tensor(f"model/{k}"))
-        if tuple(local.shape) != tuple(lp.param.shape):
-            raise CheckpointError(f"checkpoint {reader.path}: {lp.name} has shape {tuple(local.shape)} here but the "
-                                  f"model needs {tuple(lp.param.shape)}")
-        with torch.no_grad():
-            lp.param.copy_(local)
+    _copy_weights(lps, lambda k: reader.tensor(f"model/{k}"), f"checkpoint {reader.path}")
     trainable = [lp for lp in lps if isinstance(lp.param, torch.nn.Parameter) and lp.param.requires_grad]
     with_state = [lp for lp in trainable if f"optim/{lp.keys[0]}/step" in reader]
     if not with_state:  # saved before the first optimizer step (or imported): the weights only
@@ -117,6 +111,14 @@ def load_weights(params_of: list, optimizer, get, where: str) -> int:
     """Only the weights (parameters and persistent buffers) of this rank from logical tensors ``get(key)``
     (a checkpoint or a Hugging Face directory), for ``checkpoint.init_from``; returns the tensors loaded."""
     lps = logical_params(params_of)
+    _copy_weights(lps, get, where)
+    if isinstance(optimizer, ShardedAdamW):
+        optimizer.refresh_masters()
+    return len(lps)
+
+
+def _copy_weights(lps: list[LogicalParam], get, where: str) -> None:
+    """Each parameter / buffer its slice of the logical tensors ``get(key)``, shapes checked."""
     for lp in lps:
         local = lp.shard(get)
         if tuple(local.shape) != tuple(lp.param.shape):
@@ -124,6 +126,3 @@ def load_weights(params_of: list, optimizer, get, where: str) -> int:
                                   f"{tuple(lp.param.shape)} (a different model config?)")
         with torch.no_grad():
             lp.param.copy_(local)
-    if isinstance(optimizer, ShardedAdamW):
-        optimizer.refresh_masters()
-    return len(lps)

@@ -76,6 +76,9 @@ class Tokenizer:
         self.kind = "sentencepiece"
         self.vocab_size = self._tok.get_piece_size()
 
+    def id_to_token(self, i: int) -> str:
+        return self._tok.id_to_token(i) if self.kind == "tokenizers" else self._tok.id_to_piece(i)
+
     def token_id(self, token: str) -> int | None:
         if self.kind == "tokenizers":
             return self._tok.token_to_id(token)

@@ -102,14 +102,6 @@ class LatentAttention(nn.Module):
 
         self.scale = softmax_scale(qk, args.rope_scaling)  # YaRN's mscale, squared, also on the no-RoPE dims
 
-    def _tables(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if end > self.cos.shape[0]:  # generation past the training length
-            from moetrain.parallel.model import _rope_tables
-
-            cos, sin = _rope_tables(max(end, 2 * self.cos.shape[0]), self.rope, self.rope_theta, self.rope_scaling)
-            self.cos, self.sin = cos.to(self.cos), sin.to(self.sin)
-        return self.cos, self.sin
-
     def forward(self, x_SBD: torch.Tensor, cache=None) -> torch.Tensor:
         x = gather_from_sp(x_SBD, self.tp_group) if self.sp else copy_to_tp(x_SBD, self.tp_group)
         s, b, _ = x.shape
@@ -128,7 +120,9 @@ class LatentAttention(nn.Module):
 
     def _core(self, q: torch.Tensor, kv: torch.Tensor, k_rot: torch.Tensor, pos: int = 0, cache=None) -> torch.Tensor:
         s = q.shape[2]
-        cos, sin = self._tables(pos + s)
+        from moetrain.parallel.model import rope_upto
+
+        cos, sin = rope_upto(self, pos + s, self.rope)
         cos, sin = cos[pos:pos + s], sin[pos:pos + s]
         q_pass, q_rot = q.split([self.nope, self.rope], dim=-1)
         k_nope, v = kv.split([self.nope, self.vd], dim=-1)
@@ -136,13 +130,7 @@ class LatentAttention(nn.Module):
         q = torch.cat([q_pass, rotate(q_rot, cos, sin, self.interleave)], dim=-1)
         k = torch.cat([k_nope, k_rot.expand(-1, self.heads, -1, -1)], dim=-1)
         if cache is not None:
-            if self.layer in cache.k:
-                k = torch.cat([cache.k[self.layer], k], dim=2)
-                v = torch.cat([cache.v[self.layer], v], dim=2)
-            cache.k[self.layer], cache.v[self.layer] = k, v
-            seen = torch.arange(pos + s, device=q.device)
-            allowed = seen.unsqueeze(0) <= (pos + torch.arange(s, device=q.device)).unsqueeze(1)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)
+            return cache.attend(self.layer, q, k, v, scale=self.scale)
         if self.kind == "eager":
             scores = (q @ k.transpose(-1, -2)) * self.scale
             causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)

@@ -149,6 +149,15 @@ def _rope_tables(seq_len: int, head_dim: int, theta: float,
     return ang.cos() * factor, ang.sin() * factor
 
 
+def rope_upto(mod: nn.Module, end: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attention module's RoPE tables (``mod.cos`` / ``mod.sin``), grown once when generation passes the
+    training length (``mod.rope_theta`` / ``mod.rope_scaling`` give the frequencies)."""
+    if end > mod.cos.shape[0]:
+        cos, sin = _rope_tables(max(end, 2 * mod.cos.shape[0]), dim, mod.rope_theta, mod.rope_scaling)
+        mod.cos, mod.sin = cos.to(mod.cos), sin.to(mod.sin)
+    return mod.cos, mod.sin
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=-1)
     return torch.cat([-b, a], dim=-1)
@@ -221,22 +230,11 @@ class Attention(nn.Module):
         """Attention of the new tokens (positions ``cache.pos ...``) over every token so far; appends their
         rotated keys and values to ``cache`` (generation)."""
         s, pos = q.shape[2], cache.pos
-        if pos + s > self.cos.shape[0]:  # past the training length: longer RoPE tables, made once
-            cos, sin = _rope_tables(max(pos + s, 2 * self.cos.shape[0]), self.hd, self.rope_theta, self.rope_scaling)
-            self.cos, self.sin = cos.to(self.cos), sin.to(self.sin)
-        cos, sin = self.cos[pos:pos + s], self.sin[pos:pos + s]
+        cos, sin = rope_upto(self, pos + s, self.hd)
+        cos, sin = cos[pos:pos + s], sin[pos:pos + s]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        if self.layer in cache.k:
-            k = torch.cat([cache.k[self.layer], k], dim=2)
-            v = torch.cat([cache.v[self.layer], v], dim=2)
-        cache.k[self.layer], cache.v[self.layer] = k, v
-        if self.kv_heads != self.heads:
-            rep = self.heads // self.kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        seen = torch.arange(pos + s, device=q.device)
-        allowed = seen.unsqueeze(0) <= (pos + torch.arange(s, device=q.device)).unsqueeze(1)  # [s, pos + s]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return cache.attend(self.layer, q, k, v, rep=self.heads // self.kv_heads)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Rotary embedding and causal attention: ``[b, h, s, hd]`` in and out."""
@@ -318,6 +316,20 @@ class KVCache:
     k: dict = field(default_factory=dict)
     v: dict = field(default_factory=dict)
     pos: int = 0
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rep: int = 1,
+               scale: float | None = None) -> torch.Tensor:
+        """Append the new tokens' keys / values ``[b, kv, s, .]`` to ``layer``'s, then attention of the new
+        queries (positions ``pos ...``) over every token so far; ``rep``: query heads per key-value head."""
+        if layer in self.k:
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        s, pos = q.shape[2], self.pos
+        seen = torch.arange(pos + s, device=q.device)
+        allowed = seen.unsqueeze(0) <= (pos + torch.arange(s, device=q.device)).unsqueeze(1)  # [s, pos + s]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
 
 
 class Transformer(nn.Module):

@@ -308,12 +308,9 @@ def test_init_from_a_moetrain_checkpoint_equals_init_from_hf(ranks, hf_dirs, tmp
 def test_mixtral_finetune_example_validates_and_fits(tmp_path):
     """cluster_configs/mixtral_finetune_2x8_h100.yaml against Mixtral-8x7B's published config.json (no weights
     needed): the architecture is read from it, and the planner says the layout fits an H100."""
-    mixtral = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000,
-               "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-               "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
-               "rope_theta": 1e6, "max_position_embeddings": 32768, "sliding_window": None, "hidden_act": "silu",
-               "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
-    (tmp_path / "config.json").write_text(json.dumps(mixtral))
+    from tests.helpers.shipped import MIXTRAL_8X7B
+
+    (tmp_path / "config.json").write_text(json.dumps(MIXTRAL_8X7B))
     example = str(ROOT / "cluster_configs" / "mixtral_finetune_2x8_h100.yaml")
     ok = _cli("validate", example, f"model.hf_config={tmp_path}")
     assert ok.returncode == 0, ok.stderr

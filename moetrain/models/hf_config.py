@@ -129,9 +129,8 @@ def sections_from_hf(hf: dict[str, Any], where: str = "config.json") -> dict[str
         return hf[key]
 
     def refuse(key: str, ok: Any, what: str) -> None:
-        value = hf.get(key, ok)
-        if value not in (ok, None) and not (isinstance(ok, bool) and value == ok):
-            raise UserError(f"{where}: {key}={value!r} is not supported ({what})")
+        if hf.get(key, ok) not in (ok, None):
+            raise UserError(f"{where}: {key}={hf[key]!r} is not supported ({what})")
 
     if hf.get("quantization_config"):
         method = (hf["quantization_config"] or {}).get("quant_method", "?")
