@@ -35,15 +35,22 @@ def ranks():
     _POOLS.clear()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow")
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    skips = []
+    if not config.getoption("--run-slow"):
+        skips.append(("slow", pytest.mark.skip(reason="slow: run with --run-slow")))
+    if not torch.cuda.is_available():
+        skips.append(("gpu", pytest.mark.skip(reason="needs a CUDA device")))
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for keyword, skip in skips:
+            if keyword in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
