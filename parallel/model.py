@@ -244,17 +244,15 @@ class Attention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         if self.kind == "fused":  # csrc kernel (GQA inside, k and v not repeated); SDPA where it cannot run
             return fused_attention.attention(q, k, v, causal=True, deterministic=self.deterministic)
+        if self.kind != "eager":  # SDPA groups the query heads itself (no repeated k / v in memory)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
         if self.kv_heads != self.heads:
             rep = self.heads // self.kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        if self.kind == "eager":
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.hd)
-            causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-            o = scores.masked_fill(causal, float("-inf")).softmax(dim=-1) @ v
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return o
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.hd)
+        causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+        return scores.masked_fill(causal, float("-inf")).softmax(dim=-1) @ v
 
 
 class SwiGLU(nn.Module):
