@@ -31,7 +31,8 @@ Peers: DeepSpeed is a dependency of moetrain's dev install; Tutel is not (instal
 
 ``--device cuda`` is the single-GPU row (one rank, EP = 1, no all-to-all on any side); ``--dtype bfloat16``
 casts the experts (the gates stay fp32) and the input. ``--compare-wgrad-overlap`` adds moetrain's layer
-with ``moe.overlap_wgrad`` set the other way from its default as one more interleaved layer.
+with ``moe.overlap_wgrad`` set the other way from its default as one more interleaved layer;
+``--compare-token-once`` adds it with ``moe.token_once: false`` (one row per assignment each way).
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def _peers_available() -> dict[str, str | None]:
 
 
 def _bench(cases, iters: int, warmup: int, device: str, dtype_name: str, kernels: str, compare_overlap: bool,
-           peers: list[str]) -> list[dict]:
+           peers: list[str], compare_token_once: bool = False) -> list[dict]:
     import torch
     import torch.distributed as dist
 
@@ -258,6 +259,9 @@ def _bench(cases, iters: int, warmup: int, device: str, dtype_name: str, kernels
             flipped = MoELayer(margs, 0, groups, **layer_kw).to(device)
             flipped.overlap_weight_grads = not cuda
             steps.append((_our_step, (flipped, x)))
+        if compare_token_once:  # moetrain with one row per assignment each way (moe.token_once: false)
+            rows_layer = MoELayer(margs.model_copy(update={"token_once": False}), 0, groups, **layer_kw).to(device)
+            steps.append((_our_step, (rows_layer, x)))
         timed = _time_interleaved(steps, iters, warmup, sync)
         rows = _expert_rows([v[0] for v in layers.values()], [v[1] for v in layers.values()])
         split = _split(ours, x)
@@ -267,7 +271,9 @@ def _bench(cases, iters: int, warmup: int, device: str, dtype_name: str, kernels
                         "cpu_ms": {n: t[1] * 1e3 for n, t in zip(layers, timed)},
                         "rows": dict(zip(layers, rows)), "notes": notes, "split": split,
                         "floor_ms": flops / rate * 1e3, "rate_gflops": rate / 1e9, "rate_n": rate_n,
-                        "flipped_ms": timed[-1][0] * 1e3 if compare_overlap else None})
+                        "flipped_ms": timed[len(layers)][0] * 1e3 if compare_overlap else None,
+                        "rows_ms": timed[-1][0] * 1e3 if compare_token_once else None,
+                        "token_once": ours.token_once})
         del layers, steps, ours
     return results if rank == 0 else []
 
@@ -338,6 +344,11 @@ def _report(res: list[dict], names: list[str], skipped: dict[str, str]) -> None:
         for r in res:
             print(f"{r['name']} {r['tokens']}: moetrain with moe.overlap_wgrad flipped {r['flipped_ms']:.1f} ms, "
                   f"default {r['ms']['moetrain']:.1f} ms")
+    if res[0].get("rows_ms") is not None:
+        for r in res:
+            print(f"{r['name']} {r['tokens']}: moetrain with moe.token_once=false (one row per assignment) "
+                  f"{r['rows_ms']:.1f} ms, default {r['ms']['moetrain']:.1f} ms "
+                  f"(token-once {'on' if r['token_once'] else 'not applicable'})")
     rates = [r["rate_gflops"] for r in res]
     print(f"matmul rate per rank ({res[0]['rate_n']}^3, measured before each row, slowest rank): "
           f"{min(rates):.1f}-{max(rates):.1f} GFLOP/s")
@@ -350,6 +361,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--kernels", choices=["torch", "fused"], default="torch",
                     help="moetrain's order/inverse-order stages (fused: the csrc kernels, CUDA only)")
+    ap.add_argument("--compare-token-once", action="store_true",
+                    help="also time moetrain with moe.token_once=false (one row per assignment each way)")
     ap.add_argument("--compare-wgrad-overlap", action="store_true",
                     help="also time moetrain with the expert weight-gradient / all-to-all overlap set the other way")
     ap.add_argument("--tokens", default="1024,4096", help="tokens per rank, comma-separated")
@@ -393,7 +406,7 @@ def main() -> None:
     cases = [(s, t, c) for s in shapes for t in tokens for c in caps]
     with LocalRanks(ranks, timeout=7200, env={"DS_ACCELERATOR": args.device}) as pool:  # DeepSpeed's device
         res = pool.run(_bench, cases, args.iters, args.warmup, args.device, args.dtype, args.kernels,
-                       args.compare_wgrad_overlap, peers)[0]
+                       args.compare_wgrad_overlap, peers, args.compare_token_once)[0]
     where = (f"{torch.cuda.get_device_name()}, 1 rank (EP = 1)" if args.device == "cuda"
              else f"{platform.machine()}, {os.cpu_count()} cores; {ranks} gloo ranks x 1 thread")
     print(f"machine: {where}; {args.dtype}; moetrain stages {args.kernels}; expert parallel over all ranks; "

@@ -14,7 +14,9 @@ TP ranks, enters the backward with weight 1/tp.
 
 Expert parallelism. Experts ``[ep_rank * E/ep, (ep_rank + 1) * E/ep)`` live on this rank; rows travel
 with the dispatch plan of ``moe.dispatch`` (flat, hier2d or hier1d), exactly the counts each rank
-needs (dropless sends no padding). In backward the experts' weight gradients are computed while the
+needs (dropless sends no padding); with ``moe.token_once`` (flat dispatch, the default) a token travels
+once to each rank that holds any of its experts, which weighs and sums its outputs before sending one
+row back (moe/token_once.py). In backward the experts' weight gradients are computed while the
 dispatch all-to-all's backward exchange is in flight (``PendingWeightGrads``, moe/dispatch.py).
 """
 
@@ -25,7 +27,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config import MoEConfig
@@ -34,8 +35,9 @@ from moetrain.moe import kernels
 from moetrain.moe.dispatch import build_plan, exchange_counts, inverse_permutation, permute_rows, segments_perm
 from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.overlap import SectionTimes, pipelined_experts
-from moetrain.moe.routers import Routing, SparseRouting, token_bags, weighted_token_sum
+from moetrain.moe.routers import Routing, SparseRouting, gather_rows, weighted_token_sum
 from moetrain.moe.runtime import MoERuntime
+from moetrain.moe.token_once import TokenOnceDispatch, TokenOnceExperts, TokenOnceOrder, TokenOnceUnorder
 from moetrain.parallel.mappings import copy_to_tp, gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
 from moetrain.parallel.rng import init_normal, stream_seed
 from moetrain.parallel.weight_grad import PendingWeightGrads
@@ -84,23 +86,6 @@ class Gate(nn.Module):
         return self.router(x_TD, batch)
 
 
-class _GatherTokens(torch.autograd.Function):
-    """``x_TD[token_R]`` whose backward sums each token's row gradients with one ``embedding_bag`` pass,
-    where ``index_select``'s own backward zero-fills ``[T, D]`` and scatter-adds into it."""
-
-    @staticmethod
-    def forward(ctx, x_TD, token_R):
-        ctx.save_for_backward(token_R)
-        ctx.num_tokens = x_TD.shape[0]
-        return x_TD.index_select(0, token_R)
-
-    @staticmethod
-    def backward(ctx, g_RD):
-        (token_R,) = ctx.saved_tensors
-        by_token, offsets_T = token_bags(token_R, ctx.num_tokens)
-        return F.embedding_bag(by_token, g_RD.contiguous(), offsets_T, mode="sum"), None
-
-
 class Order(nn.Module):
     """Sort assignment rows by global expert (= by destination rank, then local expert)."""
 
@@ -112,7 +97,7 @@ class Order(nn.Module):
         perm = torch.argsort(routing.expert_A, stable=True)
         counts_E = torch.bincount(routing.expert_A, minlength=self.num_experts)
         if isinstance(routing, SparseRouting):  # one gather of the tokens, straight into sorted order
-            return _GatherTokens.apply(x_TD, routing.token_A.index_select(0, perm)), counts_E, perm
+            return gather_rows(x_TD, routing.token_A.index_select(0, perm)), counts_E, perm
         return permute_rows(routing.rows(x_TD), perm), counts_E, perm
 
 
@@ -263,10 +248,21 @@ class MoELayer(nn.Module):
                                  seed=seed, name=f"{name}.experts", activation=cfg.activation,
                                  etp_group=groups.etp, ep_group=groups.ep, dtype=dtype, num_layers=num_layers,
                                  sample_up=sample_up, sample_down=sample_down)
-        self.dispatch = Dispatch(cfg.dispatch, groups, experts.num_local)
-        self.experts = ExpertStage(experts)
+        # token-once dispatch (moe/token_once.py): one row per (token, rank) each way instead of one per assignment
+        self.token_once = (cfg.token_once and cfg.dispatch == "flat" and ep_size > 1 and not self.fused
+                           and not router_cls.mixes_tokens and runtime.engine is None and self.wtacrs is None)
+        if self.token_once:
+            self.order = TokenOnceOrder(cfg.num_experts, ep_size)
+            self.dispatch = TokenOnceDispatch(groups.ep, experts.num_local)
+            self.experts = TokenOnceExperts(experts)
+        else:
+            self.dispatch = Dispatch(cfg.dispatch, groups, experts.num_local)
+            self.experts = ExpertStage(experts)
         self.combine = Combine()
-        self.unorder = FusedInverseOrder(cfg.num_experts) if self.fused else InverseOrder()
+        if self.token_once:
+            self.unorder = TokenOnceUnorder()
+        else:
+            self.unorder = FusedInverseOrder(cfg.num_experts) if self.fused else InverseOrder()
         self.shared = shared
         self.shared_gate = None
         if cfg.shared_expert_gate:  # Qwen2-MoE: sigmoid(x w) scales the shared experts' output per token
@@ -336,6 +332,40 @@ class MoELayer(nn.Module):
         pos_A = order.reshape(-1)[slot_A].long()
         return mine.sample_w_A.new_empty(pos_A.numel()).index_copy(0, pos_A, mine.sample_w_A)
 
+    def _pending(self, x_TD: torch.Tensor) -> PendingWeightGrads | None:
+        """Weight gradients left for the dispatch all-to-all's backward to compute, when overlap is on."""
+        overlap = x_TD.is_cuda if self.overlap_weight_grads is None else self.overlap_weight_grads
+        if overlap and torch.is_grad_enabled():
+            return PendingWeightGrads(self.experts.experts.weights)
+        return None
+
+    def _by_assignment(self, x_TD: torch.Tensor, mine: Routing) -> torch.Tensor:
+        """One row per assignment to the experts' ranks and back (chunk-pipelined with the link engine)."""
+        # order: perm (the assignment behind each sorted row), or with the kernels pos_TK (the sorted row
+        # of each (token, choice))
+        rows_sorted, counts_E, order = self.order(x_TD, mine)
+        if self.engine is not None:
+            y_sorted = self._pipelined(rows_sorted, counts_E, tuple(x_TD.shape))
+        else:
+            pending = self._pending(x_TD)
+            recv, plan = self.dispatch(rows_sorted, counts_E, pending)
+            if not plan.exchanges:  # no all-to-all to take them: the experts compute them at once
+                pending = None
+            recv_w = None
+            if getattr(mine, "sample_w_A", None) is not None:  # the weights travel with their rows
+                recv_w = plan.dispatch(self._sorted_weights(mine, order).unsqueeze(-1)).squeeze(-1)
+            y_recv = self.experts(recv, plan, recv_w, pending)
+            y_sorted = self.combine(y_recv, plan)
+        return self.unorder(y_sorted, order, mine, x_TD.shape[0])
+
+    def _token_once(self, x_TD: torch.Tensor, mine: SparseRouting) -> torch.Tensor:
+        """One row per (token, destination rank) each way (moe/token_once.py)."""
+        x_PD, sent = self.order(x_TD, mine)
+        pending = self._pending(x_TD)
+        x_recv, plan = self.dispatch(x_PD, sent, pending)
+        y_recv = self.experts(x_recv, plan, pending)
+        return self.unorder(self.combine(y_recv, plan), sent, x_TD.shape[0])
+
     @property
     def router(self) -> nn.Module:
         return self.gate.router
@@ -350,26 +380,10 @@ class MoELayer(nn.Module):
         if self.wtacrs is not None and torch.is_grad_enabled():
             routing.sample_w_A = self._sample_assignments(routing, x_TD)
         mine = routing.subset(self.tp_rank, self.tp_size)
-        if self.fused:  # order = (pos_TK: row of each (token, choice) in the sorted buffer)
-            rows_sorted, counts_E, order = self.order(x_TD, mine)
-        else:  # order = perm: the assignment behind each sorted row
-            rows_sorted, counts_E, order = self.order(x_TD, mine)
-        if self.engine is not None:
-            y_sorted = self._pipelined(rows_sorted, counts_E, tuple(x_TD.shape))
+        if self.token_once:
+            out = self._token_once(x_TD, mine).view(s, b, d)
         else:
-            pending = None
-            overlap = x_TD.is_cuda if self.overlap_weight_grads is None else self.overlap_weight_grads
-            if overlap and torch.is_grad_enabled():
-                pending = PendingWeightGrads(self.experts.experts.weights)
-            recv, plan = self.dispatch(rows_sorted, counts_E, pending)
-            if not plan.exchanges:  # no all-to-all to take them: the experts compute them at once
-                pending = None
-            recv_w = None
-            if getattr(mine, "sample_w_A", None) is not None:  # the weights travel with their rows
-                recv_w = plan.dispatch(self._sorted_weights(mine, order).unsqueeze(-1)).squeeze(-1)
-            y_recv = self.experts(recv, plan, recv_w, pending)
-            y_sorted = self.combine(y_recv, plan)
-        out = self.unorder(y_sorted, order, mine, T).view(s, b, d)
+            out = self._by_assignment(x_TD, mine).view(s, b, d)
         out = reduce_scatter_to_sp(out, tp) if self.sp else reduce_from_tp(out, tp)
         if self.shared is not None:
             shared = self.shared(x)

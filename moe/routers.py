@@ -55,7 +55,7 @@ from moetrain.parallel.rng import StaticStreams, TokenStreams, init_normal
 from moetrain.registry import ROUTERS
 
 __all__ = ["Routing", "SparseRouting", "SoftRouting", "Router", "build_router", "capacity_keep", "capacity",
-           "token_bags", "weighted_token_sum", "load_balancing_loss"]
+           "token_bags", "weighted_token_sum", "gather_rows", "load_balancing_loss"]
 
 
 def token_bags(token_R: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +74,28 @@ def weighted_token_sum(y_RD: torch.Tensor, token_R: torch.Tensor, gate_R: torch.
     by_token, offsets_T = token_bags(token_R, num_tokens)
     w_R = gate_R.index_select(0, by_token).to(y_RD.dtype)
     return F.embedding_bag(by_token, y_RD, offsets_T, mode="sum", per_sample_weights=w_R)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """``x_TD[token_R]`` whose backward sums each token's row gradients with one ``embedding_bag`` pass,
+    where ``index_select``'s own backward zero-fills ``[T, D]`` and scatter-adds into it."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_R):
+        ctx.save_for_backward(token_R)
+        ctx.num_tokens = x_TD.shape[0]
+        return x_TD.index_select(0, token_R)
+
+    @staticmethod
+    def backward(ctx, g_RD):
+        (token_R,) = ctx.saved_tensors
+        by_token, offsets_T = token_bags(token_R, ctx.num_tokens)
+        return F.embedding_bag(by_token, g_RD.contiguous(), offsets_T, mode="sum"), None
+
+
+def gather_rows(x_TD: torch.Tensor, token_R: torch.Tensor) -> torch.Tensor:
+    """``x_TD[token_R]``, with a backward that sums each token's row gradients in one ``embedding_bag``."""
+    return _GatherTokens.apply(x_TD, token_R)
 
 
 class Routing:

@@ -94,14 +94,18 @@ def _forced(kind: str, num_tokens: int, E: int, rank: int):
     return SparseRouting(tok, exp, gate, torch.zeros((), dtype=torch.float64), {"num_tokens": num_tokens})
 
 
-def _layer_case(router: str, forced: str | None, k: int, capacity_factor, dispatch: str, kernels: str = "torch"):
-    """The EP layer (with ``kernels`` stages) against the all-local torch layer on the same tokens."""
+def _layer_case(router: str, forced: str | None, k: int, capacity_factor, dispatch: str, kernels: str = "torch",
+                token_once: bool = True, experts_per_rank: int = 2, info: bool = False):
+    """The EP layer (with ``kernels`` stages; ``token_once`` dispatch where it applies) against the all-local
+    torch layer on the same tokens: {check: passed}; with ``info`` also (whether the layer took token-once
+    dispatch, (rows this rank received, assignments it computed))."""
     world, rank = dist.get_world_size(), dist.get_rank()
     g = _groups(world, 2)
-    E = 2 * world
+    E = experts_per_rank * world
     extra = dict(ROUTER_EXTRA.get(router, {}))
     args = MoEConfig(num_experts=E, topk=extra.pop("topk", k), d_expert=6, router=router,
-                     capacity_factor=capacity_factor, aux_loss_coef=0.1, z_loss_coef=0.01, dispatch=dispatch, **extra)
+                     capacity_factor=capacity_factor, aux_loss_coef=0.1, z_loss_coef=0.01, dispatch=dispatch,
+                     token_once=token_once, **extra)
     kw = dict(d_model=8, seed=3, sp=False, dtype=torch.float64)
     ep_layer = MoELayer(args, 0, MoEGroups(ep=g.group("ep"), ep_intra=g.group("ep_intra"),
                                            ep_inter=g.group("ep_inter")),
@@ -112,7 +116,9 @@ def _layer_case(router: str, forced: str | None, k: int, capacity_factor, dispat
             layer.gate.forward = lambda x, b, _k=forced: _forced(_k, x.shape[0], E, rank)
     x = torch.randn(4, 2, 8, generator=torch.Generator().manual_seed(100 + rank), dtype=torch.float64)
     dy = torch.randn(4, 2, 8, generator=torch.Generator().manual_seed(200 + rank), dtype=torch.float64)
-    outs = []
+    outs, rows = [], []
+    ep_layer.dispatch.register_forward_hook(lambda m, a, out: rows.append((out[0].shape[0],
+                                                                           int(out[1].recv_counts.sum()))))
     for layer in (ep_layer, ref_layer):
         xi = x.clone().requires_grad_()
         y = layer(xi)
@@ -132,15 +138,36 @@ def _layer_case(router: str, forced: str | None, k: int, capacity_factor, dispat
         got = getattr(local, pname).grad
         got = torch.zeros_like(mine) if got is None else got
         ok[f"experts {pname}"] = torch.allclose(got, mine, rtol=1e-11, atol=1e-12)
-    return ok
+    return (ok, (ep_layer.token_once, rows[0])) if info else ok
 
 
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_every_router_at_ep_world_equals_all_local(ranks, world):
     pool = ranks(world, 2 if world > 2 else 2)
     for router in ROUTERS.names():
-        for rank, ok in enumerate(pool.run(_layer_case, router, None, 2, None, "flat")):
-            assert all(ok.values()), (router, rank, {k: v for k, v in ok.items() if not v})
+        for token_once in (True, False):
+            res = pool.run(_layer_case, router, None, 2, None, "flat", "torch", token_once, 2, True)
+            for rank, (ok, (took, _)) in enumerate(res):
+                # token-once applies to every token router (soft MoE mixes tokens into slots: rows travel)
+                assert took == (token_once and not ROUTERS.get(router).mixes_tokens), router
+                assert all(ok.values()), (router, token_once, rank, {k: v for k, v in ok.items() if not v})
+
+
+@pytest.mark.parametrize("world,k,cf", [(2, 8, None), (4, 6, None), (4, 6, 0.5)])
+def test_token_once_dispatch_is_exact_and_sends_each_token_once_per_rank(ranks, world, k, cf):
+    """Fine-grained top-k (8 experts per rank): the token-once layer equals the all-local layer (float64,
+    outputs and every gradient), and the rows it moves are the distinct (token, rank) pairs, far fewer than
+    the assignments the experts compute; the assignment-row layout moves one row per assignment."""
+    for token_once in (True, False):
+        res = ranks(world, 2).run(_layer_case, "topk", None, k, cf, "flat", "torch", token_once, 8, True)
+        for rank, (ok, (took, (recv_rows, assignments))) in enumerate(res):
+            assert took is token_once
+            assert all(ok.values()), (token_once, rank, {k_: v for k_, v in ok.items() if not v})
+            if token_once:
+                # 8 tokens per rank reach this rank at most once from each of the world's ranks
+                assert 0 < recv_rows <= 8 * world and recv_rows < assignments, (rank, recv_rows, assignments)
+            else:
+                assert recv_rows == assignments
 
 
 @pytest.mark.parametrize("forced,k,cf,dispatch", [
