@@ -176,6 +176,9 @@ def _expert_rows(step_fns: list[tuple], experts: list) -> list[int]:
     rows = torch.zeros(len(step_fns), dtype=torch.long)
     for i, ((fn, args), mods) in enumerate(zip(step_fns, experts)):
         def count(module, inputs, i=i):
+            if len(inputs) > 1 and hasattr(inputs[1], "counts"):  # moetrain's token-once stage: tokens in, rows
+                rows[i] += sum(inputs[1].counts)
+                return
             t = inputs[0]
             rows[i] += t.numel() // t.shape[-1]
         handles = [m.register_forward_pre_hook(count) for m in mods]
@@ -235,7 +238,7 @@ def _bench(cases, iters: int, warmup: int, device: str, dtype_name: str, kernels
         groups = MoEGroups(ep=dist.group.WORLD if world > 1 else None)
         layer_kw = dict(d_model=d, sp=False, dtype=dtype, runtime=MoERuntime(fused=kernels == "fused"), shared=shared)
         ours = MoELayer(margs, 0, groups, **layer_kw).to(device)
-        layers["moetrain"] = ((_our_step, (ours, x)), [ours.experts.experts])
+        layers["moetrain"] = ((_our_step, (ours, x)), [ours.experts if ours.token_once else ours.experts.experts])
         if "deepspeed" in peers:
             if cf is None and world > 1:
                 notes["deepspeed"] = ("dropless with EP > 1 aborts on gloo (its ranks pad to different "

@@ -39,16 +39,21 @@ def _segments_forward(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> to
     (d 1024, 8 rows; d 2048, 32 rows) faster than ``x @ w^T``, and no gain from 64 rows at d 512."""
     out = x.new_empty(x.shape[0], w.shape[1])
     for e, (xs, os) in enumerate(zip(x.split(counts), out.split(counts))):
-        if not xs.shape[0]:
-            continue
-        if xs.shape[0] * 16 <= w.shape[2] and not xs.is_cuda:
-            os.copy_(torch.mm(w[e], xs.t()).t())
-        else:
-            torch.mm(xs, w[e].t(), out=os)
+        if xs.shape[0]:
+            rows_times_wt(xs, w[e], os)
     return out
 
 
-def _input_grad(g: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+def rows_times_wt(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = x @ w^T`` for one expert segment (``w`` as ``[out, in]``), skinny segments as ``(w @ x^T)^T``
+    on CPU (see :func:`_segments_forward`)."""
+    if x.shape[0] * 16 <= w.shape[1] and not x.is_cuda:
+        out.copy_(torch.mm(w, x.t()).t())
+    else:
+        torch.mm(x, w.t(), out=out)
+
+
+def input_grad(g: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
     """``out = g @ w`` (``[r, O] @ [O, I]``). MKL's fp32 GEMM runs this shape (few rows, weight not
     transposed) at a third of its rate once ``I >= 1024``; summing it over 32- or 64-row slices of ``w``
     (each slice stays in L2) measured 1.3x-2.8x faster for 8-128 rows on one thread, while 256 rows or
@@ -83,7 +88,7 @@ class _SegmentedMM(torch.autograd.Function):
             gx = torch.empty_like(x)
             for e, (gs, gxs) in enumerate(zip(g.split(counts), gx.split(counts))):
                 if gs.shape[0]:
-                    _input_grad(gs, w[e], gxs)
+                    input_grad(gs, w[e], gxs)
 
         def wgrad():
             gw = fresh_grad(ctx.param)  # every expert's slice is written once: no full-size memset first
@@ -145,7 +150,7 @@ class _SampledSegmentedMM(torch.autograd.Function):
         if gx is not None:
             for e, (gs, gxs) in enumerate(zip(g.split(ctx.counts), gx.split(ctx.counts))):
                 if gs.shape[0]:
-                    _input_grad(gs, w[e], gxs)
+                    input_grad(gs, w[e], gxs)
         kept = ctx.kept_counts
 
         def wgrad():

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from moetrain.parallel.grad_storage import fresh_grad
 
-__all__ = ["weight_grad", "defer_weight_grads", "run_deferred", "linear", "DeferredGrads", "PendingWeightGrads"]
+__all__ = ["weight_grad", "defers", "defer_weight_grads", "run_deferred", "linear", "DeferredGrads",
+           "PendingWeightGrads"]
 
 DeferredGrads = list[tuple[torch.nn.Parameter, Callable[[], torch.Tensor]]]
 
@@ -61,6 +62,13 @@ class PendingWeightGrads:
             grads[id(param)] = g if id(param) not in grads else grads[id(param)] + g
         self.queue.clear()
         return [grads.get(id(p)) for p in self.params]
+
+
+def defers(param: torch.Tensor, pending: PendingWeightGrads | None = None) -> bool:
+    """Whether :func:`weight_grad` would queue ``param``'s gradient instead of computing it now (a caller
+    that computes it fused with other work does so only when not)."""
+    return pending is not None or (getattr(_local, "queue", None) is not None
+                                   and isinstance(param, torch.nn.Parameter))
 
 
 def weight_grad(param: torch.Tensor, compute: Callable[[], torch.Tensor],

@@ -95,7 +95,8 @@ def _forced(kind: str, num_tokens: int, E: int, rank: int):
 
 
 def _layer_case(router: str, forced: str | None, k: int, capacity_factor, dispatch: str, kernels: str = "torch",
-                token_once: bool = True, experts_per_rank: int = 2, info: bool = False):
+                token_once: bool = True, experts_per_rank: int = 2, info: bool = False, activation: str = "swiglu",
+                d_expert: int = 6):
     """The EP layer (with ``kernels`` stages; ``token_once`` dispatch where it applies) against the all-local
     torch layer on the same tokens: {check: passed}; with ``info`` also (whether the layer took token-once
     dispatch, (rows this rank received, assignments it computed))."""
@@ -103,9 +104,9 @@ def _layer_case(router: str, forced: str | None, k: int, capacity_factor, dispat
     g = _groups(world, 2)
     E = experts_per_rank * world
     extra = dict(ROUTER_EXTRA.get(router, {}))
-    args = MoEConfig(num_experts=E, topk=extra.pop("topk", k), d_expert=6, router=router,
+    args = MoEConfig(num_experts=E, topk=extra.pop("topk", k), d_expert=d_expert, router=router,
                      capacity_factor=capacity_factor, aux_loss_coef=0.1, z_loss_coef=0.01, dispatch=dispatch,
-                     token_once=token_once, **extra)
+                     token_once=token_once, activation=activation, **extra)
     kw = dict(d_model=8, seed=3, sp=False, dtype=torch.float64)
     ep_layer = MoELayer(args, 0, MoEGroups(ep=g.group("ep"), ep_intra=g.group("ep_intra"),
                                            ep_inter=g.group("ep_inter")),
@@ -153,13 +154,16 @@ def test_every_router_at_ep_world_equals_all_local(ranks, world):
                 assert all(ok.values()), (router, token_once, rank, {k: v for k, v in ok.items() if not v})
 
 
-@pytest.mark.parametrize("world,k,cf", [(2, 8, None), (4, 6, None), (4, 6, 0.5)])
-def test_token_once_dispatch_is_exact_and_sends_each_token_once_per_rank(ranks, world, k, cf):
+# d_model 8: experts of up width <= 4 take the CPU expert-by-expert pass, wider ones gather -> GEMM -> sum
+@pytest.mark.parametrize("world,k,cf,act,f", [(2, 8, None, "gelu", 4), (4, 6, None, "swiglu", 2),
+                                              (4, 6, 0.5, "swiglu", 2), (2, 8, 0.5, "gelu", 6)])
+def test_token_once_dispatch_is_exact_and_sends_each_token_once_per_rank(ranks, world, k, cf, act, f):
     """Fine-grained top-k (8 experts per rank): the token-once layer equals the all-local layer (float64,
     outputs and every gradient), and the rows it moves are the distinct (token, rank) pairs, far fewer than
-    the assignments the experts compute; the assignment-row layout moves one row per assignment."""
+    the assignments the experts compute; the assignment-row layout moves one row per assignment. (On CPU the
+    token-once experts run expert by expert, gather -> GEMMs -> weighted scatter, with their own backward.)"""
     for token_once in (True, False):
-        res = ranks(world, 2).run(_layer_case, "topk", None, k, cf, "flat", "torch", token_once, 8, True)
+        res = ranks(world, 2).run(_layer_case, "topk", None, k, cf, "flat", "torch", token_once, 8, True, act, f)
         for rank, (ok, (took, (recv_rows, assignments))) in enumerate(res):
             assert took is token_once
             assert all(ok.values()), (token_once, rank, {k_: v for k_, v in ok.items() if not v})
@@ -330,14 +334,14 @@ def test_expert_weight_grads_overlap_the_dispatch_backward_exactly(ranks, dispat
 def test_blocked_input_grad_equals_one_matmul():
     """The CPU fp32 input gradient summed over 32/64-row weight slices (incl. a ragged last slice) is the
     same product as one GEMM, alone and inside grouped_mm's backward."""
-    from moetrain.moe.experts import _input_grad, grouped_mm
+    from moetrain.moe.experts import grouped_mm, input_grad
 
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(300, 1024, generator=gen)  # [O, I]: I >= 1024 and O >= 256 take the sliced path
     for rows in (5, 32, 40, 128, 200):  # 5-32 rows: 32-row slices; 40-128: 64-row slices; 200: one GEMM
         g = torch.randn(rows, 300, generator=gen)
         out = torch.empty(rows, 1024)
-        _input_grad(g, w, out)
+        input_grad(g, w, out)
         torch.testing.assert_close(out.double(), g.double() @ w.double(), rtol=1e-5, atol=1e-4)
     counts = [40, 0, 20, 200]
     x = torch.randn(sum(counts), 1024, generator=gen, requires_grad=True)
@@ -396,3 +400,44 @@ def test_permute_rows_matches_index_select_with_gradient():
     assert torch.equal(y, x[perm])
     (gx,) = torch.autograd.grad(y, x, g)
     assert torch.equal(gx, ref)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_per_expert_token_once_experts_equal_gather_grouped_gemm_weighted_sum(activation):
+    """The CPU expert-by-expert path of the token-once experts stage against gather -> grouped GEMM ->
+    weighted sum (float64: output, input, gate and weight gradients, an expert with no rows), and its weight
+    gradients left pending (the dispatch all-to-all's backward takes them) bit-equal to the fused pass."""
+    from moetrain.moe.experts import GroupedExperts
+    from moetrain.moe.routers import gather_rows, weighted_token_sum
+    from moetrain.moe.token_once import _ExpertsPerSegment
+    from moetrain.parallel.weight_grad import PendingWeightGrads
+
+    gen = torch.Generator().manual_seed(5)
+    ex = GroupedExperts(4, 16, 12, ep_rank=0, ep_size=1, seed=2, name="e", activation=activation,
+                        dtype=torch.float64)
+    counts = [7, 0, 3, 9]
+    row_A = torch.randint(0, 10, (sum(counts),), generator=gen)
+    x = torch.randn(10, 16, generator=gen, dtype=torch.float64)
+    gate = torch.rand(sum(counts), generator=gen, dtype=torch.float64)
+    dy = torch.randn(10, 16, generator=gen, dtype=torch.float64)
+
+    def run(kind):
+        xi, gi = x.clone().requires_grad_(), gate.clone().requires_grad_()
+        ex.zero_grad(set_to_none=True)
+        pending = PendingWeightGrads(ex.weights) if kind == "pending" else None
+        if kind == "reference":
+            y = weighted_token_sum(ex(gather_rows(xi, row_A), counts), row_A, gi, 10)
+        else:
+            y = _ExpertsPerSegment.apply(xi, gi, ex.w_up_EFD, ex.w_down_EDF, row_A, counts,
+                                         activation == "swiglu", pending)
+        grads = torch.autograd.grad(y, (xi, gi, *ex.weights), dy, allow_unused=True)
+        if pending is not None:
+            assert grads[2] is None and grads[3] is None
+            grads = (*grads[:2], *pending.take())
+        return (y.detach(), *grads)
+
+    ref, fused, left = run("reference"), run("fused"), run("pending")
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(a, b) for a, b in zip(left, fused))
+    assert torch.equal(fused[3][1], torch.zeros_like(fused[3][1]))  # expert 1 has no rows
