@@ -204,3 +204,26 @@ def test_expert_tensor_parallelism_keeps_the_expert_work():
         work[etp] = moe_layer_time(cfg, hw, 4096, "bfloat16")["experts_fwd"]
     assert work[2] >= 0.95 * work[1] and work[4] >= 0.95 * work[1]
     assert work[4] > work[2]  # more peers to exchange rows with
+
+
+def test_token_once_dispatch_shrinks_the_predicted_all_to_all():
+    """With token-once dispatch a rank sends one row per (token, rank it visits): top-8 of 128 experts on 2 ranks
+    is 2 x (1 - C(64, 8) / C(128, 8)) ~ 1.99 rows per token, not 8; off, chunk-pipelined or at EP 1 the rows are
+    the assignments; the predicted all-to-all time shrinks with them."""
+    import math
+
+    from moetrain.plan.timing import _sent_rows, moe_layer_time
+
+    def cfg(*extra):
+        return load_config(None, ["cluster.launcher=env", "cluster.device=cuda", "train.dtype=bfloat16",
+                                  "model.d_model=2048", "model.heads=16", "moe.num_experts=128", "moe.topk=8",
+                                  "moe.d_expert=768", "parallel.ep=2", "cluster.nodes=1", "cluster.ranks_per_node=2",
+                                  *extra])
+
+    visits = 2 * (1 - math.comb(64, 8) / math.comb(128, 8))
+    assert _sent_rows(cfg(), 1000, 8, 8000) == pytest.approx(1000 * visits)
+    for extra in (["moe.token_once=false"], ["moe.pipeline_degree=2"], ["parallel.ep=1"]):
+        assert _sent_rows(cfg(*extra), 1000, 8, 8000) == 8000, extra
+    hw = load_hardware("h100_sxm")
+    on, off = (moe_layer_time(c, hw, 8192, "bfloat16")["a2a_fwd"] for c in (cfg(), cfg("moe.token_once=false")))
+    assert on < 0.5 * off

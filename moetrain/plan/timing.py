@@ -125,7 +125,7 @@ def moe_layer_time(cfg: JobConfig, hw: Hardware, tokens: float, dtype: str, *,
     not 1). Keys: fwd, bwd, a2a_fwd, a2a_bwd, experts_fwd, experts_bwd, overlap_degrees."""
     m, moe, p = cfg.model, cfg.moe, cfg.parallel
     key = (hw, m.d_model, moe.num_experts, moe.topk, moe.router, moe.d_expert, moe.activation, moe.coschedule,
-           moe.dispatch, str(moe.pipeline_degree), str(moe.bwd_pipeline_degree), p.ep, p.etp,
+           moe.dispatch, moe.token_once, str(moe.pipeline_degree), str(moe.bwd_pipeline_degree), p.ep, p.etp,
            cfg.cluster.ranks_per_node, float(tokens), dtype, float(rows_factor))
     if key not in _MOE_CACHE:
         _MOE_CACHE[key] = _moe_layer_time(cfg, hw, tokens, dtype, rows_factor)
@@ -133,6 +133,21 @@ def moe_layer_time(cfg: JobConfig, hw: Hardware, tokens: float, dtype: str, *,
 
 
 _MOE_CACHE: dict[tuple, dict] = {}
+
+
+def _sent_rows(cfg: JobConfig, tokens: float, k: int, rows: float) -> float:
+    """Rows one rank's dispatch all-to-all carries: one per assignment, or with token-once dispatch (flat, not
+    chunk-pipelined, a token router, no WTA-CRS) one per (token, rank it visits): under uniform routing a
+    token's k experts miss a rank's E/ep experts with probability C(E - E/ep, k) / C(E, k)."""
+    moe, p = cfg.moe, cfg.parallel
+    nodes = max(1, p.ep // max(1, min(p.ep, cfg.cluster.ranks_per_node // p.etp)))
+    flat = moe.dispatch == "flat" or nodes == 1
+    pipelined = (moe.pipeline_degree, moe.bwd_pipeline_degree) != (1, 1)
+    if not (moe.token_once and flat and p.ep > 1) or pipelined or moe.router == "softmoe" or cfg.wtacrs.enabled:
+        return rows
+    E, local = moe.num_experts, moe.num_experts // p.ep
+    miss = math.comb(E - local, k) / math.comb(E, k) if k <= E - local else 0.0
+    return min(rows, tokens * p.ep * (1.0 - miss))
 
 
 def _moe_layer_time(cfg: JobConfig, hw: Hardware, tokens: float, dtype: str, rows_factor: float) -> dict:
@@ -160,7 +175,7 @@ def _moe_layer_time(cfg: JobConfig, hw: Hardware, tokens: float, dtype: str, row
     etp_exchange = hw.intra.time(rows * d * e * (p.etp - 1)) if p.etp > 1 else 0.0
     experts_fwd = up + down + act + 2 * etp_exchange
     experts_bwd = 2 * (up + down) + 2 * act + 2 * etp_exchange
-    a2a_bytes = rows * d * e
+    a2a_bytes = _sent_rows(cfg, tokens, k, rows) * d * e
     a2a, steps = _a2a(hw, cfg, a2a_bytes)
     degrees = (moe.pipeline_degree, moe.bwd_pipeline_degree)
     out = {"a2a_fwd": 2 * a2a, "a2a_bwd": 2 * a2a, "experts_fwd": experts_fwd, "experts_bwd": experts_bwd,
