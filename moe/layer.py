@@ -14,9 +14,9 @@ TP ranks, enters the backward with weight 1/tp.
 
 Expert parallelism. Experts ``[ep_rank * E/ep, (ep_rank + 1) * E/ep)`` live on this rank; rows travel
 with the dispatch plan of ``moe.dispatch`` (flat, hier2d or hier1d), exactly the counts each rank
-needs (dropless sends no padding); with ``moe.token_once`` (flat dispatch, the default) a token travels
-once to each rank that holds any of its experts, which weighs and sums its outputs before sending one
-row back (moe/token_once.py). In backward the experts' weight gradients are computed while the
+needs (dropless sends no padding); with ``moe.token_once`` (the default) a token travels once to each
+rank that holds any of its experts, which weighs and sums its outputs before sending one row back
+(moe/token_once.py). In backward the experts' weight gradients are computed while the
 dispatch all-to-all's backward exchange is in flight (``PendingWeightGrads``, moe/dispatch.py).
 """
 
@@ -154,10 +154,12 @@ class Dispatch(nn.Module):
         self.me = rank_size(groups.ep)[0]
         self.per_node = rank_size(groups.ep_intra)[1]
 
-    def plan_for(self, counts: torch.Tensor, inter_first: bool = False):
+    def plan_for(self, counts: torch.Tensor, inter_first: bool = False, local_experts: int | None = None):
         """The plan that moves rows with count matrix ``counts[src, e]`` (all EP members); ``inter_first``:
-        hier2d's inter-node phase first (the chunk-pipelined path, when the inter link is the slower)."""
-        return build_plan(self.algo, counts, self.me, local_experts=self.local_experts, ep_group=self.groups.ep,
+        hier2d's inter-node phase first (the chunk-pipelined path, when the inter link is the slower);
+        ``local_experts``: columns per member of ``counts`` (default: the layer's local experts)."""
+        local = self.local_experts if local_experts is None else local_experts
+        return build_plan(self.algo, counts, self.me, local_experts=local, ep_group=self.groups.ep,
                           intra_group=self.groups.ep_intra, inter_group=self.groups.ep_inter,
                           ranks_per_node=self.per_node, inter_first=inter_first)
 
@@ -249,11 +251,12 @@ class MoELayer(nn.Module):
                                  etp_group=groups.etp, ep_group=groups.ep, dtype=dtype, num_layers=num_layers,
                                  sample_up=sample_up, sample_down=sample_down)
         # token-once dispatch (moe/token_once.py): one row per (token, rank) each way instead of one per assignment
-        self.token_once = (cfg.token_once and cfg.dispatch == "flat" and ep_size > 1 and not self.fused
-                           and not router_cls.mixes_tokens and runtime.engine is None and self.wtacrs is None)
+        self.token_once = (cfg.token_once and ep_size > 1 and not self.fused and not router_cls.mixes_tokens
+                           and runtime.engine is None and self.wtacrs is None)
         if self.token_once:
             self.order = TokenOnceOrder(cfg.num_experts, ep_size)
-            self.dispatch = TokenOnceDispatch(groups.ep, experts.num_local)
+            self.dispatch = TokenOnceDispatch(Dispatch(cfg.dispatch, groups, experts.num_local), groups.ep,
+                                              experts.num_local)
             self.experts = TokenOnceExperts(experts)
         else:
             self.dispatch = Dispatch(cfg.dispatch, groups, experts.num_local)

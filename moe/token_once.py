@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.dist.groups import rank_size
-from moetrain.moe.dispatch import _exchange, all_to_all, exchange_counts, segments_perm
+from moetrain.moe.dispatch import Plan, exchange_counts, segments_perm
 from moetrain.moe.experts import GroupedExperts, input_grad, rows_times_wt
 from moetrain.moe.routers import SparseRouting, gather_rows, weighted_token_sum
 from moetrain.parallel.grad_storage import fresh_grad
@@ -49,16 +49,14 @@ class Sent:
 class TokenOncePlan:
     """The receiver's side of one exchange; ``combine`` sends the per-row results back."""
 
-    group: object
-    send_rows: list[int]
-    recv_rows: list[int]
+    rows: Plan  # moves the token rows (one "expert" per member: rows ordered by source member)
     row_A: torch.Tensor  # per received assignment in (local expert, source) order: its row of the received rows
     gate_A: torch.Tensor  # its gate
     counts: list[int]  # received assignments per local expert
     recv_counts: torch.Tensor  # [source][local expert] assignments, as a dispatch Plan reports them
 
     def combine(self, y_PD: torch.Tensor) -> torch.Tensor:
-        return all_to_all(y_PD, self.recv_rows, self.send_rows, self.group)
+        return self.rows.combine(y_PD)
 
 
 class TokenOnceOrder(nn.Module):
@@ -86,10 +84,13 @@ class TokenOnceOrder(nn.Module):
 
 
 class TokenOnceDispatch(nn.Module):
-    """One all-gather of counts, then three all-to-alls: assignment rows (ints), gates, token rows."""
+    """One all-gather of counts; then, by the layer's dispatch algorithm (flat, hier2d, hier1d: each delivers
+    rows in (source member, expert) order), the assignments' rows-in-block (ints) and gates, and the token
+    rows (planned as one "expert" per member)."""
 
-    def __init__(self, group, local_experts: int):
+    def __init__(self, planner: nn.Module, group, local_experts: int):
         super().__init__()
+        self.planner = planner  # the layer's Dispatch: plan_for(counts, local_experts=...) by its algorithm
         self.group, self.local = group, local_experts
         self.me, self.size = rank_size(group)
 
@@ -98,21 +99,22 @@ class TokenOnceDispatch(nn.Module):
         R, L, me = self.size, self.local, self.me
         both = exchange_counts(torch.cat([sent.counts_E, sent.rows_R]), self.group)  # [src, E + R]
         counts, rows = both[:, :R * L], both[:, R * L:]
-        asg = counts.view(R, R, L).sum(-1)  # asg[src][dst]: assignments
-        send_asg, recv_asg = asg[me].tolist(), asg[:, me].tolist()
-        send_rows, recv_rows = rows[me].tolist(), rows[:, me].tolist()
-        recv_counts = counts[:, me * L:(me + 1) * L]
-        row_in = _exchange(sent.row_A, send_asg, recv_asg, self.group)[0]
-        gate_in = all_to_all(sent.gate_A, send_asg, recv_asg, self.group)
-        x_recv = all_to_all(x_PD, send_rows, recv_rows, self.group, pending)
-        # received assignments are in (source, local expert) order; rows of source s start after earlier sources'
-        first = torch.tensor(recv_rows).cumsum(0) - torch.tensor(recv_rows)
-        src_A = torch.repeat_interleave(torch.arange(R), torch.tensor(recv_asg))
+        by_assignment = self.planner.plan_for(counts, local_experts=L)
+        by_row = self.planner.plan_for(rows, local_experts=1)
+        with torch.no_grad():
+            row_in = by_assignment.dispatch(sent.row_A)
+        gate_in = by_assignment.dispatch(sent.gate_A)
+        x_recv = by_row.dispatch(x_PD, pending)
+        # received assignments are in (source, local expert) order; rows of source s follow earlier sources'
+        recv_rows = rows[:, me]
+        first = recv_rows.cumsum(0) - recv_rows
+        recv_counts = by_assignment.recv_counts
+        src_A = torch.repeat_interleave(torch.arange(R), recv_counts.sum(1))
         row_in = row_in + first.index_select(0, src_A).to(row_in.device)
         by_expert = segments_perm(recv_counts.tolist(), [(s, e) for e in range(L) for s in range(R)])
         by_expert = by_expert.to(row_in.device)
-        plan = TokenOncePlan(self.group, send_rows, recv_rows, row_in.index_select(0, by_expert),
-                             gate_in.index_select(0, by_expert), recv_counts.sum(0).tolist(), recv_counts)
+        plan = TokenOncePlan(by_row, row_in.index_select(0, by_expert), gate_in.index_select(0, by_expert),
+                             recv_counts.sum(0).tolist(), recv_counts)
         return x_recv, plan
 
 

@@ -304,8 +304,8 @@ class MoEConfig(_Section):
     dispatch: str = "flat"
     """A registered dispatch algorithm (flat, hier2d, hier1d) or an import path (moetrain.registry)."""
     token_once: bool = True
-    """``flat`` dispatch under EP: send each token once to every rank that holds one of its experts (with its
-    assignments' local expert ids and gates), weigh and sum its expert outputs there, and send one row back,
+    """Under EP: send each token once to every rank that holds one of its experts (with its assignments' rows
+    and gates, by the ``dispatch`` algorithm), weigh and sum its expert outputs there, and send one row back,
     instead of one row per assignment each way. Top-k over E experts on R ranks reaches about
     R * (1 - (1 - 1/R)^k) ranks per token, not k (top-8 on 2 ranks: 2 rows instead of 8). Same result up to
     summation order. Applies to token routers without the csrc kernels, chunk pipelining or WTA-CRS on the

@@ -155,15 +155,17 @@ def test_every_router_at_ep_world_equals_all_local(ranks, world):
 
 
 # d_model 8: experts of up width <= 4 take the CPU expert-by-expert pass, wider ones gather -> GEMM -> sum
-@pytest.mark.parametrize("world,k,cf,act,f", [(2, 8, None, "gelu", 4), (4, 6, None, "swiglu", 2),
-                                              (4, 6, 0.5, "swiglu", 2), (2, 8, 0.5, "gelu", 6)])
-def test_token_once_dispatch_is_exact_and_sends_each_token_once_per_rank(ranks, world, k, cf, act, f):
+@pytest.mark.parametrize("world,k,cf,act,f,algo", [(2, 8, None, "gelu", 4, "flat"), (4, 6, None, "swiglu", 2, "hier2d"),
+                                                   (4, 6, 0.5, "swiglu", 2, "hier1d"), (2, 8, 0.5, "gelu", 6, "flat"),
+                                                   (4, 6, None, "swiglu", 6, "flat")])
+def test_token_once_dispatch_is_exact_and_sends_each_token_once_per_rank(ranks, world, k, cf, act, f, algo):
     """Fine-grained top-k (8 experts per rank): the token-once layer equals the all-local layer (float64,
     outputs and every gradient), and the rows it moves are the distinct (token, rank) pairs, far fewer than
-    the assignments the experts compute; the assignment-row layout moves one row per assignment. (On CPU the
+    the assignments the experts compute; the assignment-row layout moves one row per assignment. Every
+    dispatch algorithm (4 ranks = 2 simulated nodes x 2 for hier2d / hier1d) carries the rows. (On CPU the
     token-once experts run expert by expert, gather -> GEMMs -> weighted scatter, with their own backward.)"""
     for token_once in (True, False):
-        res = ranks(world, 2).run(_layer_case, "topk", None, k, cf, "flat", "torch", token_once, 8, True, act, f)
+        res = ranks(world, 2).run(_layer_case, "topk", None, k, cf, algo, "torch", token_once, 8, True, act, f)
         for rank, (ok, (took, (recv_rows, assignments))) in enumerate(res):
             assert took is token_once
             assert all(ok.values()), (token_once, rank, {k_: v for k_, v in ok.items() if not v})

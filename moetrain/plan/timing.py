@@ -136,14 +136,12 @@ _MOE_CACHE: dict[tuple, dict] = {}
 
 
 def _sent_rows(cfg: JobConfig, tokens: float, k: int, rows: float) -> float:
-    """Rows one rank's dispatch all-to-all carries: one per assignment, or with token-once dispatch (flat, not
+    """Rows one rank's dispatch all-to-all carries: one per assignment, or with token-once dispatch (not
     chunk-pipelined, a token router, no WTA-CRS) one per (token, rank it visits): under uniform routing a
     token's k experts miss a rank's E/ep experts with probability C(E - E/ep, k) / C(E, k)."""
     moe, p = cfg.moe, cfg.parallel
-    nodes = max(1, p.ep // max(1, min(p.ep, cfg.cluster.ranks_per_node // p.etp)))
-    flat = moe.dispatch == "flat" or nodes == 1
     pipelined = (moe.pipeline_degree, moe.bwd_pipeline_degree) != (1, 1)
-    if not (moe.token_once and flat and p.ep > 1) or pipelined or moe.router == "softmoe" or cfg.wtacrs.enabled:
+    if not (moe.token_once and p.ep > 1) or pipelined or moe.router == "softmoe" or cfg.wtacrs.enabled:
         return rows
     E, local = moe.num_experts, moe.num_experts // p.ep
     miss = math.comb(E - local, k) / math.comb(E, k) if k <= E - local else 0.0
