@@ -14,8 +14,8 @@ TP ranks, enters the backward with weight 1/tp.
 
 Expert parallelism. Experts ``[ep_rank * E/ep, (ep_rank + 1) * E/ep)`` live on this rank; rows travel
 with the dispatch plan of ``moe.dispatch`` (flat, hier2d or hier1d), exactly the counts each rank
-needs (dropless sends no padding); with ``moe.token_once`` (the default) a token travels once to each
-rank that holds any of its experts, which weighs and sums its outputs before sending one row back
+needs (dropless sends no padding); with ``moe.token_once`` (``auto``: where it saves rows) a token travels
+once to each rank that holds any of its experts, which weighs and sums its outputs before sending one row back
 (moe/token_once.py). In backward the experts' weight gradients are computed while the
 dispatch all-to-all's backward exchange is in flight (``PendingWeightGrads``, moe/dispatch.py).
 """
@@ -37,7 +37,13 @@ from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.overlap import SectionTimes, pipelined_experts
 from moetrain.moe.routers import Routing, SparseRouting, gather_rows, weighted_token_sum
 from moetrain.moe.runtime import MoERuntime
-from moetrain.moe.token_once import TokenOnceDispatch, TokenOnceExperts, TokenOnceOrder, TokenOnceUnorder
+from moetrain.moe.token_once import (
+    TokenOnceDispatch,
+    TokenOnceExperts,
+    TokenOnceOrder,
+    TokenOnceUnorder,
+    token_once_pays,
+)
 from moetrain.parallel.mappings import copy_to_tp, gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
 from moetrain.parallel.rng import init_normal, stream_seed
 from moetrain.parallel.weight_grad import PendingWeightGrads
@@ -251,7 +257,8 @@ class MoELayer(nn.Module):
                                  etp_group=groups.etp, ep_group=groups.ep, dtype=dtype, num_layers=num_layers,
                                  sample_up=sample_up, sample_down=sample_down)
         # token-once dispatch (moe/token_once.py): one row per (token, rank) each way instead of one per assignment
-        self.token_once = (cfg.token_once and ep_size > 1 and not self.fused and not router_cls.mixes_tokens
+        wanted = token_once_pays(cfg.num_experts, cfg.topk, ep_size) if cfg.token_once == "auto" else cfg.token_once
+        self.token_once = (wanted and ep_size > 1 and not self.fused and not router_cls.mixes_tokens
                            and runtime.engine is None and self.wtacrs is None)
         if self.token_once:
             self.order = TokenOnceOrder(cfg.num_experts, ep_size)

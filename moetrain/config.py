@@ -303,13 +303,14 @@ class MoEConfig(_Section):
     """Every n-th block is an MoE block (the others dense)."""
     dispatch: str = "flat"
     """A registered dispatch algorithm (flat, hier2d, hier1d) or an import path (moetrain.registry)."""
-    token_once: bool = True
+    token_once: Union[Literal["auto"], bool] = "auto"
     """Under EP: send each token once to every rank that holds one of its experts (with its assignments' rows
     and gates, by the ``dispatch`` algorithm), weigh and sum its expert outputs there, and send one row back,
-    instead of one row per assignment each way. Top-k over E experts on R ranks reaches about
-    R * (1 - (1 - 1/R)^k) ranks per token, not k (top-8 on 2 ranks: 2 rows instead of 8). Same result up to
-    summation order. Applies to token routers without the csrc kernels, chunk pipelining or WTA-CRS on the
-    experts; elsewhere the assignment rows travel."""
+    instead of one row per assignment each way. Top-k of E experts on R ranks reaches
+    R * (1 - C(E - E/R, k) / C(E, k)) ranks per token under uniform routing, not k (top-8 of 128 on 2 ranks:
+    2 rows instead of 8). Same result up to summation order. ``auto``: on where that is at most 3/4 of k (it
+    adds two small exchanges, which top-2 of 8 does not repay). Applies to token routers without the csrc
+    kernels, chunk pipelining or WTA-CRS on the experts; elsewhere the assignment rows travel."""
     pipeline_degree: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = 1
     """Forward chunks of the dispatch/experts/combine pipeline: an integer or ``auto`` (chosen by the model)."""
     bwd_pipeline_degree: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = 1

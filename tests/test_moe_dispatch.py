@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -146,11 +148,12 @@ def _layer_case(router: str, forced: str | None, k: int, capacity_factor, dispat
 def test_every_router_at_ep_world_equals_all_local(ranks, world):
     pool = ranks(world, 2 if world > 2 else 2)
     for router in ROUTERS.names():
-        for token_once in (True, False):
+        for token_once in (True, False, "auto"):
             res = pool.run(_layer_case, router, None, 2, None, "flat", "torch", token_once, 2, True)
             for rank, (ok, (took, _)) in enumerate(res):
-                # token-once applies to every token router (soft MoE mixes tokens into slots: rows travel)
-                assert took == (token_once and not ROUTERS.get(router).mixes_tokens), router
+                # token-once applies to every token router (soft MoE mixes tokens into slots: rows travel);
+                # auto leaves top-2 of 2 experts per rank alone (a token visits 0.83-0.93 as many ranks)
+                assert took == (token_once is True and not ROUTERS.get(router).mixes_tokens), router
                 assert all(ok.values()), (router, token_once, rank, {k: v for k, v in ok.items() if not v})
 
 
@@ -164,12 +167,12 @@ def test_token_once_dispatch_is_exact_and_sends_each_token_once_per_rank(ranks, 
     the assignments the experts compute; the assignment-row layout moves one row per assignment. Every
     dispatch algorithm (4 ranks = 2 simulated nodes x 2 for hier2d / hier1d) carries the rows. (On CPU the
     token-once experts run expert by expert, gather -> GEMMs -> weighted scatter, with their own backward.)"""
-    for token_once in (True, False):
+    for token_once in (True, False, "auto"):  # auto takes it at these shapes (about 2 of 8, 3.4 of 6 ranks)
         res = ranks(world, 2).run(_layer_case, "topk", None, k, cf, algo, "torch", token_once, 8, True, act, f)
         for rank, (ok, (took, (recv_rows, assignments))) in enumerate(res):
-            assert took is token_once
+            assert took is (token_once is not False)
             assert all(ok.values()), (token_once, rank, {k_: v for k_, v in ok.items() if not v})
-            if token_once:
+            if took:
                 # 8 tokens per rank reach this rank at most once from each of the world's ranks
                 assert 0 < recv_rows <= 8 * world and recv_rows < assignments, (rank, recv_rows, assignments)
             else:
@@ -402,6 +405,22 @@ def test_permute_rows_matches_index_select_with_gradient():
     assert torch.equal(y, x[perm])
     (gx,) = torch.autograd.grad(y, x, g)
     assert torch.equal(gx, ref)
+
+
+def test_token_once_auto_takes_it_where_it_saves_rows():
+    """``moe.token_once: auto``: on where a token's experts fall on at most 3/4 as many ranks as it has experts
+    (uniform routing), off for top-1 and for top-2 of 8 (0.79 on 2 ranks, 0.93 on 4)."""
+    from moetrain.moe.token_once import ranks_per_token, token_once_pays
+
+    assert ranks_per_token(128, 8, 2) == pytest.approx(2 * (1 - math.comb(64, 8) / math.comb(128, 8)))
+    assert ranks_per_token(8, 2, 8) == pytest.approx(2.0)  # one expert per rank: every choice is a rank
+    assert token_once_pays(128, 8, 2) and token_once_pays(64, 8, 8) and token_once_pays(256, 8, 8)
+    assert not token_once_pays(256, 8, 64)  # 4 experts per rank: a token meets ~7.6 ranks
+    assert not token_once_pays(8, 2, 2) and not token_once_pays(8, 2, 4) and not token_once_pays(64, 1, 2)
+    assert not token_once_pays(128, 8, 1)
+    # EP 1: nothing travels, whatever the setting
+    cfg = MoEConfig(num_experts=16, topk=8, d_expert=4, token_once=True)
+    assert MoELayer(cfg, 0, MoEGroups(), d_model=8, sp=False, dtype=torch.float64).token_once is False
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])

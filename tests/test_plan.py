@@ -222,6 +222,10 @@ def test_token_once_dispatch_shrinks_the_predicted_all_to_all():
 
     visits = 2 * (1 - math.comb(64, 8) / math.comb(128, 8))
     assert _sent_rows(cfg(), 1000, 8, 8000) == pytest.approx(1000 * visits)
+    # auto leaves top-2 of 8 on 2 ranks (0.79 of the rows) alone; true forces it
+    top2 = ["moe.num_experts=8", "moe.topk=2"]
+    assert _sent_rows(cfg(*top2), 1000, 2, 2000) == 2000
+    assert _sent_rows(cfg(*top2, "moe.token_once=true"), 1000, 2, 2000) == pytest.approx(1000 * 2 * (1 - 6 / 28))
     for extra in (["moe.token_once=false"], ["moe.pipeline_degree=2"], ["parallel.ep=1"]):
         assert _sent_rows(cfg(*extra), 1000, 8, 8000) == 8000, extra
     hw = load_hardware("h100_sxm")
