@@ -245,12 +245,13 @@ class TokenOnceExperts(nn.Module):
         self.experts = experts
 
     def per_expert(self, x_recv: torch.Tensor) -> bool:
-        """Whether the expert-by-expert pass runs: on CPU, no expert TP or WTA-CRS, and experts no wider than
+        """Whether the expert-by-expert pass runs: on CPU, no expert TP, WTA-CRS or autocast, and experts no wider than
         half the model (their up width): there the ``[assignments, D]`` traffic it saves outweighs the
         ``[assignments, F]`` work it adds (activation recomputed, gate gradient over F). Measured on 2 gloo
         ranks: 1.2x the gather path's experts stage at D 512 / F 128 and 256 top-8, 0.9x at F 1024 top-2."""
         ex = self.experts
         return (not x_recv.is_cuda and ex.etp == 1 and not (ex.sample_up or ex.sample_down)
+                and not torch.is_autocast_enabled(x_recv.device.type)  # bf16 autocast: the grouped path's casts
                 and 2 * ex.w_up_EFD.shape[1] <= x_recv.shape[1])
 
     def forward(self, x_recv: torch.Tensor, plan: TokenOncePlan,
