@@ -28,6 +28,16 @@ def _human(n: float) -> str:
     return f"{n:.1f}P"
 
 
+def _token_once(cfg) -> str:
+    """``moe.token_once`` as set, and for ``auto`` what it resolves to at this EP degree (uniform routing)."""
+    from moetrain.moe.token_once import token_once_pays
+
+    moe = cfg.moe
+    if moe.token_once != "auto":
+        return str(moe.token_once).lower()
+    return "auto (on)" if token_once_pays(moe.num_experts, moe.topk, cfg.parallel.ep) else "auto (off)"
+
+
 def describe(cfg: JobConfig) -> str:
     c, p, m, moe, t = cfg.cluster, cfg.parallel, cfg.model, cfg.moe, cfg.train
     facts = get_model_spec(cfg).facts()
@@ -54,7 +64,7 @@ def describe(cfg: JobConfig) -> str:
         lines.append(
             f"moe      {moe.num_experts} experts top-{moe.topk} router={moe.router} {cap} dispatch={moe.dispatch} "
             f"every={moe.every} degrees={moe.pipeline_degree}/{moe.bwd_pipeline_degree} "
-            f"overlap_wgrad={str(moe.overlap_wgrad).lower()}"
+            f"overlap_wgrad={str(moe.overlap_wgrad).lower()} token_once={_token_once(cfg)}"
         )
     else:
         lines.append("moe      off (dense model)")

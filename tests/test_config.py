@@ -54,6 +54,7 @@ def test_dp_is_derived_and_checked():
     (["moe.pipeline_degree=fast"], "moe.pipeline_degree", "'auto'"),
     (["moe.pipeline_degree=0"], "moe.pipeline_degree", "greater than or equal to 1"),
     (["moe.overlap_wgrad=sometimes"], "moe.overlap_wgrad", "'auto'"),
+    (["moe.token_once=maybe"], "moe.token_once", "'auto'"),
     (["moe=null"], "moe", "a dense model is moe.num_experts: 0"),
     (["train.optimizer=[1]"], "train.optimizer", "a section, expected a mapping of its keys (beta1,"),
     (["cluster.ranks_per_node=4", "parallel.tp=3"], "parallel.tp", "does not divide the world size 4"),
