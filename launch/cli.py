@@ -30,12 +30,14 @@ def _human(n: float) -> str:
 
 def _token_once(cfg) -> str:
     """``moe.token_once`` as set, and for ``auto`` what it resolves to at this EP degree (uniform routing)."""
-    from moetrain.moe.token_once import token_once_pays
+    from moetrain.moe.token_once import token_once_on
+    from moetrain.registry import ROUTERS
 
     moe = cfg.moe
     if moe.token_once != "auto":
         return str(moe.token_once).lower()
-    return "auto (on)" if token_once_pays(moe.num_experts, moe.topk, cfg.parallel.ep) else "auto (off)"
+    k = getattr(ROUTERS.get(moe.router), "fixed_topk", None) or moe.topk
+    return "auto (on)" if token_once_on("auto", moe.num_experts, k, cfg.parallel.ep) else "auto (off)"
 
 
 def describe(cfg: JobConfig) -> str:

@@ -42,7 +42,7 @@ from moetrain.moe.token_once import (
     TokenOnceExperts,
     TokenOnceOrder,
     TokenOnceUnorder,
-    token_once_pays,
+    token_once_on,
 )
 from moetrain.parallel.mappings import copy_to_tp, gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
 from moetrain.parallel.rng import init_normal, stream_seed
@@ -251,28 +251,27 @@ class MoELayer(nn.Module):
         for p in router.parameters():
             p.tp_partial_grad = self.tp_size > 1
         self.gate = Gate(router)
-        self.order = FusedOrder(cfg.num_experts) if self.fused else Order(cfg.num_experts)
         experts = GroupedExperts(cfg.num_experts, d_model, cfg.d_expert, ep_rank=ep_rank, ep_size=ep_size,
                                  seed=seed, name=f"{name}.experts", activation=cfg.activation,
                                  etp_group=groups.etp, ep_group=groups.ep, dtype=dtype, num_layers=num_layers,
                                  sample_up=sample_up, sample_down=sample_down)
         # token-once dispatch (moe/token_once.py): one row per (token, rank) each way instead of one per assignment
-        wanted = token_once_pays(cfg.num_experts, cfg.topk, ep_size) if cfg.token_once == "auto" else cfg.token_once
-        self.token_once = (wanted and ep_size > 1 and not self.fused and not router_cls.mixes_tokens
-                           and runtime.engine is None and self.wtacrs is None)
+        k = getattr(router, "topk", cfg.topk)  # switch / GShard fix their own
+        self.token_once = (token_once_on(cfg.token_once, cfg.num_experts, k, ep_size)
+                           and not self.fused and not router_cls.mixes_tokens and runtime.engine is None
+                           and self.wtacrs is None)
+        dispatch = Dispatch(cfg.dispatch, groups, experts.num_local)
         if self.token_once:
             self.order = TokenOnceOrder(cfg.num_experts, ep_size)
-            self.dispatch = TokenOnceDispatch(Dispatch(cfg.dispatch, groups, experts.num_local), groups.ep,
-                                              experts.num_local)
+            self.dispatch = TokenOnceDispatch(dispatch)
             self.experts = TokenOnceExperts(experts)
-        else:
-            self.dispatch = Dispatch(cfg.dispatch, groups, experts.num_local)
-            self.experts = ExpertStage(experts)
-        self.combine = Combine()
-        if self.token_once:
             self.unorder = TokenOnceUnorder()
         else:
+            self.order = FusedOrder(cfg.num_experts) if self.fused else Order(cfg.num_experts)
+            self.dispatch = dispatch
+            self.experts = ExpertStage(experts)
             self.unorder = FusedInverseOrder(cfg.num_experts) if self.fused else InverseOrder()
+        self.combine = Combine()
         self.shared = shared
         self.shared_gate = None
         if cfg.shared_expert_gate:  # Qwen2-MoE: sigmoid(x w) scales the shared experts' output per token

@@ -2,7 +2,7 @@
 experts, not once per assignment, and comes back as one row per (token, rank).
 
 With fine-grained experts (top-8 of 64 or 128) most of a token's assignments land on the same few ranks:
-on R ranks a token reaches about ``R * (1 - (1 - 1/R)^k)`` of them (top-8 on 2 ranks: 2, not 8), so the
+on R ranks a token reaches :func:`ranks_per_token` of them (top-8 of 128 on 2 ranks: 2, not 8), so the
 row all-to-alls, which carry ``D`` values per row, shrink by that factor each way. What travels besides
 the rows is small: per assignment, the row of its token in the destination's block and its gate (the
 local expert follows from the count matrix). The receiving rank expands its tokens to assignment rows in
@@ -32,8 +32,8 @@ from moetrain.moe.routers import SparseRouting, gather_rows, weighted_token_sum
 from moetrain.parallel.grad_storage import fresh_grad
 from moetrain.parallel.weight_grad import PendingWeightGrads, defers, weight_grad
 
-__all__ = ["ranks_per_token", "token_once_pays", "TokenOnceOrder", "TokenOnceDispatch", "TokenOnceExperts",
-           "TokenOnceUnorder", "Sent", "TokenOncePlan"]
+__all__ = ["ranks_per_token", "token_once_pays", "token_once_on", "TokenOnceOrder", "TokenOnceDispatch",
+           "TokenOnceExperts", "TokenOnceUnorder", "Sent", "TokenOncePlan"]
 
 
 def ranks_per_token(num_experts: int, topk: int, ep: int) -> float:
@@ -49,6 +49,13 @@ def token_once_pays(num_experts: int, topk: int, ep: int) -> bool:
     """``moe.token_once: auto``: the rows on the wire drop to at most 3/4 (top-8 of 128 on 2 ranks: 1/4;
     top-2 of 8 on 2 ranks: 0.79, measured no faster: the two extra exchanges eat the saving)."""
     return ep > 1 and ranks_per_token(num_experts, topk, ep) <= 0.75 * min(topk, num_experts)
+
+
+def token_once_on(setting, num_experts: int, topk: int, ep: int) -> bool:
+    """``moe.token_once`` (``auto`` | bool) resolved for ``topk`` experts per token at this EP degree (before
+    the layer's own conditions: a token router, no csrc kernels, chunk pipelining or WTA-CRS on the experts)."""
+    wanted = token_once_pays(num_experts, topk, ep) if setting == "auto" else bool(setting)
+    return wanted and ep > 1
 
 
 @dataclass
@@ -105,11 +112,11 @@ class TokenOnceDispatch(nn.Module):
     rows in (source member, expert) order), the assignments' rows-in-block (ints) and gates, and the token
     rows (planned as one "expert" per member)."""
 
-    def __init__(self, planner: nn.Module, group, local_experts: int):
+    def __init__(self, planner: nn.Module):
         super().__init__()
         self.planner = planner  # the layer's Dispatch: plan_for(counts, local_experts=...) by its algorithm
-        self.group, self.local = group, local_experts
-        self.me, self.size = rank_size(group)
+        self.group, self.local = planner.groups.ep, planner.local_experts
+        self.me, self.size = rank_size(self.group)
 
     def forward(self, x_PD: torch.Tensor, sent: Sent,
                 pending: PendingWeightGrads | None = None) -> tuple[torch.Tensor, TokenOncePlan]:
@@ -148,6 +155,19 @@ def _act_backward(g: torch.Tensor, h: torch.Tensor, swiglu: bool) -> torch.Tenso
         return torch.ops.aten.gelu_backward(g, h)
     gate, up = h.chunk(2, dim=-1)
     return torch.cat([torch.ops.aten.silu_backward(g * up, gate), g * F.silu(gate)], dim=-1)
+
+
+def _through_activation(g: torch.Tensor, h: torch.Tensor, gate: torch.Tensor, w_down: torch.Tensor,
+                        swiglu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One expert's backward down to its pre-activation, from ``g`` (its rows' output gradients, before the
+    gates): (gate-weighted activation, the gates' gradient ``<g w_down, a>``, gradient of ``h``)."""
+    a = _act(h, swiglu)
+    ga = torch.empty_like(a)
+    input_grad(g, w_down, ga)  # [n, F], before the gates
+    d_gate = (ga * a).sum(dim=1)
+    w = gate.to(a.dtype)[:, None]
+    gh = _act_backward(ga.mul_(w), h, swiglu)
+    return a.mul_(w), d_gate, gh
 
 
 class _ExpertsPerSegment(torch.autograd.Function):
@@ -193,18 +213,13 @@ class _ExpertsPerSegment(torch.autograd.Function):
                     gw_down[e].zero_()
                 continue
             g = g_PD.index_select(0, rows)  # [n, D]: each assignment's output gradient (before its gate)
-            a = _act(hs, swiglu)
-            ga = torch.empty_like(a)
-            input_grad(g, w_down[e], ga)  # [n, F] unweighted
-            torch.sum(ga * a, dim=1, out=ggs)  # d gate = <g, y> = <g w_down, a>
-            w = gs.to(a.dtype)[:, None]
-            ga.mul_(w)
-            gh = _act_backward(ga, hs, swiglu)
+            a_w, d_gate, gh = _through_activation(g, hs, gs, w_down[e], swiglu)
+            ggs.copy_(d_gate)
             gxs = torch.empty_like(g)
             input_grad(gh, w_up[e], gxs)
             gx.index_add_(0, rows, gxs)
             if fused:
-                torch.mm(g.t(), a.mul_(w), out=gw_down[e])
+                torch.mm(g.t(), a_w, out=gw_down[e])
                 torch.mm(gh.t(), x_PD.index_select(0, rows), out=gw_up[e])
         if not fused:
             saved, memo = (g_PD, x_PD, gate_A, row_A, h_AF, counts, swiglu, w_up, w_down), []
@@ -226,11 +241,8 @@ def _weight_grads(g_PD, x_PD, gate_A, row_A, h_AF, counts, swiglu, w_up, w_down)
         if not rows.numel():
             continue
         g = g_PD.index_select(0, rows)
-        a = _act(hs, swiglu).mul_(gs.to(hs.dtype)[:, None])
-        torch.mm(g.t(), a, out=gw_down[e])
-        ga = torch.empty_like(a)
-        input_grad(g, w_down[e], ga)
-        gh = _act_backward(ga.mul_(gs.to(ga.dtype)[:, None]), hs, swiglu)
+        a_w, _, gh = _through_activation(g, hs, gs, w_down[e], swiglu)
+        torch.mm(g.t(), a_w, out=gw_down[e])
         torch.mm(gh.t(), x_PD.index_select(0, rows), out=gw_up[e])
     return gw_up, gw_down
 

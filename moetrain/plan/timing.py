@@ -139,12 +139,12 @@ def _sent_rows(cfg: JobConfig, tokens: float, k: int, rows: float) -> float:
     """Rows one rank's dispatch all-to-all carries: one per assignment, or with token-once dispatch (not
     chunk-pipelined, a token router, no WTA-CRS) one per (token, rank it visits): under uniform routing a
     token's k experts miss a rank's E/ep experts with probability C(E - E/ep, k) / C(E, k)."""
-    from moetrain.moe.token_once import ranks_per_token, token_once_pays
+    from moetrain.moe.token_once import ranks_per_token, token_once_on
 
     moe, p = cfg.moe, cfg.parallel
     pipelined = (moe.pipeline_degree, moe.bwd_pipeline_degree) != (1, 1)
-    wanted = token_once_pays(moe.num_experts, k, p.ep) if moe.token_once == "auto" else moe.token_once
-    if not (wanted and p.ep > 1) or pipelined or moe.router == "softmoe" or cfg.wtacrs.enabled:
+    if (not token_once_on(moe.token_once, moe.num_experts, k, p.ep) or pipelined or moe.router == "softmoe"
+            or cfg.wtacrs.enabled):
         return rows
     return min(rows, tokens * ranks_per_token(moe.num_experts, k, p.ep))
 
