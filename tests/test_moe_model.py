@@ -72,13 +72,18 @@ def test_every_router_ep4_equals_single_process(ranks, case):
     (2, 4, 4, True, ("moe.router=softmoe",)),
     (2, 4, 4, True, ("moe.router=expert_choice", "moe.activation=gelu")),
     # WTA-CRS on every linear and on the experts: the same rows are drawn in every layout
+    # token-once dispatch: forced on at top-2 (gather path, weight gradients pending), hier2d with recomputation;
+    # auto at top-6 of 8 on 4 ranks (on), GELU experts of 32 <= d_model / 2: the CPU expert-by-expert pass, TP + SP
+    (1, 4, 4, False, ("moe.token_once=true", OVERLAP)),
+    (1, 8, 8, False, ("moe.token_once=true", "moe.dispatch=hier2d", "train.recompute=full")),
+    (2, 4, 4, True, ("moe.topk=6", "moe.activation=gelu")),
     (2, 4, 4, True, ("wtacrs.enabled=true", "wtacrs.keep_ratio=0.3", "wtacrs.min_rows=2",
                      "wtacrs.layers=[qkv,attn_out,mlp_up,mlp_down]", "moe.shared_experts=1", OVERLAP)),
 ])
 def test_moe_layouts_equal_single_process(ranks, tp, dp, ep, sp, extra):
     if dp == 8:  # one sample per rank; the micro-batch is the routing group, so the reference uses it too
         extra = (*extra, "train.micro_batch_size=1")
-    model_extra = tuple(x for x in extra if not x.startswith("parallel.") and x != OVERLAP)
+    model_extra = tuple(x for x in extra if not x.startswith(("parallel.", "moe.token_once")) and x != OVERLAP)
     ref = _reference(model_extra)
     got = ranks(*POOL[tp * dp]).run(_train, _layout(tp, dp, ep, sp) + MOE + list(extra))[0]
     _compare(got, ref)
