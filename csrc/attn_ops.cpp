@@ -11,9 +11,9 @@ extern "C" {
 cudaError_t moe_flash_attn_fwd(int dtype, const void* q, const void* k, const void* v, void* o, float* lse, int B,
                                int H, int Hkv, int seqlen, int D, int causal, float scale, cudaStream_t stream);
 cudaError_t moe_flash_attn_bwd(int dtype, const void* q, const void* k, const void* v, const void* o, const void* d_o,
-                               const float* lse, float* delta, float* dq_acc, void* dq, void* dk, void* dv, int B, int H,
-                               int Hkv, int seqlen, int D, int causal, float scale, int deterministic,
-                               cudaStream_t stream);
+                               const float* lse, float* delta, float* dq_acc, float* dkv_acc, void* dq, void* dk,
+                               void* dv, int B, int H, int Hkv, int seqlen, int D, int causal, float scale,
+                               int deterministic, cudaStream_t stream);
 }
 
 namespace {
@@ -80,9 +80,11 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
   auto delta = torch::empty({B, H, T}, f32);
   // the atomic path sums dQ in an fp32 buffer; the deterministic one needs none
   auto dq_acc = deterministic ? torch::empty({0}, f32) : torch::empty({B, H, T, D}, f32);
+  // with grouped-query heads every query head's dK / dV partial, summed per group in head order by the kernel
+  auto dkv_acc = H == Hkv ? torch::empty({0}, f32) : torch::empty({2, B, H, T, D}, f32);
   check(moe_flash_attn_bwd(dtype_code(q), q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), d_o.data_ptr(),
-                           lse.data_ptr<float>(), delta.data_ptr<float>(), dq_acc.data_ptr<float>(), dq.data_ptr(),
-                           dk.data_ptr(), dv.data_ptr(), B, H, Hkv, T, D, causal ? 1 : 0, 1.0f / std::sqrt(float(D)),
+                           lse.data_ptr<float>(), delta.data_ptr<float>(), dq_acc.data_ptr<float>(),
+                           dkv_acc.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B, H, Hkv, T, D, causal ? 1 : 0, 1.0f / std::sqrt(float(D)),
                            deterministic ? 1 : 0, at::cuda::getCurrentCUDAStream()),
         "moe_flash_attn_bwd");
   return {dq, dk, dv};

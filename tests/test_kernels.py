@@ -3,6 +3,7 @@ own ops (CPU), and kernel == reference (GPU, skipped without CUDA)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,11 +25,23 @@ from moetrain.moe.routers import capacity_keep
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 @pytest.mark.parametrize("arch", ["compute_90a,code=sm_90a", "compute_80,code=sm_80"], ids=["hopper", "ampere"])
 def test_kernels_compile_with_plain_nvcc(tmp_path, arch):
+    """Every kernel compiles with the flags its extension is built with, and ptxas reports no register spills in
+    any of them (nor any local memory in the attention kernels, whose fragments must all live in registers)."""
+    from moetrain.moe.kernels import _EXT as moe_ext
+    from moetrain.parallel.fused_attention import _EXT as attn_ext
+
+    fast_math = {src: ext.fast_math for ext in (moe_ext, attn_ext) for src in ext.sources}  # as they are built
     for cu in sorted(CSRC.glob("*.cu")):
-        out = subprocess.run(["nvcc", f"-gencode=arch={arch}", "-O3", "-std=c++17", "-c", str(cu),
+        flags = ["-O3", "-std=c++17"] + (["--use_fast_math"] if fast_math[cu.name] else [])
+        out = subprocess.run(["nvcc", f"-gencode=arch={arch}", *flags, "-Xptxas", "-v", "-c", str(cu),
                               "-o", str(tmp_path / "k.o")], capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, f"{cu.name}:\n{out.stderr[-4000:]}"
         assert (tmp_path / "k.o").stat().st_size > 10_000
+        usage = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", out.stderr)
+        assert len(usage) >= 10, out.stderr[-2000:]  # one line per kernel instantiation
+        assert all(st == "0" and ld == "0" for _, st, ld in usage), f"{cu.name} spills:\n{out.stderr}"
+        if cu.name == "flash_attn.cu":
+            assert all(frame == "0" for frame, _, _ in usage), f"{cu.name} uses local memory:\n{out.stderr}"
 
 
 # the CUDA library headers torch's CUDA headers include, which a CPU machine's toolkit may lack: only their
