@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.moetrain-installed
 # build against torch (deepspeed) from pulling a second, CUDA torch into an isolated build env.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint clean gpu-check
+.PHONY: setup demo test lint clean gpu-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -28,12 +28,18 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# On a CUDA machine whose python3 has torch (no venv needed): install moetrain (no dependencies), then one
-# script builds the kernels once, runs the GPU tests and the GPU benchmarks within 9 minutes, and writes
-# runs/gpu_check.md (exit 2 at once without a CUDA device).
+# On a CUDA machine whose python3 has torch (no venv needed): one script installs what it lacks from
+# .gpu_wheels/ (offline) and moetrain itself (no dependencies), builds the kernels once, runs the GPU tests and
+# the GPU benchmarks within 9 minutes, and writes runs/gpu_check.md (exit 2 at once without a CUDA device).
 gpu-check:
-	python3 -m pip install -q --no-deps --no-build-isolation -e .
 	python3 benchmarks/gpu_check.py --out runs/gpu_check.md
+
+# Here, before a device run (whose machine reaches no registry; carry .gpu_wheels): the wheels gpu-check may need
+# for the GPU machines' Python 3.12 on x86_64
+gpu-wheels:
+	python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+		-d .gpu_wheels pyyaml pydantic rich pytest setuptools wheel
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -4,13 +4,18 @@ benchmarks, and write one results file to paste into benchmarks/RESULTS.md.
     python benchmarks/gpu_check.py [--out runs/gpu_check.md] [--budget-s 540]
 
 Steps (each with its own time limit, all within ``--budget-s``; a failed step is recorded and the next runs):
+0. what the checks import and the GPU machine may lack (pyyaml, pydantic, rich, pytest; setuptools and wheel
+   to install moetrain itself), from the wheels in ``.gpu_wheels/`` (``make gpu-wheels`` downloads them on a
+   machine with a package registry; the device run carries that folder, as nothing can be fetched there), then
+   moetrain itself (editable, no dependencies);
 1. the machine: device name and count, torch and CUDA versions, nvcc;
 2. building the csrc extensions (MoE kernels, attention) and their start-up self-checks, with build times;
 3. ``pytest -m gpu tests/test_kernels.py tests/test_attention.py``: pass / fail per test;
 4. ``benchmarks/kernels.py`` (routing, packing, combine vs torch), ``benchmarks/attention.py`` (the fused
    kernel vs SDPA's flash backend), ``benchmarks/moe_layer.py`` (moetrain's MoE layer, torch and fused stages,
    vs DeepSpeed-MoE when deepspeed imports).
-Without a CUDA device it stops at once with exit code 2 and says so (nothing is built or run).
+Without a CUDA device it stops at once with exit code 2 and says so (nothing is installed, built or run); when
+what it needs cannot be installed, exit code 3 with the reason.
 """
 
 from __future__ import annotations
@@ -36,9 +41,47 @@ BENCHMARKS = [
 ]
 
 
+WHEELS = ROOT / ".gpu_wheels"
+NEEDED = {"yaml": "pyyaml", "pydantic": "pydantic", "rich": "rich", "pytest": "pytest"}  # import -> package
+
+
+def _pip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", "install", "-q", *args], capture_output=True, text=True,
+                          timeout=240, cwd=ROOT)
+
+
+def prepare() -> tuple[list[str], str | None]:
+    """Install what the checks import from ``.gpu_wheels`` (offline), then moetrain; (lines, why it failed)."""
+    import importlib.util
+
+    lines = []
+    missing = [pkg for mod, pkg in NEEDED.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        if not WHEELS.is_dir():
+            return lines, (f"missing {', '.join(missing)} and no {WHEELS.name}/ to install them from: run "
+                           f"`make gpu-wheels` where a package registry is reachable and carry {WHEELS.name}")
+        res = _pip("--no-index", "--find-links", str(WHEELS), *missing)
+        if res.returncode:
+            return lines, f"installing {', '.join(missing)} from {WHEELS.name}/ failed: {res.stderr.strip()[-400:]}"
+        lines.append(f"- installed from {WHEELS.name}/: {', '.join(missing)}")
+    probe = [sys.executable, "-c", "import moetrain.moe.kernels, moetrain.parallel.fused_attention"]
+    if subprocess.run(probe, capture_output=True, cwd=ROOT, timeout=120).returncode:
+        res = _pip("--no-deps", "--no-build-isolation", "-e", ".")
+        if res.returncode and WHEELS.is_dir():  # an environment without setuptools / wheel to build with
+            _pip("--no-index", "--find-links", str(WHEELS), "setuptools", "wheel")
+            res = _pip("--no-deps", "--no-build-isolation", "-e", ".")
+        if res.returncode:
+            return lines, f"installing moetrain failed: {res.stderr.strip()[-400:]}"
+        lines.append("- installed moetrain (editable, no dependencies)")
+    return lines, None
+
+
 def machine() -> tuple[list[str], str | None]:
     """Facts about this machine, and why there is nothing to check (None when there is a CUDA device)."""
-    import torch
+    try:
+        import torch
+    except ImportError:
+        return [], f"{sys.executable} cannot import torch (run gpu-check with the Python that holds PyTorch)"
 
     lines = [f"- torch {torch.__version__}, CUDA runtime {torch.version.cuda}, python {sys.version.split()[0]}"]
     try:
@@ -116,6 +159,11 @@ def main() -> int:
     if why_not:
         print(f"gpu-check: {why_not}; nothing was built or run", file=sys.stderr)
         return 2
+    installed, why_not = prepare()
+    if why_not:
+        print(f"gpu-check: {why_not}", file=sys.stderr)
+        return 3
+    facts += installed
     left = lambda: a.budget_s - (time.perf_counter() - t0)  # noqa: E731
     lines = [f"# GPU check, {time.strftime('%Y-%m-%d %H:%M')} (`python benchmarks/gpu_check.py`)", "", *facts, "",
              "## Build and self-checks", *build(), "", "## GPU tests"]

@@ -469,3 +469,14 @@ def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
     res = subprocess.run([sys.executable, str(script), "--out", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "no CUDA device" in res.stderr and not out.exists()
+
+
+def test_gpu_check_names_what_it_cannot_install(monkeypatch, tmp_path):
+    """The GPU machines reach no registry: a module the checks need, missing with no wheels carried, is named
+    with the way to carry it (and nothing is installed)."""
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check, "NEEDED", {"yaml": "pyyaml", "no_such_module_xyz": "no-such-package"})
+    monkeypatch.setattr(gpu_check, "WHEELS", tmp_path / ".gpu_wheels")
+    lines, why = gpu_check.prepare()
+    assert lines == [] and "no-such-package" in why and "make gpu-wheels" in why and "pyyaml" not in why
