@@ -33,6 +33,8 @@ Peers: DeepSpeed is a dependency of moetrain's dev install; Tutel is not (instal
 casts the experts (the gates stay fp32) and the input. ``--compare-wgrad-overlap`` adds moetrain's layer
 with ``moe.overlap_wgrad`` set the other way from its default as one more interleaved layer;
 ``--compare-token-once`` adds it with ``moe.token_once: false`` (one row per assignment each way).
+On CPU every layer runs with glibc malloc keeping freed memory (``--system-malloc`` leaves its defaults), the
+peers' best form there: their fresh capacity buffers otherwise fault their pages in every step.
 """
 
 from __future__ import annotations
@@ -201,10 +203,28 @@ def _peers_available() -> dict[str, str | None]:
     return out
 
 
+def _keep_freed_memory() -> bool:
+    """glibc malloc: serve large blocks from the heap and keep freed memory (mmap and trim thresholds 1 GiB),
+    as CPU PyTorch deployments do with jemalloc / tcmalloc. Otherwise every fresh [rows, d] buffer over 128 KiB
+    is a new mmap whose pages fault in on first touch: a 64 MiB index_select took 42 ms instead of 15-17 ms
+    here. It speeds up the peers (their capacity buffers are fresh each step), not moetrain's layer, so every
+    layer in the benchmark runs with it. False where it cannot be set (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, 1 << 30))  # M_MMAP_ / M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def _bench(cases, iters: int, warmup: int, device: str, dtype_name: str, kernels: str, compare_overlap: bool,
-           peers: list[str], compare_token_once: bool = False) -> list[dict]:
+           peers: list[str], compare_token_once: bool = False, malloc: bool = True) -> list[dict]:
     import torch
     import torch.distributed as dist
+
+    kept = _keep_freed_memory() if malloc and device == "cpu" else False
 
     from moetrain.config import MoEConfig
     from moetrain.launch.metrics import measure_matmul_flops
@@ -276,7 +296,7 @@ def _bench(cases, iters: int, warmup: int, device: str, dtype_name: str, kernels
                         "floor_ms": flops / rate * 1e3, "rate_gflops": rate / 1e9, "rate_n": rate_n,
                         "flipped_ms": timed[len(layers)][0] * 1e3 if compare_overlap else None,
                         "rows_ms": timed[-1][0] * 1e3 if compare_token_once else None,
-                        "token_once": ours.token_once})
+                        "token_once": ours.token_once, "malloc_kept": kept})
         del layers, steps, ours
     return results if rank == 0 else []
 
@@ -375,6 +395,9 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES),
                     help=f"comma-separated names ({', '.join(SHAPES)}) or DxFxExK[+S]")
     ap.add_argument("--peers", default="deepspeed,tutel", help="comma-separated: deepspeed, tutel (or empty)")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc malloc's defaults (by default every layer runs with freed memory kept, as "
+                         "CPU deployments do with jemalloc / tcmalloc; the peers gain, moetrain does not)")
     args = ap.parse_args()
     shapes = [_parse_shape(s) for s in args.shapes.split(",")]
     caps = [_parse_capacity(c) for c in args.capacity.split(",")]
@@ -409,11 +432,13 @@ def main() -> None:
     cases = [(s, t, c) for s in shapes for t in tokens for c in caps]
     with LocalRanks(ranks, timeout=7200, env={"DS_ACCELERATOR": args.device}) as pool:  # DeepSpeed's device
         res = pool.run(_bench, cases, args.iters, args.warmup, args.device, args.dtype, args.kernels,
-                       args.compare_wgrad_overlap, peers, args.compare_token_once)[0]
+                       args.compare_wgrad_overlap, peers, args.compare_token_once, not args.system_malloc)[0]
     where = (f"{torch.cuda.get_device_name()}, 1 rank (EP = 1)" if args.device == "cuda"
              else f"{platform.machine()}, {os.cpu_count()} cores; {ranks} gloo ranks x 1 thread")
+    malloc = ("freed memory kept (glibc mmap / trim thresholds 1 GiB)" if res and res[0]["malloc_kept"]
+              else "glibc malloc defaults" if args.device == "cpu" else "CUDA caching allocator")
     print(f"machine: {where}; {args.dtype}; moetrain stages {args.kernels}; expert parallel over all ranks; "
-          f"medians of {args.iters} after {args.warmup} warm-up")
+          f"medians of {args.iters} after {args.warmup} warm-up; allocator: {malloc}")
     _report(res, ["moetrain", *peers], skipped)
 
 
