@@ -22,15 +22,17 @@ __all__ = ["attention", "attention_ref", "unsupported", "load", "self_check"]
 
 
 def self_check(ext, device: str) -> str | None:
-    """The kernel once per supported head dim, causal and not, with GQA and a length that is not a tile
-    multiple, against the float64 reference (output, log-sum-exp, gradients; outputs NaN-poisoned
-    first): the first case that fails, or None."""
+    """The kernel once per supported head dim, causal and not, with GQA (dK / dV through the per-head
+    partials and their reduction) and without (written directly), at a length that is not a tile multiple,
+    against the float64 reference (output, log-sum-exp, gradients; outputs NaN-poisoned first): the first
+    case that fails, or None."""
     g = torch.Generator(device=device).manual_seed(0)
     # every dtype the kernel is used in, so a broken instantiation is never enabled
-    for dtype, D, causal in ((dt, d, c) for dt in KERNEL_DTYPES for d in HEAD_DIMS for c in (True, False)):
+    cases = ((dt, d, c, hk) for dt in KERNEL_DTYPES for d in HEAD_DIMS for c in (True, False) for hk in (2, 4))
+    for dtype, D, causal, Hkv in cases:
         q = torch.randn(1, 4, 70, D, device=device, generator=g).to(dtype)
-        k = torch.randn(1, 2, 70, D, device=device, generator=g).to(dtype)
-        v = torch.randn(1, 2, 70, D, device=device, generator=g).to(dtype)
+        k = torch.randn(1, Hkv, 70, D, device=device, generator=g).to(dtype)
+        v = torch.randn(1, Hkv, 70, D, device=device, generator=g).to(dtype)
         d_o = torch.randn(1, 4, 70, D, device=device, generator=g).to(dtype)
         o, lse = ext.forward(q, k, v, causal, True)
         dq, dk, dv = ext.backward(q, k, v, o, lse, d_o, causal, True, False)
@@ -43,11 +45,13 @@ def self_check(ext, device: str) -> str | None:
                                      ("dv", dv, vr.grad, 5e-2), ("deterministic dq", dq_det, qr.grad, 5e-2)):
             err = (got.double() - want.detach()).abs().max() / want.detach().abs().max().clamp(min=1e-6)
             if not bool(torch.isfinite(got).all()) or float(err) > tol:
-                return f"{dtype}, head dim {D}, causal={causal}: {name} (relative error {float(err):.3g})"
+                return (f"{dtype}, head dim {D}, causal={causal}, {Hkv} kv heads: {name} "
+                        f"(relative error {float(err):.3g})")
         again = ext.backward(q, k, v, o, lse, d_o, causal, False, True)
         if not (torch.equal(dk_det, dk) and torch.equal(dv_det, dv)
                 and all(torch.equal(a, b) for a, b in zip(again, (dq_det, dk_det, dv_det)))):
-            return f"{dtype}, head dim {D}, causal={causal}: deterministic backward (bits differ between runs)"
+            return (f"{dtype}, head dim {D}, causal={causal}, {Hkv} kv heads: deterministic backward (bits differ "
+                    "between runs)")
     return None
 
 

@@ -127,7 +127,7 @@ def test_fused_attention_equals_float64_reference_on_gpu(dtype, D, T, H, Hkv, ca
             torch.testing.assert_close(qa.grad.float(), dq.float(), rtol=2 * eps, atol=2 * eps * float(dq.abs().max()))
 
 
-def _reference_attention_ext(scale_out: float = 1.0, only: torch.dtype | None = None):
+def _reference_attention_ext(scale_out: float = 1.0, only: torch.dtype | None = None, dk_off_without_gqa: bool = False):
     from types import SimpleNamespace
 
     def forward(q, k, v, causal, poison):
@@ -138,7 +138,8 @@ def _reference_attention_ext(scale_out: float = 1.0, only: torch.dtype | None = 
     def backward(q, k, v, o, lse, d_o, causal, poison, deterministic):
         qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
         attention_ref(qr, kr, vr, causal)[0].backward(d_o.double())
-        return qr.grad.to(q.dtype), kr.grad.to(k.dtype), vr.grad.to(v.dtype)
+        dk = kr.grad * (1.1 if dk_off_without_gqa and k.shape[1] == q.shape[1] else 1.0)  # the direct dK path
+        return qr.grad.to(q.dtype), dk.to(k.dtype), vr.grad.to(v.dtype)
 
     return SimpleNamespace(forward=forward, backward=backward)
 
@@ -148,10 +149,13 @@ def test_attention_self_check_accepts_the_reference_and_names_a_wrong_output():
 
     assert self_check(_reference_attention_ext(), "cpu") is None
     failed = self_check(_reference_attention_ext(scale_out=1.1), "cpu")
-    assert failed.startswith("torch.bfloat16, head dim 64, causal=True: output")
+    assert failed.startswith("torch.bfloat16, head dim 64, causal=True, 2 kv heads: output")
     # a kernel wrong in float16 only is caught too (every dtype the kernel takes is checked)
     failed = self_check(_reference_attention_ext(scale_out=1.1, only=torch.float16), "cpu")
-    assert failed.startswith("torch.float16, head dim 64, causal=True: output")
+    assert failed.startswith("torch.float16, head dim 64, causal=True, 2 kv heads: output")
+    # dK / dV are written one way with GQA (per-head partials, reduced) and another without: both are checked
+    failed = self_check(_reference_attention_ext(dk_off_without_gqa=True), "cpu")
+    assert failed.startswith("torch.bfloat16, head dim 64, causal=True, 4 kv heads: dk")
 
 
 def test_train_deterministic_reaches_the_attention_kernel(monkeypatch):
