@@ -90,6 +90,9 @@ def run_job(cfg: JobConfig, summary_path: Optional[str] = None, profile_dir: Opt
         try:
             with _locked_on_rank0(_lock(cfg), env.rank):
                 summary = rank_main(data, profile_dir)
+            # every rank past its last collective before any tears gloo down: rank 0 once aborted in CI
+            # ("terminate called without an active exception") at the end of a 2-rank torchrun job
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         summary["restarts"] = attempt_number()  # torchrun --max-restarts / the scheduler restarts us
