@@ -134,39 +134,38 @@ __device__ __forceinline__ void async_tile(T* dst, const T* __restrict__ src, in
   }
 }
 
-// acc[m16 x (8 NT)] += A[16 x 16 KT] (A fragments in registers) * B, where B's [n][k] rows are in shared
-// memory at sB (row stride ld): S = Q K^T, S^T = K Q^T, dP = dO V^T, dP^T = V dO^T
-template <typename T, int KT, int NT>
-__device__ __forceinline__ void mm_regA_smemBnk(float (&acc)[NT][4], const uint32_t (&a)[KT][4], const T* sB, int ld) {
+// acc[m16 x (8 NT)] += a * B for one k16 step kk, where B's [n][k] rows are in shared memory at sB (row stride ld)
+template <typename T, int NT>
+__device__ __forceinline__ void mma_step_nk(float (&acc)[NT][4], const uint32_t (&a)[4], const T* sB, int kk, int ld) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int kk = 0; kk < KT; ++kk) {
-#pragma unroll
-    for (int np = 0; np < NT / 2; ++np) {
-      uint32_t b[4];
-      ldsm_x4(b, sB + (np * 16 + lm_b_row(lane)) * ld + kk * 16 + lm_b_col(lane));
-      mma<T>(acc[2 * np], a[kk], b[0], b[1]);
-      mma<T>(acc[2 * np + 1], a[kk], b[2], b[3]);
-    }
+  for (int np = 0; np < NT / 2; ++np) {
+    uint32_t b[4];
+    ldsm_x4(b, sB + (np * 16 + lm_b_row(lane)) * ld + kk * 16 + lm_b_col(lane));
+    mma<T>(acc[2 * np], a, b[0], b[1]);
+    mma<T>(acc[2 * np + 1], a, b[2], b[3]);
   }
 }
 
+// acc[m16 x (8 NT)] += A[16 x 16 KT] (A fragments in registers) * B, B's [n][k] rows in shared memory:
+// S = Q K^T (forward), S = Q K^T in the deterministic dQ kernel
+template <typename T, int KT, int NT>
+__device__ __forceinline__ void mm_regA_smemBnk(float (&acc)[NT][4], const uint32_t (&a)[KT][4], const T* sB, int ld) {
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) mma_step_nk<T, NT>(acc, a[kk], sB, kk, ld);
+}
+
 // the same with A's 16 rows also read from shared memory, one k16 step at a time (sA row stride ld): keeps
-// the registers of the backward kernel, which holds dK and dV, below the spill point
+// the registers of the backward kernel, which holds dK and dV, below the spill point (S^T = K Q^T,
+// dP^T = V dO^T; and dP = dO V^T in the deterministic dQ kernel)
 template <typename T, int KT, int NT>
 __device__ __forceinline__ void mm_smemA_smemBnk(float (&acc)[NT][4], const T* sA, const T* sB, int ld) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int kk = 0; kk < KT; ++kk) {
-    uint32_t a[1][4];
-    ldsm_x4(a[0], sA + lm_a_row(lane) * ld + kk * 16 + lm_a_col(lane));
-#pragma unroll
-    for (int np = 0; np < NT / 2; ++np) {
-      uint32_t b[4];
-      ldsm_x4(b, sB + (np * 16 + lm_b_row(lane)) * ld + kk * 16 + lm_b_col(lane));
-      mma<T>(acc[2 * np], a[0], b[0], b[1]);
-      mma<T>(acc[2 * np + 1], a[0], b[2], b[3]);
-    }
+    uint32_t a[4];
+    ldsm_x4(a, sA + lm_a_row(lane) * ld + kk * 16 + lm_a_col(lane));
+    mma_step_nk<T, NT>(acc, a, sB, kk, ld);
   }
 }
 

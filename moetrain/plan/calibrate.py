@@ -23,8 +23,9 @@ __all__ = ["calibrate"]
 def _typical_time(fn, reps: int = 5, rounds: int = 3) -> float:
     """The mean of ``rounds`` x ``reps`` timings without the slowest tenth: a step is the sum of many such
     operations, so it pays their mean, and the mean sits above the median of this machine's right-skewed
-    timings (a median-based calibration predicted every run here 15-40% fast); the slowest tenth (a
-    preemption landing on one call) is what a median step leaves out too."""
+    timings (runs here measured 15-40% slower than a median-based calibration predicted; this alone did not
+    close that, see RESULTS.md); the slowest tenth (a preemption landing on one call) is what a median step
+    leaves out too."""
     fn()
     times = []
     for _ in range(rounds * reps):
