@@ -204,19 +204,13 @@ def _peers_available() -> dict[str, str | None]:
 
 
 def _keep_freed_memory() -> bool:
-    """glibc malloc: serve large blocks from the heap and keep freed memory (mmap and trim thresholds 1 GiB),
-    as CPU PyTorch deployments do with jemalloc / tcmalloc. Otherwise every fresh [rows, d] buffer over 128 KiB
-    is a new mmap whose pages fault in on first touch: a 64 MiB index_select took 42 ms instead of 15-17 ms
-    here. It speeds up the peers (their capacity buffers are fresh each step), not moetrain's layer, so every
-    layer in the benchmark runs with it. False where it cannot be set (not glibc)."""
-    import ctypes
-    import ctypes.util
+    """glibc malloc keeping freed memory (launch/host_memory.py, what moetrain's CPU ranks run with by default).
+    Without it every fresh [rows, d] buffer over 128 KiB is a new mmap whose pages fault in on first touch: a
+    64 MiB index_select took 42 ms instead of 15-17 ms here. The peers allocate their capacity buffers fresh
+    each step, so every layer in the benchmark runs with it."""
+    from moetrain.launch.host_memory import keep_freed_memory
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, 1 << 30))  # M_MMAP_ / M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    return keep_freed_memory()
 
 
 def _bench(cases, iters: int, warmup: int, device: str, dtype_name: str, kernels: str, compare_overlap: bool,

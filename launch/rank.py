@@ -30,6 +30,10 @@ def rank_main(cfg_data: dict[str, Any], profile_dir: Optional[str] = None) -> di
     cfg_data = dict(cfg_data)
     mode = cfg_data.pop("_mode", "train")
     cfg = config_from_dict(cfg_data, check=False, hf=False)
+    if cfg.cluster.device == "cpu" and cfg.cluster.keep_freed_memory:
+        from moetrain.launch.host_memory import keep_freed_memory
+
+        keep_freed_memory()
     with StopRequests() as stop:
         groups = setup_groups(cfg)
         if mode == "eval":

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from moetrain.dist.groups import rank_size
-from moetrain.parallel.data_parallel import clip_scale, reduce_norm
+from moetrain.parallel.data_parallel import clip_scale, reduce_norm, sum_sq
 from moetrain.parallel.mappings import _all_gather_single
 
 __all__ = ["ShardedAdamW"]
@@ -168,7 +168,7 @@ class ShardedAdamW:
         sq = torch.zeros((), dtype=torch.float64)
         for s in self.shards:
             for p, (a, b), _ in s.pieces():
-                sq += s.grad[a:b].detach().to(torch.float64).pow(2).sum().cpu() * s.world / replicas[id(p)]
+                sq += sum_sq(s.grad[a:b].detach()).cpu() * s.world / replicas[id(p)]
         return sq
 
     def clip_grad_norm(self, max_norm: float | None, replicas: dict[int, int], world_group=None,

@@ -84,3 +84,24 @@ def test_clipping_equals_single_process_clip(ranks):
     for norm, ref_norm, shard_ok, rep_ok in ranks(4, 2).run(_clip_case):
         assert abs(norm - ref_norm) < 1e-12 * ref_norm
         assert shard_ok and rep_ok
+
+
+def test_sum_sq_matches_float64_reference_across_chunks():
+    """The chunked float64 sum of squares equals the float64 reference for float32 and float64 tensors that
+    span several chunks, a partial last chunk, a non-contiguous view and an empty tensor."""
+    from moetrain.parallel import data_parallel as dp
+
+    gen = torch.Generator().manual_seed(3)
+    n = 3 * dp._NORM_CHUNK + 17
+    for dtype in (torch.float32, torch.float64):
+        t = torch.randn(n, generator=gen, dtype=dtype) * 1e3
+        ref = (t.to(torch.float64) ** 2).sum()
+        got = dp.sum_sq(t)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, ref, rtol=1e-13, atol=0)
+    m = torch.randn(600, 130, generator=gen)[:, ::2]  # not contiguous
+    torch.testing.assert_close(dp.sum_sq(m), (m.double() ** 2).sum(), rtol=1e-13, atol=0)
+    assert float(dp.sum_sq(torch.empty(0))) == 0.0
+    # float32 squares summed in float32 would lose this: 2^25 ones plus one value of 1 each added in float64
+    big = torch.ones(1 << 25)
+    assert float(dp.sum_sq(big)) == float(1 << 25)

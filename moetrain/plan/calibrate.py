@@ -5,7 +5,8 @@ each dtype (a per-call cost and a rate fitted to 2mnk over sizes 64..1024, so ``
 ``peak_tflops`` is the fitted rate), causal SDPA against that rate (``attention_efficiency``), copy bandwidth
 (``hbm_gbps``), and gloo all-reduce latency and bandwidth between two local ranks over 127.0.0.1, each
 all-reduce timed after a burst of compute as in a training step (both link classes: simulated nodes share the
-loopback). Device memory is this machine's RAM divided by its cores.
+loopback). Device memory is this machine's RAM divided by its cores. Every measuring rank allocates as the
+trainer's CPU ranks do (``cluster.keep_freed_memory``, launch/host_memory.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 import platform
 import statistics
 import time
+
+from moetrain.launch.host_memory import keep_freed_memory
 
 __all__ = ["calibrate"]
 
@@ -70,6 +73,7 @@ def _shared_work() -> float:
     """A dense model's forward + backward on this rank while the other ranks run the same (all start together)."""
     import torch.distributed as dist
 
+    keep_freed_memory()
     dist.barrier()
     return _fwd_bwd(_ROUTE + _ROUTE_DENSE)
 
@@ -196,6 +200,7 @@ def _measure_rank() -> dict:
     import torch
     import torch.nn.functional as F
 
+    keep_freed_memory()
     torch.set_num_threads(1)
     peaks, launch, gemm_bw = {}, [], []
     for key, dtype in (("float32", torch.float32), ("float64", torch.float64), ("bfloat16", torch.bfloat16)):
