@@ -231,3 +231,39 @@ def test_token_once_dispatch_shrinks_the_predicted_all_to_all():
     hw = load_hardware("h100_sxm")
     on, off = (moe_layer_time(c, hw, 8192, "bfloat16")["a2a_fwd"] for c in (cfg(), cfg("moe.token_once=false")))
     assert on < 0.5 * off
+
+
+def test_moe_layer_time_counts_the_small_collectives():
+    """A dispatch pays the all-gather of per-expert counts (token-once: also the row indices and gates, and the
+    gates' gradient) beside the two row all-to-alls each way."""
+    import dataclasses
+
+    from moetrain.plan.timing import _a2a, moe_layer_time
+
+    hw = dataclasses.replace(load_hardware("h100_sxm"), name="test: slow links")
+    hw = dataclasses.replace(hw, intra=dataclasses.replace(hw.intra, latency_us=1000.0))
+    for E, k, token_once in ((8, 2, False), (128, 8, True)):
+        cfg = load_config(None, [f"moe.num_experts={E}", f"moe.topk={k}", "moe.d_expert=64", "model.d_model=64",
+                                 "parallel.ep=2", "cluster.ranks_per_node=2",
+                                 f"moe.token_once={str(token_once).lower()}"])
+        t = moe_layer_time(cfg, hw, 4096, "float32")
+        latency = _a2a(hw, cfg, 1.0)[0]  # one latency-bound exchange over the EP group
+        counts = hw.intra.time(8 * E * 2)
+        # forward: counts (+ indices and gates); backward: (+ the gates' gradient); the row all-to-alls cancel
+        expected = counts + (latency if token_once else 0.0)
+        assert t["a2a_fwd"] - t["a2a_bwd"] == pytest.approx(expected, rel=0.05)
+        assert t["a2a_fwd"] - t["a2a_bwd"] > 0.9e-3  # the latency dominates: these links are slow
+
+
+def test_memory_bound_work_takes_the_memory_slowdown():
+    """With several ranks per node the optimizer and gradient-norm terms scale by the memory slowdown, GEMMs by
+    the compute one."""
+    import dataclasses
+
+    base = dataclasses.replace(load_hardware("h100_sxm"), optimizer_ns_per_param=2.0, grad_norm_ns_per_param=1.0)
+    cfg = load_config(None, ["cluster.ranks_per_node=2", "parallel.tp=2", "model.layers=2"])
+    plain = make_plan(cfg, base)
+    slowed = make_plan(cfg, dataclasses.replace(base, shared_node_memory_slowdown=1.5))
+    for part in ("optimizer", "grad_norm"):
+        assert slowed["breakdown"][part] == pytest.approx(1.5 * plain["breakdown"][part])
+    assert slowed["breakdown"]["gemm"] == pytest.approx(plain["breakdown"]["gemm"])

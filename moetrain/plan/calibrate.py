@@ -42,17 +42,34 @@ def _typical_time(fn, reps: int = 5, rounds: int = 3) -> float:
 def _gemm_fit(dtype) -> tuple[float, float, float]:
     """(seconds per call, FLOP/s, bytes/s) of ``t = a + 2mnk / R + (mk + kn + mn) e / B`` fitted (non-negative
     least squares) over square and skinny GEMMs: the skinny ones (few rows, as experts see) run below the
-    square rate, which the bytes term captures."""
+    square rate, which the bytes term captures. Each shape is timed as a training step runs it: in its three
+    layouts (forward ``x W^T``, input gradient ``g W``, weight gradient ``g^T x``) and with cold operands
+    (a pool of distinct operand sets twice the size of a large L3, cycled), since a step's weights and
+    activations stream from memory; hot, repeated operands measured 5-20% above the rate a step's GEMMs get."""
+    import itertools
+
     import torch
 
     shapes = [(n, n, n) for n in (64, 128, 256, 512, 1024)]
     shapes += [(m, n, k) for m in (8, 32, 128) for n, k in ((1024, 256), (256, 1024), (2048, 512))]
     e = torch.empty((), dtype=dtype).element_size()
+    layouts = (lambda x, w, g: x @ w.t(), lambda x, w, g: g @ w, lambda x, w, g: g.t() @ x)
     rows, times = [], []
     for m, n, k in shapes:
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        times.append(_typical_time(lambda a=a, b=b: a @ b, reps=3 if m * n * k >= 2**28 else 5))
-        rows.append([1.0, 2.0 * m * n * k, float(m * k + k * n + m * n) * e])
+        size = (m * k + k * n + m * n) * e
+        pool = min(max(1, (64 << 20) // size), 256)
+        xs = [torch.randn(m, k, dtype=dtype) for _ in range(pool)]
+        ws = [torch.randn(n, k, dtype=dtype) for _ in range(pool)]
+        gs = [torch.randn(m, n, dtype=dtype) for _ in range(pool)]
+        for f in layouts:
+            turn = itertools.cycle(range(pool))
+
+            def call(f=f, turn=turn, xs=xs, ws=ws, gs=gs):
+                i = next(turn)
+                return f(xs[i], ws[i], gs[i])
+
+            times.append(_typical_time(call, reps=3 if m * n * k >= 2**28 else 5))
+            rows.append([1.0, 2.0 * m * n * k, float(size)])
     cols = [1, 2]  # on a CPU the per-call cost is below what these timings resolve
     while True:
         A = torch.tensor([[r[c] for c in cols] for r in rows], dtype=torch.float64)
@@ -69,13 +86,31 @@ def _gemm_fit(dtype) -> tuple[float, float, float]:
     return per_call, rate, (1.0 / per_byte if per_byte > 0 else 0.0)
 
 
-def _shared_work() -> float:
-    """A dense model's forward + backward on this rank while the other ranks run the same (all start together)."""
+_SHARED = ["model.d_model=256", "model.heads=4", "model.seq_len=128", "model.vocab_size=512", "model.layers=3",
+           "train.micro_batch_size=2", "moe.num_experts=8", "moe.topk=2", "moe.d_expert=512", "moe.every=1"]
+"""A model whose weights and activations (~30 MiB) do not stay in a shared L3, as a training step's do not."""
+
+
+def _shared_work() -> tuple[float, float]:
+    """(compute, memory-bound) seconds on this rank while the node's other ranks run the same, all started
+    together: a forward + backward of :data:`_SHARED` (median of 3), and a foreach AdamW step over 8M float32
+    parameters (memory-bound: it streams 16 bytes per parameter). The second slows down far more when the
+    ranks share the memory bus (1.44-1.59x on 2 cores here, the model 1.06-1.10x)."""
+    import torch
     import torch.distributed as dist
 
     keep_freed_memory()
+    torch.set_num_threads(1)
+    _fwd_bwd(_SHARED)
     dist.barrier()
-    return _fwd_bwd(_ROUTE + _ROUTE_DENSE)
+    compute = statistics.median(_fwd_bwd(_SHARED) for _ in range(3))
+    params = [torch.nn.Parameter(torch.randn(1 << 21)) for _ in range(4)]
+    for q in params:
+        q.grad = torch.randn_like(q)
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    opt.step()
+    dist.barrier()
+    return compute, _typical_time(opt.step, reps=5)
 
 
 def _allreduce() -> list[tuple[int, float]]:
@@ -247,10 +282,11 @@ def calibrate(name: str = "this machine (calibrated)") -> str:
     with LocalRanks(2, ranks_per_node=2, timeout=300) as pool:
         samples = pool.run(_allreduce)[0]
     with LocalRanks(cores, ranks_per_node=cores, timeout=600) as pool:  # every core busy, as a full node runs
-        shared = statistics.median(pool.run(_shared_work))
+        shared = pool.run(_shared_work)
     with LocalRanks(1, ranks_per_node=1, timeout=600) as pool:
         alone = pool.run(_shared_work)[0]
-    slowdown = max(shared / alone, 1.0)
+    slowdown = max(statistics.median(c for c, _ in shared) / alone[0], 1.0)
+    memory_slowdown = max(statistics.median(m for _, m in shared) / alone[1], 1.0)
     peaks, launch, gemm_bw = rank["peaks"], rank["launch"], rank["gemm_bw"]
     attention_eff, hbm, host = rank["attention_eff"], rank["hbm"], rank["host"]
     adam_s, norm_s, step_overhead = rank["adam_s"], rank["norm_s"], rank["step_overhead"]
@@ -289,6 +325,7 @@ def calibrate(name: str = "this machine (calibrated)") -> str:
         f"optimizer_ns_per_param: {adam_s * 1e9:.4f}   # the same AdamW step on the device (here: this CPU)",
         f"grad_norm_ns_per_param: {norm_s * 1e9:.4f}   # moetrain's gradient clipping (float64 norm + scaling)",
         f"shared_node_slowdown: {slowdown:.3f}   # compute when every core runs a rank / one rank alone",
+        f"shared_node_memory_slowdown: {memory_slowdown:.3f}   # the same for memory-bound work (AdamW)",
         "host_overhead_us:                # moetrain's own host time per micro-batch (fwd + bwd), tiny shapes",
         f"  dense_block: {host['dense_block'] * 1e6:.1f}",
         f"  moe_block: {host['moe_block'] * 1e6:.1f}",

@@ -65,6 +65,9 @@ class Hardware:
     shared_node_slowdown: float = 1.0
     """Calibrated CPUs: how much slower a rank computes when the node's other ranks compute too (shared memory
     bandwidth and caches, the collectives' threads); applied when a node runs more than one rank. 1 on GPUs."""
+    shared_node_memory_slowdown: float = 1.0
+    """Calibrated CPUs: the same for memory-bound work (optimizer step, gradient norm, elementwise passes), which
+    the ranks' shared memory bus slows far more than GEMMs. 1 on GPUs."""
     host_overhead_us: dict[str, float] = field(default_factory=dict)
     """moetrain's host time that does not overlap device work: per micro-batch ``dense_block``, ``moe_block``,
     ``model`` (embedding, head, loss) and per optimizer ``step``. Measured by ``--calibrate`` on CPU; absent

@@ -174,11 +174,22 @@ def _moe_layer_time(cfg: JobConfig, hw: Hardware, tokens: float, dtype: str, row
     etp_exchange = hw.intra.time(rows * d * e * (p.etp - 1)) if p.etp > 1 else 0.0
     experts_fwd = up + down + act + 2 * etp_exchange
     experts_bwd = 2 * (up + down) + 2 * act + 2 * etp_exchange
-    a2a_bytes = _sent_rows(cfg, tokens, k, rows) * d * e
-    a2a, steps = _a2a(hw, cfg, a2a_bytes)
+    sent = _sent_rows(cfg, tokens, k, rows)
+    a2a, steps = _a2a(hw, cfg, sent * d * e)
+    # small, latency-bound collectives besides the rows: the forward dispatch's all-gather of per-expert counts;
+    # with token-once dispatch also each assignment's row index and gate (forward) and the gates' gradient
+    extra_fwd = extra_bwd = 0.0
+    if p.ep > 1:
+        per_node = min(cfg.cluster.ranks_per_node, hw.devices_per_node)
+        count_link = hw.intra if p.ep <= max(1, per_node // p.etp) else hw.inter
+        extra_fwd = count_link.time(8 * E * p.ep)
+        if sent < rows:  # token-once
+            meta = _a2a(hw, cfg, rows * 8)[0]
+            extra_fwd += 2 * meta
+            extra_bwd += meta
     degrees = (moe.pipeline_degree, moe.bwd_pipeline_degree)
-    out = {"a2a_fwd": 2 * a2a, "a2a_bwd": 2 * a2a, "experts_fwd": experts_fwd, "experts_bwd": experts_bwd,
-           "overlap_degrees": (1, 1)}
+    out = {"a2a_fwd": 2 * a2a + extra_fwd, "a2a_bwd": 2 * a2a + extra_bwd, "experts_fwd": experts_fwd,
+           "experts_bwd": experts_bwd, "overlap_degrees": (1, 1)}
     if degrees != (1, 1) and steps:
         links = {"intra": AlphaBeta(hw.intra.latency_us * 1e-6, 1 / (hw.intra.bandwidth_gbps * 1e9)),
                  "inter": AlphaBeta(hw.inter.latency_us * 1e-6, 1 / (hw.inter.bandwidth_gbps * 1e9))}
@@ -191,12 +202,13 @@ def _moe_layer_time(cfg: JobConfig, hw: Hardware, tokens: float, dtype: str, row
         g = math.lcm(rf, rb)  # each direction as pair_time plays it, kept apart
         sect_f = makespan(rf, shape, links, AlphaBeta(fwd_ab.alpha * g / rf, fwd_ab.beta), moe.coschedule)[0]
         sect_b = makespan(rb, shape, links, AlphaBeta(bwd_ab.alpha * g / rb, bwd_ab.beta), moe.coschedule)[0]
-        out.update(fwd=router + shuffle + route / 3 + sect_f, bwd=router * 2 + shuffle * 2 + 2 * route / 3 + sect_b,
-                   overlap_degrees=(rf, rb),
-                   a2a_fwd=max(sect_f - experts_fwd, 0.0), a2a_bwd=max(sect_b - experts_bwd, 0.0))
+        out.update(fwd=router + shuffle + route / 3 + sect_f + extra_fwd,
+                   bwd=router * 2 + shuffle * 2 + 2 * route / 3 + sect_b + extra_bwd, overlap_degrees=(rf, rb),
+                   a2a_fwd=max(sect_f - experts_fwd, 0.0) + extra_fwd,
+                   a2a_bwd=max(sect_b - experts_bwd, 0.0) + extra_bwd)
     else:
-        out.update(fwd=router + shuffle + route / 3 + experts_fwd + 2 * a2a,
-                   bwd=2 * router + 2 * shuffle + 2 * route / 3 + experts_bwd + 2 * a2a)
+        out.update(fwd=router + shuffle + route / 3 + experts_fwd + out["a2a_fwd"],
+                   bwd=2 * router + 2 * shuffle + 2 * route / 3 + experts_bwd + out["a2a_bwd"])
     return out
 
 
@@ -282,11 +294,11 @@ def _chunk_cost(cfg: JobConfig, spec: ModelSpec, hw: Hardware, layers: range, *,
     if pre or post:  # the embedding / head / loss host time, split between the first and the last chunk
         host = hw.overhead("model") / (1 if pre and post else 2)
         c.add("host_overhead", host / 3, 2 * host / 3)
-    slow = _slowdown(cfg, hw)
-    if slow != 1.0:  # the node's ranks share it: everything but the transfers runs slower
+    slow, slow_mem = _slowdown(cfg, hw), _slowdown(cfg, hw, memory=True)
+    if slow != 1.0 or slow_mem != 1.0:  # the node's ranks share it: everything but the transfers runs slower
         out = ChunkCost()
         for part, (f, bi, bw) in c.by_part.items():
-            k = 1.0 if part in ("tp_comm", "moe_a2a") else slow
+            k = 1.0 if part in ("tp_comm", "moe_a2a") else slow_mem if part == "elementwise" else slow
             out.add(part, f * k, bi * k, bw * k)
         for part in ("recompute",):
             if part in c.parts:
@@ -297,9 +309,12 @@ def _chunk_cost(cfg: JobConfig, spec: ModelSpec, hw: Hardware, layers: range, *,
     return c
 
 
-def _slowdown(cfg: JobConfig, hw: Hardware) -> float:
-    """Compute slowdown when the node runs several ranks (calibrated CPUs; 1 on GPUs)."""
-    return hw.shared_node_slowdown if cfg.cluster.ranks_per_node > 1 else 1.0
+def _slowdown(cfg: JobConfig, hw: Hardware, memory: bool = False) -> float:
+    """Compute (or, with ``memory``, memory-bound work's) slowdown when the node runs several ranks (calibrated
+    CPUs; 1 on GPUs)."""
+    if cfg.cluster.ranks_per_node <= 1:
+        return 1.0
+    return hw.shared_node_memory_slowdown if memory else hw.shared_node_slowdown
 
 
 @functools.lru_cache(maxsize=65536)
@@ -384,7 +399,7 @@ def step_time(cfg: JobConfig, spec: ModelSpec, hw: Hardware) -> StepTime:
         norm = held * (hw.grad_norm_ns_per_param * 1e-9 if hw.grad_norm_ns_per_param else size / (hw.hbm_gbps * 1e9))
         grad_norm = max(grad_norm, norm)
         opt = max(opt, stage_opt)
-    opt, grad_norm = opt * _slowdown(cfg, hw), grad_norm * _slowdown(cfg, hw)
+    opt, grad_norm = opt * _slowdown(cfg, hw, memory=True), grad_norm * _slowdown(cfg, hw, memory=True)
     breakdown["dp_comm_exposed"] = dp_exposed
     breakdown["optimizer"] = opt
     breakdown["grad_norm"] = grad_norm
