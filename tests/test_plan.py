@@ -267,3 +267,32 @@ def test_memory_bound_work_takes_the_memory_slowdown():
     for part in ("optimizer", "grad_norm"):
         assert slowed["breakdown"][part] == pytest.approx(1.5 * plain["breakdown"][part])
     assert slowed["breakdown"]["gemm"] == pytest.approx(plain["breakdown"]["gemm"])
+
+
+def test_elementwise_factor_scales_the_blocks_elementwise_traffic():
+    """``elementwise_factor`` (fitted by --calibrate) multiplies the per-block elementwise passes and nothing
+    else in a chunk; the calibration's fit recovers a factor from a measured time."""
+    import dataclasses
+
+    from moetrain.models.spec import get_model_spec
+    from moetrain.plan import calibrate
+    from moetrain.plan.timing import chunk_cost
+
+    cfg = load_config(None, calibrate._BLOCKS)
+    spec = get_model_spec(cfg)
+    hw = dataclasses.replace(load_hardware("h100_sxm"), name="test: factor 1")
+    c1 = chunk_cost(cfg, spec, hw, range(cfg.model.layers), pre=False, post=False, stage=0)
+    c3 = chunk_cost(cfg, spec, dataclasses.replace(hw, name="test: factor 3", elementwise_factor=3.0),
+                    range(cfg.model.layers), pre=False, post=False, stage=0)
+    assert c3.by_part["elementwise"] == pytest.approx(tuple(3 * v for v in c1.by_part["elementwise"]))
+    assert c3.by_part["gemm"] == pytest.approx(c1.by_part["gemm"])
+    # the fit: a measured time that needs 2.5x the modeled elementwise traffic gives 2.5
+    from moetrain.plan.hardware import HARDWARE_DIRS
+
+    text = next(d / "h100_sxm.yaml" for d in HARDWARE_DIRS if (d / "h100_sxm.yaml").is_file()).read_text()
+    hw_t = calibrate._hardware_from(text)
+    full = chunk_cost(cfg, spec, hw_t, range(cfg.model.layers), pre=True, post=True, stage=0)
+    modeled = sum(full.by_part["elementwise"])
+    measured = full.forward + full.backward + 1.5 * modeled
+    assert calibrate._elementwise_factor(text, measured) == pytest.approx(2.5)
+    assert calibrate._elementwise_factor(text, 0.5 * (full.forward + full.backward)) == 1.0

@@ -1,12 +1,15 @@
 """``moetrain plan --calibrate``: measure this machine and write a hardware file for the planner.
 
 Measured with one thread per rank, as the local launcher runs its simulated ranks: GEMM rates by shape for
-each dtype (a per-call cost and a rate fitted to 2mnk over sizes 64..1024, so ``gemm_efficiency`` is 1 and
-``peak_tflops`` is the fitted rate), causal SDPA against that rate (``attention_efficiency``), copy bandwidth
-(``hbm_gbps``), and gloo all-reduce latency and bandwidth between two local ranks over 127.0.0.1, each
-all-reduce timed after a burst of compute as in a training step (both link classes: simulated nodes share the
-loopback). Device memory is this machine's RAM divided by its cores. Every measuring rank allocates as the
-trainer's CPU ranks do (``cluster.keep_freed_memory``, launch/host_memory.py).
+each dtype (a rate and an operand-traffic rate fitted over sizes 64..1024 and skinny shapes, each in its three
+training layouts with cold operands, so ``gemm_efficiency`` is 1 and ``peak_tflops`` is the fitted rate),
+causal SDPA against that rate (``attention_efficiency``), copy bandwidth (``hbm_gbps``), gloo all-reduce latency
+and bandwidth between two local ranks over 127.0.0.1, each all-reduce timed after a burst of compute as in a
+training step (both link classes: simulated nodes share the loopback), and how much slower compute and
+memory-bound work run when every core runs a rank. Fitted on reference models: moetrain's host time per block,
+the elementwise factor (a dense model) and the MoE routing cost (an MoE model beside its dense twin). Device
+memory is this machine's RAM divided by its cores. Every measuring rank allocates as the trainer's CPU ranks
+do (``cluster.keep_freed_memory``, launch/host_memory.py).
 """
 
 from __future__ import annotations
@@ -178,6 +181,12 @@ _ROUTE_MOE = ["moe.num_experts=4", "moe.topk=2", "moe.d_expert=256", "moe.every=
 _ROUTE_DENSE = ["model.d_ffn=512"]  # the same active FLOPs as two experts of 256
 
 
+_BLOCKS = ["model.d_model=384", "model.heads=6", "model.seq_len=256", "model.vocab_size=256", "model.layers=2",
+           "model.d_ffn=1024", "train.micro_batch_size=1"]
+"""A dense reference model (not a shape the planner's validation runs) whose forward + backward fits the
+planner's elementwise factor: what its GEMM, attention and host terms leave unexplained."""
+
+
 def _routing_cost() -> tuple[float, float]:
     """Measured forward + backward of a 3-block MoE model (4 experts, top-2) and of the dense model with the
     same active FLOPs: their difference is what routing, packing and combining cost beyond the FLOPs."""
@@ -253,8 +262,9 @@ def _measure_rank() -> dict:
     adam_s, norm_s = _per_param_costs()
     tiny_step = _step_overhead()
     route = _routing_cost()
+    blocks = _fwd_bwd(_BLOCKS)
     return {"peaks": peaks, "launch": launch, "gemm_bw": gemm_bw, "attention_eff": attention_eff, "hbm": hbm,
-            "host": host, "adam_s": adam_s, "norm_s": norm_s, "route": route,
+            "host": host, "adam_s": adam_s, "norm_s": norm_s, "route": route, "blocks": blocks,
             "step_overhead": max(tiny_step - 2 * host["dense_block"] - host["model"], 0.0)}
 
 
@@ -334,26 +344,52 @@ def calibrate(name: str = "this machine (calibrated)") -> str:
         "source: measured",
     ]
     text = "\n".join(lines) + "\n"
+    factor = _elementwise_factor(text, rank["blocks"])
+    text = text.replace("source: measured", f"elementwise_factor: {factor:.3f}   # per-block elementwise passes, "
+                                            "fitted on a dense reference model\nsource: measured")
     per_element = _route_residual(text, *rank["route"])
     return text.replace("source: measured", f"moe_route_ns_per_element: {per_element * 1e9:.4f}   "
                                             "# MoE routing beyond the model above, per routed row x d_model\n"
                                             "source: measured")
 
 
-def _route_residual(text: str, t_moe: float, t_dense: float) -> float:
-    """Seconds per routed row-element that the planner, with this hardware file, misses on the MoE model of
-    :func:`_routing_cost` relative to its dense twin (0 when it misses nothing)."""
+def _hardware_from(text: str):
     import tempfile
 
-    from moetrain import load_config
-    from moetrain.models.spec import get_model_spec
     from moetrain.plan.hardware import load_hardware
-    from moetrain.plan.timing import chunk_cost
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as fh:
         fh.write(text)
         fh.flush()
-        hw = load_hardware(fh.name)
+        return load_hardware(fh.name)
+
+
+def _elementwise_factor(text: str, measured: float) -> float:
+    """How many times the modeled per-block elementwise traffic the dense reference model :data:`_BLOCKS`
+    needs for its forward + backward to take the ``measured`` seconds (at least 1): norms, RoPE, activation
+    functions, residual adds and their backward run as many small passes, each slower than a streaming copy."""
+    from moetrain import load_config
+    from moetrain.models.spec import get_model_spec
+    from moetrain.plan.timing import chunk_cost
+
+    hw = _hardware_from(text)
+    cfg = load_config(None, _BLOCKS)
+    c = chunk_cost(cfg, get_model_spec(cfg), hw, range(cfg.model.layers), pre=True, post=True, stage=0)
+    f, bi, bw = c.by_part.get("elementwise", (0.0, 0.0, 0.0))
+    modeled = f + bi + bw
+    if modeled <= 0:
+        return 1.0
+    return max(1.0, 1.0 + (measured - (c.forward + c.backward)) / modeled)
+
+
+def _route_residual(text: str, t_moe: float, t_dense: float) -> float:
+    """Seconds per routed row-element that the planner, with this hardware file, misses on the MoE model of
+    :func:`_routing_cost` relative to its dense twin (0 when it misses nothing)."""
+    from moetrain import load_config
+    from moetrain.models.spec import get_model_spec
+    from moetrain.plan.timing import chunk_cost
+
+    hw = _hardware_from(text)
     predicted = []
     for extra in (_ROUTE_MOE, _ROUTE_DENSE):
         cfg = load_config(None, _ROUTE + extra)

@@ -65,6 +65,10 @@ class Hardware:
     shared_node_slowdown: float = 1.0
     """Calibrated CPUs: how much slower a rank computes when the node's other ranks compute too (shared memory
     bandwidth and caches, the collectives' threads); applied when a node runs more than one rank. 1 on GPUs."""
+    elementwise_factor: float = 1.0
+    """Calibrated CPUs: the per-block elementwise traffic (norms, RoPE, activation functions, residual adds and
+    their backward; modeled as passes over a block's saved activations at ``hbm_gbps``) times this factor, fitted
+    on a dense reference model's forward + backward by ``--calibrate``. 1 in GPU files."""
     shared_node_memory_slowdown: float = 1.0
     """Calibrated CPUs: the same for memory-bound work (optimizer step, gradient norm, elementwise passes), which
     the ranks' shared memory bus slows far more than GEMMs. 1 on GPUs."""

@@ -273,7 +273,8 @@ def _chunk_cost(cfg: JobConfig, spec: ModelSpec, hw: Hardware, layers: range, *,
             f = m.d_ffn // tp
             linear("gemm", 2 * f, d)
             linear("gemm", d, f)
-        c.add("elementwise", 2 * one / hbm, 4 * one / hbm)
+        passes = hw.elementwise_factor * one / hbm
+        c.add("elementwise", 2 * passes, 4 * passes)
         host = hw.overhead("moe_block" if moe.is_moe_layer(i) else "dense_block")
         c.add("host_overhead", host / 3, 2 * host / 3)
         if tp > 1:
