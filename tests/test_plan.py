@@ -147,7 +147,9 @@ def test_calibrate_then_plan_a_cpu_job(tmp_path, capsys):
     hw = tmp_path / "hw.yaml"
     assert main(["plan", "--calibrate", "--out", str(hw)]) == 0
     capsys.readouterr()
-    assert load_hardware(str(hw)).peak_flops("float32") > 0
+    measured = load_hardware(str(hw))
+    assert measured.peak_flops("float32") > 0 and measured.gemm_bytes_gbps > 0
+    assert measured.elementwise_factor >= 1.0 and measured.shared_node_memory_slowdown >= 1.0
     assert main(["plan", "cluster_configs/sim_cpu_8rank.yaml", "--hardware", str(hw), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["step_time_s"] > 0 and plan["fits"] and plan["breakdown"]["host_overhead"] > 0
