@@ -50,6 +50,18 @@ def test_mpi_detection_does_not_import_mpi4py():
     assert "mpi4py.MPI" not in sys.modules or os.environ.get("PMI_RANK")
 
 
+@pytest.fixture
+def mpich_shm():
+    """MPICH leaves its shared-memory segment (/dev/shm/mpich_shm_*) behind when a job is aborted: remove
+    the ones this test's jobs made."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("mpich_shm_*")) if shm.is_dir() else set()
+    yield
+    if shm.is_dir():
+        for leftover in set(shm.glob("mpich_shm_*")) - before:
+            leftover.unlink(missing_ok=True)
+
+
 def _mpiexec() -> str | None:
     cand = Path(sys.executable).with_name("mpiexec")
     return str(cand) if cand.exists() else shutil.which("mpiexec")
@@ -57,7 +69,7 @@ def _mpiexec() -> str | None:
 
 @pytest.mark.launcher
 @pytest.mark.skipif(_mpiexec() is None, reason="mpiexec not installed")
-def test_mpiexec_rank_environment_and_training_job(tmp_path):
+def test_mpiexec_rank_environment_and_training_job(tmp_path, mpich_shm):
     """Four MPI ranks find their environment, rendezvous on 127.0.0.1 and train (TP=2 x DP=2, EP=4)."""
     code = ("import json, os; from dist.env import from_mpi; e = from_mpi(); "
             "os.write(1, ('ENV ' + json.dumps(e.__dict__) + '\\n').encode())")
@@ -97,7 +109,7 @@ def test_mpiexec_rank_environment_and_training_job(tmp_path):
 
 @pytest.mark.launcher
 @pytest.mark.skipif(_mpiexec() is None, reason="mpiexec not installed")
-def test_mpiexec_exception_on_one_rank_aborts_the_job(tmp_path):
+def test_mpiexec_exception_on_one_rank_aborts_the_job(tmp_path, mpich_shm):
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
     t0 = time.monotonic()
     job = subprocess.run(
