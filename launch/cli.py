@@ -262,9 +262,19 @@ def _cmd_plan(args) -> int:
 
         if not args.out:
             raise UserError("--calibrate needs --out FILE (the hardware file to write)")
+        out = Path(args.out)
+        try:  # a path that cannot be written fails now, not after the measurements
+            out.parent.mkdir(parents=True, exist_ok=True)
+            existed = out.exists()
+            with open(out, "a"):
+                pass
+            if not existed:
+                out.unlink()
+        except OSError as exc:
+            raise UserError(f"--out {args.out}: cannot write there ({exc.strerror or exc})") from None
+        print("measuring this machine (about a minute; keep it otherwise idle) ...", file=sys.stderr, flush=True)
         text = calibrate()
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        out.write_text(text)
         print(f"wrote {args.out}; plan with: moetrain plan CONFIG --hardware {args.out}")
         return 0
     if args.config is None:

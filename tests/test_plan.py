@@ -124,6 +124,14 @@ def test_plan_json_contract_and_errors(capsys, tmp_path):
     assert "--calibrate" in capsys.readouterr().err
     assert main(["plan", "cluster_configs/h100_1node.yaml", "--hardware", "nope"]) == 2
     assert "h100_sxm" in capsys.readouterr().err
+    # --out that cannot be written fails before a minute of measuring, and leaves nothing behind
+    (tmp_path / "a_dir.yaml").mkdir()
+    assert main(["plan", "--calibrate", "--out", str(tmp_path / "a_dir.yaml")]) == 2
+    assert "cannot write there" in capsys.readouterr().err
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert main(["plan", "--calibrate", "--out", str(blocked / "hw.yaml")]) == 2
+    assert "cannot write there" in capsys.readouterr().err
     bad = tmp_path / "hw.yaml"
     bad.write_text("name: x\ndevice_memory_gib: 80\n")
     assert main(["plan", "cluster_configs/h100_1node.yaml", "--hardware", str(bad)]) == 2
