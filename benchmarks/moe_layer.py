@@ -203,22 +203,17 @@ def _peers_available() -> dict[str, str | None]:
     return out
 
 
-def _keep_freed_memory() -> bool:
-    """glibc malloc keeping freed memory (launch/host_memory.py, what moetrain's CPU ranks run with by default).
-    Without it every fresh [rows, d] buffer over 128 KiB is a new mmap whose pages fault in on first touch: a
-    64 MiB index_select took 42 ms instead of 15-17 ms here. The peers allocate their capacity buffers fresh
-    each step, so every layer in the benchmark runs with it."""
-    from moetrain.launch.host_memory import keep_freed_memory
-
-    return keep_freed_memory()
-
-
 def _bench(cases, iters: int, warmup: int, device: str, dtype_name: str, kernels: str, compare_overlap: bool,
            peers: list[str], compare_token_once: bool = False, malloc: bool = True) -> list[dict]:
     import torch
     import torch.distributed as dist
 
-    kept = _keep_freed_memory() if malloc and device == "cpu" else False
+    from moetrain.launch.host_memory import keep_freed_memory
+
+    # the peers allocate their capacity buffers fresh each step: with glibc's defaults each would fault its pages
+    # in again (a 64 MiB index_select took 42 ms instead of 15-17 ms here), so every layer runs with freed memory
+    # kept, as moetrain's CPU ranks do by default
+    kept = keep_freed_memory() if malloc and device == "cpu" else False
 
     from moetrain.config import MoEConfig
     from moetrain.launch.metrics import measure_matmul_flops

@@ -107,10 +107,7 @@ def _shared_work() -> tuple[float, float]:
     _fwd_bwd(_SHARED)
     dist.barrier()
     compute = statistics.median(_fwd_bwd(_SHARED) for _ in range(3))
-    params = [torch.nn.Parameter(torch.randn(1 << 21)) for _ in range(4)]
-    for q in params:
-        q.grad = torch.randn_like(q)
-    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    _, opt = _adamw_8m()
     opt.step()
     dist.barrier()
     return compute, _typical_time(opt.step, reps=5)
@@ -193,18 +190,24 @@ def _routing_cost() -> tuple[float, float]:
     return _fwd_bwd(_ROUTE + _ROUTE_MOE), _fwd_bwd(_ROUTE + _ROUTE_DENSE)
 
 
-def _per_param_costs() -> tuple[float, float]:
-    """Seconds per parameter of moetrain's optimizer step (torch's foreach AdamW, as the trainer builds it on
-    CPU) and of its gradient clipping (``clip_grad_norm``: the float64 norm pass and the scaling), over 8M
-    float32 parameters in tensors of an expert weight's size."""
+def _adamw_8m():
+    """(parameters, optimizer): 8M float32 parameters in four tensors of an expert weight's size, with random
+    gradients, under torch's foreach AdamW as the trainer builds it on CPU."""
     import torch
-
-    from moetrain.parallel.data_parallel import clip_grad_norm
 
     params = [torch.nn.Parameter(torch.randn(1 << 21)) for _ in range(4)]
     for q in params:
         q.grad = torch.randn_like(q)
-    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    return params, torch.optim.AdamW(params, lr=1e-3, foreach=True)
+
+
+def _per_param_costs() -> tuple[float, float]:
+    """Seconds per parameter of moetrain's optimizer step (torch's foreach AdamW, as the trainer builds it on
+    CPU) and of its gradient clipping (``clip_grad_norm``: the float64 norm pass and the scaling), over 8M
+    float32 parameters in tensors of an expert weight's size."""
+    from moetrain.parallel.data_parallel import clip_grad_norm
+
+    params, opt = _adamw_8m()
     n = sum(q.numel() for q in params)
     adam = _typical_time(opt.step, reps=5) / n
     replicas = {id(q): 1 for q in params}
