@@ -280,6 +280,9 @@ def _cmd_plan(args) -> int:
     if args.config is None:
         raise UserError("moetrain plan needs a CONFIG (or --calibrate --out FILE)")
     cfg = load_config(args.config, args.overrides)
+    if args.gpus is not None and not args.search:
+        raise UserError("--gpus sets the device count of --search; a plan uses the config's cluster "
+                        "(cluster.nodes x cluster.ranks_per_node)")
     hw_name = args.hardware
     if hw_name is None:
         if cfg.cluster.device == "cpu":
@@ -290,7 +293,7 @@ def _cmd_plan(args) -> int:
     if args.search:
         from moetrain.plan.search import search
 
-        gpus = args.gpus or cfg.world_size
+        gpus = cfg.world_size if args.gpus is None else args.gpus
         found = search(args.config, args.overrides, gpus, hw, top=args.top, budget_s=args.budget)
         if args.json:
             print(json.dumps(found, indent=1))
@@ -298,6 +301,13 @@ def _cmd_plan(args) -> int:
         done = "all" if found["complete"] else f"the first (search stopped at --budget {args.budget:g} s)"
         print(f"searched {done} {found['tried']} layouts for {gpus} x {hw.name} in {found['seconds']:.1f} s: "
               f"{found['fitting']} fit, {found['out_of_memory']} do not fit in any variant")
+        if not found["tried"] and found["complete"]:
+            m = cfg.model
+            print(f"no layout of {gpus} devices suits this model: tp must divide model.kv_heads ({m.kv_heads}) and "
+                  f"the devices per node ({min(gpus, hw.devices_per_node)}), pp at most model.layers ({m.layers}), "
+                  f"and dp x train.micro_batch_size must divide train.global_batch_size "
+                  f"({cfg.global_batch_size}); pick a device count that factors so")
+            return 1
         if not found["top"]:
             print("no layout fits: add devices, shorten model.seq_len or shrink the model")
             return 1

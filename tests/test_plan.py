@@ -124,6 +124,15 @@ def test_plan_json_contract_and_errors(capsys, tmp_path):
     assert "--calibrate" in capsys.readouterr().err
     assert main(["plan", "cluster_configs/h100_1node.yaml", "--hardware", "nope"]) == 2
     assert "h100_sxm" in capsys.readouterr().err
+    assert main(["plan", "cluster_configs/h100_1node.yaml", "--gpus", "0"]) == 2  # a plan has no --gpus
+    assert "--gpus sets the device count of --search" in capsys.readouterr().err
+    assert main(["plan", "cluster_configs/h100_1node.yaml", "--search", "--gpus", "0"]) == 2
+    assert "--gpus: must be >= 1" in capsys.readouterr().err
+    # a device count no layout can use says which rules it breaks, not "does not fit"
+    assert main(["plan", "cluster_configs/sim_cpu_8rank.yaml", "--hardware", "h100_sxm", "--search",
+                 "--gpus", "7"]) == 1
+    out = capsys.readouterr().out
+    assert "no layout of 7 devices suits this model" in out and "kv_heads" in out
     # --out that cannot be written fails before a minute of measuring, and leaves nothing behind
     (tmp_path / "a_dir.yaml").mkdir()
     assert main(["plan", "--calibrate", "--out", str(tmp_path / "a_dir.yaml")]) == 2
