@@ -262,6 +262,8 @@ def _cmd_plan(args) -> int:
 
         if not args.out:
             raise UserError("--calibrate needs --out FILE (the hardware file to write)")
+        if args.rounds < 1:
+            raise UserError(f"--rounds: must be >= 1, got {args.rounds}")
         out = Path(args.out)
         try:  # a path that cannot be written fails now, not after the measurements
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -273,7 +275,7 @@ def _cmd_plan(args) -> int:
         except OSError as exc:
             raise UserError(f"--out {args.out}: cannot write there ({exc.strerror or exc})") from None
         print("measuring this machine (about a minute; keep it otherwise idle) ...", file=sys.stderr, flush=True)
-        text = calibrate()
+        text = calibrate(rounds=args.rounds)
         out.write_text(text)
         print(f"wrote {args.out}; plan with: moetrain plan CONFIG --hardware {args.out}")
         return 0
@@ -373,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=120.0, metavar="S", help="seconds --search may take (default 120)")
     p.add_argument("--calibrate", action="store_true", help="measure this machine and write a hardware file")
     p.add_argument("--out", metavar="FILE", help="where --calibrate writes the hardware file")
+    p.add_argument("--rounds", type=int, default=3, metavar="N",
+                   help="--calibrate: single-rank rates as the mean of N rounds (default 3, ~70 s; 1: ~35 s, less "
+                        "steady on a machine whose speed drifts)")
     dt = sub.add_parser("data", help="prepare a corpus: tokenize local files into Megatron's indexed format",
                         description="prepare a corpus: tokenize local files into Megatron's indexed format")
     dts = dt.add_subparsers(dest="action", metavar="ACTION", required=True)

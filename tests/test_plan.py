@@ -160,9 +160,12 @@ def test_sharding_and_recomputation_shrink_memory():
 
 
 def test_calibrate_then_plan_a_cpu_job(tmp_path, capsys):
-    """``--calibrate`` writes a hardware file that ``moetrain plan`` and a run's prediction accept."""
+    """``--calibrate`` writes a hardware file that ``moetrain plan`` and a run's prediction accept (one round of
+    the single-rank measurements: the flow and the file, not the figures, are under test)."""
     hw = tmp_path / "hw.yaml"
-    assert main(["plan", "--calibrate", "--out", str(hw)]) == 0
+    assert main(["plan", "--calibrate", "--out", str(tmp_path / "x.yaml"), "--rounds", "0"]) == 2
+    assert "--rounds: must be >= 1" in capsys.readouterr().err
+    assert main(["plan", "--calibrate", "--out", str(hw), "--rounds", "1"]) == 0
     capsys.readouterr()
     measured = load_hardware(str(hw))
     assert measured.peak_flops("float32") > 0 and measured.gemm_bytes_gbps > 0

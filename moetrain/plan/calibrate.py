@@ -281,16 +281,17 @@ def _mean_of(rounds: list):
     return statistics.fmean(rounds)
 
 
-def calibrate(name: str = "this machine (calibrated)") -> str:
-    """The hardware file's YAML text for this machine."""
+def calibrate(name: str = "this machine (calibrated)", rounds: int = 3) -> str:
+    """The hardware file's YAML text for this machine; the single-rank rates are the mean of ``rounds`` rounds
+    (this machine's speed drifts from minute to minute)."""
     import torch
 
     from moetrain.launch.local import LocalRanks
     from moetrain.moe.perf_model import fit_alpha_beta
 
     with LocalRanks(1, ranks_per_node=1, timeout=900) as pool:  # measured where the ranks run
-        rounds = [pool.run(_measure_rank)[0] for _ in range(3)]  # this machine's speed drifts: mean of 3 rounds
-    rank = _mean_of(rounds)
+        measured = [pool.run(_measure_rank)[0] for _ in range(rounds)]
+    rank = _mean_of(measured)
     cores = os.cpu_count() or 1
     with LocalRanks(2, ranks_per_node=2, timeout=300) as pool:
         samples = pool.run(_allreduce)[0]
