@@ -171,10 +171,25 @@ def _connect(cfg: JobConfig) -> bool:
         if why:
             raise JobError(f"cluster.ray_address={address} is unreachable ({why}); start the head node with "
                            f"'ray start --head' or fix the address")
-        ray.init(address=address, logging_level="ERROR", log_to_driver=True)
+        try:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=True)
+        except (ConnectionError, RuntimeError) as exc:
+            # something answers on that port, but it is not a Ray head (or a mismatched Ray version)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise JobError(f"cluster.ray_address={address} accepts connections but Ray could not join it "
+                           f"({first}); is a Ray head of this version running there?") from None
         return True
     if address == "auto":
-        ray.init(address="auto", logging_level="ERROR", log_to_driver=True)
+        try:
+            ray.init(address="auto", logging_level="ERROR", log_to_driver=True)
+        except ConnectionError:
+            raise JobError("cluster.ray_address=auto but no running Ray instance was found on this machine; "
+                           "start one with 'ray start --head', or leave cluster.ray_address unset to start "
+                           "a local instance for this job") from None
+        except RuntimeError as exc:  # Ray found an address (RAY_ADDRESS, or the last 'ray start') but it is dead
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise JobError(f"cluster.ray_address=auto: Ray could not join the instance it found ({first}); "
+                           f"check RAY_ADDRESS and 'ray status'") from None
         return True
     slots = cfg.world_size
     ray.init(num_cpus=slots, num_gpus=None if cfg.cluster.device == "cuda" else 0, include_dashboard=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -94,10 +95,17 @@ TRAIN_SMALL = ["cluster.nodes=1", "cluster.ranks_per_node=2", "parallel.tp=2", "
                "train.warmup_steps=1", "train.micro_batch_size=2", "train.global_batch_size=2", "logging.every=1"]
 
 
-def _cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def _cli(args: list[str], timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("moetrain")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moetrain"]
-    return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:  # the process ended
+        return ""
 
 
 def test_train_writes_summary_resolved_config_and_tensorboard(tmp_path):
@@ -131,6 +139,13 @@ def test_train_user_errors_are_one_line(tmp_path):
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "error: cluster.ray_address=127.0.0.1:9 is unreachable (ConnectionRefusedError" in out.stderr
     assert time.monotonic() - t0 < 30
+    ray_running = any(_read(p) == "gcs_server" for p in Path("/proc").glob("*/comm"))
+    if not ray_running and not Path("/tmp/ray/ray_current_cluster").exists():
+        # 'auto' with no Ray instance on this machine: Ray's ConnectionError becomes one line naming the fix
+        out = _cli(["train", cfg, *TRAIN_SMALL, f"logging.run_dir={tmp_path}", "cluster.launcher=ray",
+                    "cluster.ray_address=auto"], env={**os.environ, "RAY_ADDRESS": ""})
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert "cluster.ray_address=auto but no running Ray instance" in out.stderr and "ray start --head" in out.stderr
     out = _cli(["train", cfg, *TRAIN_SMALL, f"logging.run_dir={tmp_path}", f"data.path={tmp_path}/missing"])
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [f"error: data.path: {tmp_path}/missing does not exist"]
