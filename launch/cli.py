@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from moetrain.config import ConfigError, JobConfig, load_config
+from moetrain.config import ConfigError, JobConfig, TrainConfig, load_config, load_config_data
 from moetrain.errors import UserError
 from moetrain.launch.signals import JobStopped
 from moetrain.models.spec import get_model_spec
@@ -229,9 +229,18 @@ def _cmd_profile(args) -> int:
     defaults = {"logging.run_dir": str(out), "logging.tensorboard_dir": str(out / "tb" / "train"),
                 "checkpoint.resume": "never"}
     always = {"checkpoint.every": 0, "fault.max_restarts": 0}
-    steps = {} if args.steps is None else {"train.steps": args.steps}
-    cfg = load_config(args.config, [f"{k}={v}" for k, v in defaults.items() if k not in given] + list(args.overrides)
-                      + [f"{k}={v}" for k, v in {**always, **steps}.items()])
+    base = [f"{k}={v}" for k, v in defaults.items() if k not in given] + list(args.overrides)
+    steps = {}
+    if args.steps is not None:
+        if args.steps < 1:
+            raise UserError(f"--steps must be at least 1, got {args.steps}")
+        steps = {"train.steps": args.steps}
+        train = load_config_data(args.config, base).get("train") or {}
+        warmup = train.get("warmup_steps", TrainConfig.model_fields["warmup_steps"].default) \
+            if isinstance(train, dict) else None  # a malformed section: the full validation below names it
+        if isinstance(warmup, int) and warmup > args.steps:  # a short profile of a long job: warm-up ends with it
+            steps["train.warmup_steps"] = args.steps
+    cfg = load_config(args.config, base + [f"{k}={v}" for k, v in {**always, **steps}.items()])
     code = _finish(cfg, run_job(cfg, str(out / "run_summary.json"), profile_dir=str(out)))
     if not _is_rank0(cfg) or code:
         return code

@@ -842,6 +842,11 @@ def apply_overrides(data: dict, overrides: list[tuple[str, Any]]) -> dict:
 def load_config(path: Union[str, os.PathLike, None], overrides: Optional[list[str]] = None,
                 *, check: bool = True) -> JobConfig:
     """Load and validate a job config file with optional ``KEY=VALUE`` overrides."""
+    return config_from_dict(load_config_data(path, overrides), check=check)
+
+
+def load_config_data(path: Union[str, os.PathLike, None], overrides: Optional[list[str]] = None) -> dict:
+    """The job config file's data with ``KEY=VALUE`` overrides applied, not validated yet."""
     data: Any = {}
     if path is not None:
         p = Path(path)
@@ -866,7 +871,7 @@ def load_config(path: Union[str, os.PathLike, None], overrides: Optional[list[st
             raise ConfigError(str(p), f"a job config must be a mapping of sections, got {type(data).__name__}")
     if overrides:
         data = apply_overrides(data, parse_overrides(overrides))
-    return config_from_dict(data, check=check)
+    return data
 
 
 # ------------------------------------------------------------------------ cross-section rules

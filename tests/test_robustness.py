@@ -310,9 +310,14 @@ def test_unusable_checkpoints_stop_the_run_and_a_finished_run_says_so(tmp_path):
     fresh = _cli(run + ["train.steps=1", "checkpoint.resume=never"])
     assert fresh.returncode == 0 and "done: 1 steps" in fresh.stdout
     job = tmp_path / "job.yaml"  # a training run's config: its TensorBoard and checkpoint directories
-    job.write_text(f"logging:\n  tensorboard_dir: {tmp_path / 'train_tb'}\ncheckpoint:\n  dir: {ck}\n  every: 1\n")
-    profiled = _cli(["profile", str(job), *SMALL, "--out", str(tmp_path / "prof"), "--steps", "2"])
+    job.write_text(f"logging:\n  tensorboard_dir: {tmp_path / 'train_tb'}\ncheckpoint:\n  dir: {ck}\n  every: 1\n"
+                   "train:\n  warmup_steps: 20\n")  # a long job's warm-up: a 2-step profile ends it early
+    small = [o for o in SMALL if not o.startswith("train.warmup_steps=")]
+    profiled = _cli(["profile", str(job), *small, "--out", str(tmp_path / "prof"), "--steps", "2"])
     assert profiled.returncode == 0, profiled.stderr[-3000:]
+    assert "warmup_steps: 2\n" in (tmp_path / "prof" / "config.resolved.yaml").read_text()
+    bad = _cli(["profile", str(job), *small, "--out", str(tmp_path / "prof0"), "--steps", "0"])
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --steps must be at least 1, got 0"
     assert json.loads((tmp_path / "prof" / "run_summary.json").read_text())["resumed_from"] is None
     assert not (tmp_path / "train_tb").exists() and list((tmp_path / "prof" / "tb").rglob("events.out.tfevents.*"))
 
