@@ -238,7 +238,8 @@ def _cmd_profile(args) -> int:
         train = load_config_data(args.config, base).get("train") or {}
         warmup = train.get("warmup_steps", TrainConfig.model_fields["warmup_steps"].default) \
             if isinstance(train, dict) else None  # a malformed section: the full validation below names it
-        if isinstance(warmup, int) and warmup > args.steps:  # a short profile of a long job: warm-up ends with it
+        if isinstance(warmup, int) and warmup > args.steps and "train.warmup_steps" not in given:
+            # a short profile of a long job: its warm-up ends with the profile (one given here must fit, though)
             steps["train.warmup_steps"] = args.steps
     cfg = load_config(args.config, base + [f"{k}={v}" for k, v in {**always, **steps}.items()])
     code = _finish(cfg, run_job(cfg, str(out / "run_summary.json"), profile_dir=str(out)))
