@@ -58,6 +58,8 @@ def _documents(files: list[Path], field: str) -> Iterator[str]:
 
     disable_progress_bar()
     for f in files:
+        if f.stat().st_size == 0:  # holds no documents (the json reader would fail on it without naming why)
+            continue
         kind = _KINDS[f.suffix]
         extra: dict[str, Any] = {"sample_by": "document"} if kind == "text" else {}
         try:

@@ -113,6 +113,10 @@ def test_prepare_and_tokenizer_mistakes_are_named(tokenizer, corpus, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(PrepareError, match="bad.jsonl: cannot be read as json"):
         prepare([str(tmp_path / "bad.jsonl")], str(tokenizer), str(tmp_path / "x"), progress=False)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(PrepareError, match="no documents in .*empty.jsonl"):
+        prepare([str(tmp_path / "empty.jsonl")], str(tokenizer), str(tmp_path / "x"), progress=False)
+    assert not list(tmp_path.glob("x*"))
     prepare([str(corpus["parquet"])], str(tokenizer), str(tmp_path / "y"), field="content", progress=False)
     with pytest.raises(PrepareError, match="y.bin exists"):
         prepare([str(corpus["parquet"])], str(tokenizer), str(tmp_path / "y"), field="content", progress=False)
