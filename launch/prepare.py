@@ -10,6 +10,7 @@ followed by the end-of-document id. Outputs appear only when complete (``.part``
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -54,9 +55,10 @@ def input_files(inputs: list[str]) -> list[Path]:
 def _documents(files: list[Path], field: str) -> Iterator[str]:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from datasets import load_dataset
-    from datasets.utils.logging import disable_progress_bar
+    from datasets.utils.logging import disable_progress_bar, set_verbosity
 
     disable_progress_bar()
+    set_verbosity(logging.CRITICAL)  # its reader logs a parse failure before raising it; we name it once, below
     for f in files:
         if f.stat().st_size == 0:  # holds no documents (the json reader would fail on it without naming why)
             continue
