@@ -206,6 +206,9 @@ def _cmd_generate(args) -> int:
         except ValueError:
             raise GenerateError(f"--ids {args.ids!r}: expected comma-separated token ids") from None
     stop = tok.eod_id if tok is not None and not args.ignore_eod else None
+    if len(prompt) + args.max_new_tokens > cfg.model.seq_len:  # RoPE runs on, but past what the model was taught
+        print(f"[moetrain] note: {len(prompt)} prompt + {args.max_new_tokens} new tokens run past model.seq_len="
+              f"{cfg.model.seq_len}, the context the model was trained at", file=sys.stderr)
     out = generate(cfg, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed, stop_id=stop)
     text = tok.decode(out["new_ids"]) if tok is not None else None

@@ -105,3 +105,8 @@ def test_byte_level_model_takes_a_text_prompt(tmp_path):
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["prompt_ids"] == [100, 101, 102] and len(got["new_ids"]) == 4
     assert got["text"] == bytes(got["new_ids"]).decode("utf-8", errors="replace")
+    assert "past model.seq_len" not in out.stderr
+    long = cli("generate", str(tmp_path / "job.yaml"), *common, "--prompt", "def", "--max-new-tokens", "62",
+               "--ignore-eod", "--json")  # 3 + 62 > seq_len 64: it runs, and says so
+    assert long.returncode == 0 and len(json.loads(long.stdout.strip().splitlines()[-1])["new_ids"]) == 62
+    assert "3 prompt + 62 new tokens run past model.seq_len=64" in long.stderr
