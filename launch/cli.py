@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -479,8 +481,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     handler = {"validate": _cmd_validate, "topology": _cmd_topology, "train": _cmd_train,
                "profile": _cmd_profile, "checkpoint": _cmd_checkpoint, "plan": _cmd_plan,
                "data": _cmd_data, "eval": _cmd_eval, "generate": _cmd_generate}[args.command]
+    # train / profile / eval run jobs that stop at a step on SIGTERM (launch/signals.py); the other commands
+    # unwind like Ctrl-C, so their rank pools, worker pools and half-written files are cleaned up
+    terminate = args.command not in ("train", "profile", "eval") and \
+        threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if terminate else None
     try:
         return handler(args)
+    except _Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except ConfigError as exc:
         print(f"config error: {exc.path}: {exc.reason}", file=sys.stderr)
         return 2
@@ -509,6 +519,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"job failed: {exc}", file=sys.stderr)
             return 1
         raise
+    finally:
+        if terminate:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM in a command that is not a job: unwinds like KeyboardInterrupt (not caught as an Exception)."""
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -269,8 +269,11 @@ class LocalRanks:
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            self._kill()  # Ctrl-C / SIGTERM in this process: the ranks' work is abandoned, do not wait on it
+        else:
+            self.close()
 
     # ------------------------------------------------------------------ running
     def run(self, fn: Callable, *args: Any, timeout: Optional[float] = -1.0, **kwargs: Any) -> list[Any]:

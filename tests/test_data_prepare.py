@@ -101,6 +101,32 @@ def test_megatron_core_reads_ours_and_we_read_megatrons(tokenizer, corpus, tmp_p
     assert [read.document(i).tolist() for i in range(5)] == [d.tolist() for d in docs]
 
 
+def test_sigterm_mid_prepare_leaves_no_partial_files_or_workers(tokenizer, tmp_path):
+    """A scheduler's SIGTERM unwinds like Ctrl-C: the half-written .bin and the worker pool go, exit 143."""
+    import signal
+    import time
+
+    texts = _texts()
+    with open(tmp_path / "big.jsonl", "w") as f:
+        for i in range(5000):  # ~20 MB: many seconds of tokenizing, far more than the wait below
+            f.write(json.dumps({"text": texts[i % len(texts)]}) + "\n")
+    proc = subprocess.Popen([sys.executable, "-m", "moetrain", "data", "prepare", str(tmp_path / "big.jsonl"),
+                             "--tokenizer", str(tokenizer), "--out", str(tmp_path / "out"), "--workers", "2"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.stat().st_size for p in tmp_path.glob("out*")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "prepare wrote nothing in 120 s"
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and err.strip() == "terminated", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
+
+
 def test_prepare_and_tokenizer_mistakes_are_named(tokenizer, corpus, tmp_path):
     with pytest.raises(PrepareError, match="has no field 'text'.*content"):
         prepare([str(corpus["jsonl"])], str(tokenizer), str(tmp_path / "x"), progress=False)
