@@ -300,6 +300,10 @@ def _cmd_plan(args) -> int:
     if args.gpus is not None and not args.search:
         raise UserError("--gpus sets the device count of --search; a plan uses the config's cluster "
                         "(cluster.nodes x cluster.ranks_per_node)")
+    if args.search and args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}")
+    if args.search and not args.budget > 0:
+        raise UserError(f"--budget must be a positive number of seconds, got {args.budget:g}")
     hw_name = args.hardware
     if hw_name is None:
         if cfg.cluster.device == "cpu":

@@ -128,6 +128,10 @@ def test_plan_json_contract_and_errors(capsys, tmp_path):
     assert "--gpus sets the device count of --search" in capsys.readouterr().err
     assert main(["plan", "cluster_configs/h100_1node.yaml", "--search", "--gpus", "0"]) == 2
     assert "--gpus: must be >= 1" in capsys.readouterr().err
+    assert main(["plan", "cluster_configs/h100_1node.yaml", "--search", "--top", "0"]) == 2  # not "no layout fits"
+    assert capsys.readouterr().err.strip() == "error: --top must be at least 1, got 0"
+    assert main(["plan", "cluster_configs/h100_1node.yaml", "--search", "--budget", "0"]) == 2
+    assert "--budget must be a positive number" in capsys.readouterr().err
     # a device count no layout can use says which rules it breaks, not "does not fit"
     assert main(["plan", "cluster_configs/sim_cpu_8rank.yaml", "--hardware", "h100_sxm", "--search",
                  "--gpus", "7"]) == 1
