@@ -147,6 +147,8 @@ def _finish(cfg: JobConfig, summary: dict) -> int:
                  "nothing saved (set checkpoint.dir to keep the progress)")
         if speak:
             print(f"stopped by {why} after step {stopped['step']}: {where}", file=sys.stderr)
+        if stopped["signal"]:
+            _ignore_late_stops()
         return exit_code(stopped)
     if speak and summary.get("final_loss") is not None:
         print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
@@ -503,6 +505,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except JobStopped as exc:
         print(str(exc), file=sys.stderr)
+        _ignore_late_stops()
         return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -526,6 +529,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         if terminate:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _ignore_late_stops() -> None:
+    """This process exits with a signal stop's code: a late copy of the signal (sent to the process group and
+    forwarded by a parent such as make) must not kill it while the interpreter shuts down."""
+    from moetrain.launch.signals import STOP_SIGNALS
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 class _Terminated(BaseException):

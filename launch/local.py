@@ -86,8 +86,32 @@ def _describe_exc(exc: BaseException) -> tuple[str, str, str, bool]:
     return traceback.format_exc(), f"{kind.__module__}.{kind.__qualname__}", str(exc), isinstance(exc, UserError)
 
 
+def _start_forkserver() -> None:
+    """Start multiprocessing's forkserver (once per process) with the stop signals blocked.
+
+    It runs in the launcher's process group, so a SIGTERM sent to the group (``kill -TERM -PGID``, systemd,
+    Slurm's scancel) would kill it, and the launcher would then read every rank as dead (exit code 255) and
+    stop without a checkpoint. The signal mask survives its exec and is inherited by the ranks it forks,
+    which unblock the signals first thing (:func:`_rank_main`)."""
+    from multiprocessing import forkserver, resource_tracker
+
+    from moetrain.launch.signals import STOP_SIGNALS
+
+    # the forkserver starts the resource tracker first, which unblocks SIGTERM once it runs (it ignores the
+    # stop signals itself): start it before blocking them
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _rank_main(rank: int, world: int, ranks_per_node: int, port: int, workdir: str, env: dict,
                threads: int, pg_timeout_s: float, device: str, launcher_pid: int, hosts, tasks, results) -> None:
+    from moetrain.launch.signals import STOP_SIGNALS
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked in the forkserver (_start_forkserver)
     node = rank // ranks_per_node
     master, ifname = "127.0.0.1", env.get("GLOO_SOCKET_IFNAME", "lo")
     if hosts is not None:  # this node is a namespaced host: its ranks live there, rank 0's host holds the store
@@ -215,6 +239,7 @@ class LocalRanks:
             self._store = dist.TCPStore("127.0.0.1", 0, self.world_size, is_master=True,
                                         wait_for_workers=False, timeout=timedelta(seconds=self.start_timeout))
             port = self._store.port
+        _start_forkserver()
         self._workdir = tempfile.mkdtemp(prefix="moetrain-ranks-")
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]

@@ -23,6 +23,8 @@ __all__ = ["StopRequests", "STOP_SIGNALS", "EXIT_TIME_LIMIT", "exit_code", "watc
            "request_stop", "JobStopped"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_SAME_STOP_S = 1.0
+"""A second stop signal this soon after the first is the same request arriving twice, not "stop at once"."""
 EXIT_TIME_LIMIT = 124
 
 
@@ -117,17 +119,21 @@ def _is_zombie(pid: int) -> bool:
 
 class forward_signals:  # noqa: N801 - used as a context manager
     """In a launcher: the first SIGTERM / SIGUSR1 is handed to ``forward(signum)`` (the ranks then stop at a
-    step boundary and save); a second one, or SIGINT, stops at once (KeyboardInterrupt)."""
+    step boundary and save); a second one a second or more later, or SIGINT, stops at once (KeyboardInterrupt)."""
 
     def __init__(self, forward: Callable[[int], None]):
         self.forward = forward
         self.signum: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
+            if time.monotonic() - self._first_at < _SAME_STOP_S:
+                return  # the same stop twice: sent to the process group and forwarded by a parent (make, a shell)
             raise KeyboardInterrupt
         self.signum = signum
+        self._first_at = time.monotonic()
         name = signal.Signals(signum).name
         print(f"[moetrain] {name}: every rank finishes its step, saves a checkpoint when checkpoint.dir is set, "
               "and stops (send it again to stop at once)", flush=True)
@@ -140,6 +146,21 @@ class forward_signals:  # noqa: N801 - used as a context manager
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.signum is not None and self._previous:
+            # stopped: a late copy of the same signal (a parent forwarding it) must not kill the launcher while it
+            # writes the summary; later signals go to the previous handlers as before
+            for sig in self._previous:
+                signal.signal(sig, self._late)
+            return
+        self._restore()
+
+    def _late(self, signum, frame) -> None:
+        if time.monotonic() - self._first_at < _SAME_STOP_S:
+            return
+        self._restore()
+        os.kill(os.getpid(), signum)
+
+    def _restore(self) -> None:
         for sig, old in self._previous.items():
             signal.signal(sig, old)
         self._previous.clear()

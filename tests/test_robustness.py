@@ -193,10 +193,11 @@ def _alive(pids: set[int]) -> set[int]:
     return live
 
 
-def _train_until(args: list[str], line: str, timeout: float = 120) -> tuple[subprocess.Popen, set[int], list[str]]:
+def _train_until(args: list[str], line: str, timeout: float = 120,
+                 new_session: bool = False) -> tuple[subprocess.Popen, set[int], list[str]]:
     """Start ``moetrain train`` and return once its output shows ``line`` (and the rank processes)."""
     proc = subprocess.Popen(_cmd() + ["train", CONFIG, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=ROOT)
+                            text=True, cwd=ROOT, start_new_session=new_session)
     seen: list[str] = []
     deadline = time.monotonic() + timeout
     for text in proc.stdout:
@@ -207,12 +208,23 @@ def _train_until(args: list[str], line: str, timeout: float = 120) -> tuple[subp
     return proc, _descendants(proc.pid), seen
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
-def test_stop_signal_finishes_the_step_saves_and_exits_with_its_code(tmp_path, sig, code):
+@pytest.mark.parametrize("sig,code,group", [(signal.SIGTERM, 143, False), (signal.SIGUSR1, 138, False),
+                                            (signal.SIGTERM, 143, True)])
+def test_stop_signal_finishes_the_step_saves_and_exits_with_its_code(tmp_path, sig, code, group):
+    """``group``: the signal goes to the whole process group (systemd, scancel, kill -TERM -PGID: the launcher,
+    multiprocessing's forkserver and every rank get it) and a parent forwards it to the launcher once more
+    (make does): still one stop at a step boundary with a checkpoint, not a crash or an immediate stop."""
     ck = tmp_path / "ck"
-    proc, ranks, seen = _train_until(SMALL + ["train.steps=100000", f"checkpoint.dir={ck}",
-                                               f"logging.run_dir={tmp_path}"], "step     3/")
+    # the group case: steps of ~0.5 s, so that a launcher that lost its forkserver sees its ranks as dead
+    # before they report the stop
+    slow = ["model.d_model=256", "model.d_ffn=1024", "model.seq_len=256"] if group else []
+    proc, ranks, seen = _train_until(SMALL + slow + ["train.steps=100000", f"checkpoint.dir={ck}",
+                                                     f"logging.run_dir={tmp_path}"], "step     3/",
+                                     new_session=group)
     assert len(ranks) >= 2
+    if group:
+        os.killpg(proc.pid, sig)
+        time.sleep(0.3)  # the parent's copy comes after the launcher handled the first
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     text = "".join(seen) + out
