@@ -24,6 +24,7 @@ detection and log streaming are used as they are.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import time
@@ -33,7 +34,7 @@ from moetrain.config import JobConfig
 from moetrain.launch.attempts import with_restarts
 from moetrain.launch.local import RankFailure, RankReport, _describe_exc
 from moetrain.launch.rank import JobError, rank_main
-from moetrain.launch.signals import forward_signals
+from moetrain.launch.signals import STOP_SIGNALS, forward_signals
 
 __all__ = ["run_ray", "preflight"]
 
@@ -192,8 +193,15 @@ def _connect(cfg: JobConfig) -> bool:
                            f"check RAY_ADDRESS and 'ray status'") from None
         return True
     slots = cfg.world_size
-    ray.init(num_cpus=slots, num_gpus=None if cfg.cluster.device == "cuda" else 0, include_dashboard=False,
-             logging_level="ERROR", log_to_driver=True)
+    # the local instance's processes (GCS, raylet, workers) run in this process group: started with the stop
+    # signals blocked, a SIGTERM sent to the group (systemd, scancel, kill -TERM -PGID) reaches only this driver,
+    # which stops the ranks at a step boundary, instead of killing the raylet under them
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        ray.init(num_cpus=slots, num_gpus=None if cfg.cluster.device == "cuda" else 0, include_dashboard=False,
+                 logging_level="ERROR", log_to_driver=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return True
 
 

@@ -127,9 +127,13 @@ def test_ray_two_nodes_contiguous_ranks_and_node_loss(tmp_path, uninterrupted):
     assert out["losses"] == pytest.approx(uninterrupted["losses"], rel=1e-12)
 
 
-def test_ray_driver_forwards_sigterm_ranks_save_and_stop(tmp_path):
+@pytest.mark.parametrize("group", [False, True])
+def test_ray_driver_forwards_sigterm_ranks_save_and_stop(tmp_path, group):
     """SIGTERM to the driver reaches every actor (through a method call beside ``run``): one saved checkpoint,
-    exit 143, no actor process left, one "[rank r]" prefix on the ranks' lines."""
+    exit 143, no actor process left, one "[rank r]" prefix on the ranks' lines. ``group``: sent to the driver's
+    whole process group, which holds the local Ray instance's GCS, raylet and workers too (they took it as
+    death: the driver waited 60 s for the GCS and the stop was lost)."""
+    import os
     import signal
 
     from tests.test_robustness import SMALL as SMALL_CLI
@@ -138,8 +142,11 @@ def test_ray_driver_forwards_sigterm_ranks_save_and_stop(tmp_path):
     ck = tmp_path / "ck"
     proc, ranks, seen = _train_until(SMALL_CLI + ["cluster.launcher=ray", "train.steps=100000",
                                                   f"checkpoint.dir={ck}", f"logging.run_dir={tmp_path}"],
-                                     "[rank 0] step     3/", timeout=180)
-    proc.send_signal(signal.SIGTERM)
+                                     "[rank 0] step     3/", timeout=180, new_session=group)
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 143, ("".join(seen) + out)[-3000:]
     saved = sorted(p.name for p in ck.glob("step_*"))
