@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -14,6 +16,20 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 for _k, _v in (("RAY_DISABLE_WORKER_LOG_PREFIX", "1"), ("RAY_COLOR_PREFIX", "0"), ("RAY_DEDUP_LOGS", "0")):
     os.environ.setdefault(_k, _v)  # what the Ray launcher sets before Ray is imported (one "[rank r]" prefix)
+
+# Ray keeps each session's logs and sockets under $RAY_TMPDIR/ray (default /tmp/ray) after it ends: the tests'
+# sessions go to a directory of their own, removed when the run ends (a short path: Ray's sockets live there)
+if "RAY_TMPDIR" not in os.environ:
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="moetrain-ray-", dir="/tmp")
+    _RAY_TMPDIR = os.environ["RAY_TMPDIR"]
+else:
+    _RAY_TMPDIR = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _RAY_TMPDIR is not None:
+        shutil.rmtree(_RAY_TMPDIR, ignore_errors=True)
+
 
 _POOLS: dict[tuple[int, int], LocalRanks] = {}
 

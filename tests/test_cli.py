@@ -140,7 +140,8 @@ def test_train_user_errors_are_one_line(tmp_path):
     assert "error: cluster.ray_address=127.0.0.1:9 is unreachable (ConnectionRefusedError" in out.stderr
     assert time.monotonic() - t0 < 30
     ray_running = any(_read(p) == "gcs_server" for p in Path("/proc").glob("*/comm"))
-    if not ray_running and not Path("/tmp/ray/ray_current_cluster").exists():
+    bootstrap = Path(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
+    if not ray_running and not bootstrap.exists():
         # 'auto' with no Ray instance on this machine: Ray's ConnectionError becomes one line naming the fix
         out = _cli(["train", cfg, *TRAIN_SMALL, f"logging.run_dir={tmp_path}", "cluster.launcher=ray",
                     "cluster.ray_address=auto"], env={**os.environ, "RAY_ADDRESS": ""})
