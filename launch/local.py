@@ -295,7 +295,9 @@ class LocalRanks:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and not issubclass(exc_type, Exception):
+        from moetrain.launch.signals import JobStopped
+
+        if exc_type is not None and (not issubclass(exc_type, Exception) or issubclass(exc_type, JobStopped)):
             self._kill()  # Ctrl-C / SIGTERM in this process: the ranks' work is abandoned, do not wait on it
         else:
             self.close()

@@ -266,7 +266,7 @@ def _attempt(cfg: JobConfig, data: dict, profile_dir: Optional[str], attempt: in
             for a in actors:
                 a.stop.remote(signum)
 
-        with forward_signals(forward):
+        with forward_signals(forward, nothing_to_save="during the evaluation" if data.get("_mode") == "eval" else None):
             results = _collect(refs, where)
         summary = results[0]
         summary["ray"] = {"nodes": [w["node_id"] for w in where], "ips": [w["ip"] for w in where]}

@@ -119,10 +119,12 @@ def _is_zombie(pid: int) -> bool:
 
 class forward_signals:  # noqa: N801 - used as a context manager
     """In a launcher: the first SIGTERM / SIGUSR1 is handed to ``forward(signum)`` (the ranks then stop at a
-    step boundary and save); a second one a second or more later, or SIGINT, stops at once (KeyboardInterrupt)."""
+    step boundary and save); a second one a second or more later, or SIGINT, stops at once (KeyboardInterrupt).
+    With ``nothing_to_save`` (an evaluation) the first one stops at once: :class:`JobStopped`."""
 
-    def __init__(self, forward: Callable[[int], None]):
+    def __init__(self, forward: Callable[[int], None], *, nothing_to_save: str | None = None):
         self.forward = forward
+        self.nothing_to_save = nothing_to_save  # e.g. "during the evaluation": the first signal stops at once
         self.signum: int | None = None
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
@@ -134,6 +136,8 @@ class forward_signals:  # noqa: N801 - used as a context manager
             raise KeyboardInterrupt
         self.signum = signum
         self._first_at = time.monotonic()
+        if self.nothing_to_save is not None:  # no step boundary to reach, no checkpoint to write
+            raise JobStopped(signum, self.nothing_to_save)
         name = signal.Signals(signum).name
         print(f"[moetrain] {name}: every rank finishes its step, saves a checkpoint when checkpoint.dir is set, "
               "and stops (send it again to stop at once)", flush=True)

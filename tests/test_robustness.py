@@ -238,6 +238,34 @@ def test_stop_signal_finishes_the_step_saves_and_exits_with_its_code(tmp_path, s
     assert not (ck / ".lock").exists()
 
 
+def test_sigterm_stops_an_evaluation_at_once(tmp_path):
+    """An evaluation has no step boundary to reach and nothing to save: the first SIGTERM ends it, exit 143."""
+    ck = tmp_path / "ck"
+    trained = _cli(["train", CONFIG, *SMALL, "train.steps=1", f"checkpoint.dir={ck}", "checkpoint.every=1",
+                    f"logging.run_dir={tmp_path}"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    proc = subprocess.Popen(_cmd() + ["eval", CONFIG, *SMALL, f"checkpoint.dir={ck}", "train.eval_iters=1000000",
+                                      f"logging.run_dir={tmp_path / 'eval'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    try:
+        seen = []
+        for text in proc.stdout:  # the ranks have loaded the weights and are evaluating
+            seen.append(text)
+            if "resumed from" in text:
+                break
+        ranks = _descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, ("".join(seen) + out)[-3000:]
+    assert "stopped by SIGTERM during the evaluation; nothing was saved" in out
+    deadline = time.monotonic() + 10
+    while _alive(ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(ranks)
+
+
 def test_ranks_exit_when_the_launcher_is_killed(tmp_path):
     started = time.time()
     proc, ranks, _ = _train_until(SMALL + ["train.steps=100000", f"logging.run_dir={tmp_path}"], "step     2/")
