@@ -16,7 +16,7 @@ import time
 import torch.distributed as dist
 
 from moetrain.config import FaultInjectConfig
-from moetrain.errors import UserError
+from moetrain.errors import UserError, first_line
 
 __all__ = ["TrainError", "CollectiveFailure", "InjectedFault", "is_comm_failure", "collective_failure",
            "inject_fault"]
@@ -53,8 +53,7 @@ def is_comm_failure(exc: BaseException) -> bool:
 
 
 def collective_failure(exc: BaseException, *, rank: int, step: int, phase: str, timeout_s: float) -> CollectiveFailure:
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else exc.__class__.__name__
+    first = first_line(exc)
     return CollectiveFailure(
         f"rank {rank}: a collective in phase '{phase}' of step {step} failed after at most "
         f"cluster.collective_timeout_s={timeout_s:g}s ({first[:300]}); a peer rank died or hung")

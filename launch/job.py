@@ -17,7 +17,7 @@ from moetrain.config import JobConfig, write_resolved
 from moetrain.dist.checkpoint import CheckpointError, CheckpointLock
 from moetrain.launch.attempts import attempt_number, with_restarts
 from moetrain.launch.preflight import check_network, check_paths
-from moetrain.launch.rank import JobError, rank_main, setup_groups
+from moetrain.launch.rank import JobError, nothing_to_save, rank_main, setup_groups
 from moetrain.launch.signals import JobStopped, forward_signals, watch_launcher
 
 __all__ = ["run_job", "rank_main", "setup_groups", "JobError"]
@@ -102,11 +102,6 @@ def run_job(cfg: JobConfig, summary_path: Optional[str] = None, profile_dir: Opt
     return summary
 
 
-def _nothing_to_save(data: dict[str, Any]) -> Optional[str]:
-    """What a stop signal interrupts when it can stop the job at once (an evaluation saves nothing)."""
-    return "during the evaluation" if data.get("_mode") == "eval" else None
-
-
 def _launch(cfg: JobConfig, data: dict[str, Any], profile_dir: Optional[str]) -> dict[str, Any]:
     """Start the ranks of a local or Ray job (this process is the launcher, not a rank)."""
     if cfg.cluster.launcher == "local":
@@ -118,7 +113,7 @@ def _launch(cfg: JobConfig, data: dict[str, Any], profile_dir: Optional[str]) ->
             pool = LocalRanks(cfg.world_size, ranks_per_node=cfg.cluster.ranks_per_node, timeout=None,
                               collective_timeout_s=cfg.cluster.collective_timeout_s, env=env,
                               device=cfg.cluster.device, hosts=hosts)
-            with pool, forward_signals(pool.signal_ranks, nothing_to_save=_nothing_to_save(data)) as stop:
+            with pool, forward_signals(pool.signal_ranks, nothing_to_save=nothing_to_save(data)) as stop:
                 try:
                     return pool.run(rank_main, data, profile_dir, timeout=None)[0]
                 except RankFailure:

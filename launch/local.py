@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
 
+from moetrain.launch.signals import STOP_SIGNALS, JobStopped, stop_signals_blocked, watch_launcher
+
 __all__ = ["LocalRanks", "RankFailure", "RankReport", "run_ranks"]
 
 _GRACE_AFTER_ERROR_S = 3.0
@@ -95,22 +97,15 @@ def _start_forkserver() -> None:
     which unblock the signals first thing (:func:`_rank_main`)."""
     from multiprocessing import forkserver, resource_tracker
 
-    from moetrain.launch.signals import STOP_SIGNALS
-
     # the forkserver starts the resource tracker first, which unblocks SIGTERM once it runs (it ignores the
     # stop signals itself): start it before blocking them
     resource_tracker.ensure_running()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
+    with stop_signals_blocked():
         forkserver.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _rank_main(rank: int, world: int, ranks_per_node: int, port: int, workdir: str, env: dict,
                threads: int, pg_timeout_s: float, device: str, launcher_pid: int, hosts, tasks, results) -> None:
-    from moetrain.launch.signals import STOP_SIGNALS
-
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked in the forkserver (_start_forkserver)
     node = rank // ranks_per_node
     master, ifname = "127.0.0.1", env.get("GLOO_SOCKET_IFNAME", "lo")
@@ -141,8 +136,6 @@ def _rank_main(rank: int, world: int, ranks_per_node: int, port: int, workdir: s
     stack_file = open(os.path.join(workdir, f"rank{rank}.stack"), "w+")  # noqa: SIM115 (lives as long as the rank)
     # SIGUSR2 dumps the stacks for failure reports (SIGTERM / SIGUSR1 are the stop signals, launch/signals.py)
     faulthandler.register(signal.SIGUSR2, file=stack_file, all_threads=True)
-    from moetrain.launch.signals import watch_launcher
-
     # no rank outlives its launcher, even one killed with SIGKILL; the ranks then remove the pool's files
     watch_launcher(launcher_pid, on_lost=lambda: shutil.rmtree(workdir, ignore_errors=True))
     import torch
@@ -295,8 +288,6 @@ class LocalRanks:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        from moetrain.launch.signals import JobStopped
-
         if exc_type is not None and (not issubclass(exc_type, Exception) or issubclass(exc_type, JobStopped)):
             self._kill()  # Ctrl-C / SIGTERM in this process: the ranks' work is abandoned, do not wait on it
         else:

@@ -20,6 +20,12 @@ class JobError(UserError, RuntimeError):
     """The job could not start or run for a reason the user can act on."""
 
 
+def nothing_to_save(cfg_data: dict[str, Any]) -> Optional[str]:
+    """For a launcher's :class:`~moetrain.launch.signals.forward_signals`: what a stop signal interrupts when
+    it may end the job at once (an evaluation, which saves nothing), else None."""
+    return "during the evaluation" if cfg_data.get("_mode") == "eval" else None
+
+
 def rank_main(cfg_data: dict[str, Any], profile_dir: Optional[str] = None) -> dict[str, Any]:
     """Everything one rank does, launcher-agnostic. Returns this rank's summary. SIGTERM / SIGUSR1 received
     meanwhile stop the run after the current step (launch/signals.py). ``cfg_data`` is the resolved config;

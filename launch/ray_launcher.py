@@ -24,17 +24,17 @@ detection and log streaming are used as they are.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
 import time
 from typing import Any, Optional
 
 from moetrain.config import JobConfig
+from moetrain.errors import first_line
 from moetrain.launch.attempts import with_restarts
 from moetrain.launch.local import RankFailure, RankReport, _describe_exc
-from moetrain.launch.rank import JobError, rank_main
-from moetrain.launch.signals import STOP_SIGNALS, forward_signals
+from moetrain.launch.rank import JobError, nothing_to_save, rank_main
+from moetrain.launch.signals import forward_signals, stop_signals_blocked
 
 __all__ = ["run_ray", "preflight"]
 
@@ -176,9 +176,8 @@ def _connect(cfg: JobConfig) -> bool:
             ray.init(address=address, logging_level="ERROR", log_to_driver=True)
         except (ConnectionError, RuntimeError) as exc:
             # something answers on that port, but it is not a Ray head (or a mismatched Ray version)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise JobError(f"cluster.ray_address={address} accepts connections but Ray could not join it "
-                           f"({first}); is a Ray head of this version running there?") from None
+                           f"({first_line(exc)}); is a Ray head of this version running there?") from None
         return True
     if address == "auto":
         try:
@@ -188,20 +187,16 @@ def _connect(cfg: JobConfig) -> bool:
                            "start one with 'ray start --head', or leave cluster.ray_address unset to start "
                            "a local instance for this job") from None
         except RuntimeError as exc:  # Ray found an address (RAY_ADDRESS, or the last 'ray start') but it is dead
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            raise JobError(f"cluster.ray_address=auto: Ray could not join the instance it found ({first}); "
+            raise JobError(f"cluster.ray_address=auto: Ray could not join the instance it found ({first_line(exc)}); "
                            f"check RAY_ADDRESS and 'ray status'") from None
         return True
     slots = cfg.world_size
     # the local instance's processes (GCS, raylet, workers) run in this process group: started with the stop
     # signals blocked, a SIGTERM sent to the group (systemd, scancel, kill -TERM -PGID) reaches only this driver,
     # which stops the ranks at a step boundary, instead of killing the raylet under them
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
+    with stop_signals_blocked():
         ray.init(num_cpus=slots, num_gpus=None if cfg.cluster.device == "cuda" else 0, include_dashboard=False,
                  logging_level="ERROR", log_to_driver=True)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return True
 
 
@@ -266,7 +261,7 @@ def _attempt(cfg: JobConfig, data: dict, profile_dir: Optional[str], attempt: in
             for a in actors:
                 a.stop.remote(signum)
 
-        with forward_signals(forward, nothing_to_save="during the evaluation" if data.get("_mode") == "eval" else None):
+        with forward_signals(forward, nothing_to_save=nothing_to_save(data)):
             results = _collect(refs, where)
         summary = results[0]
         summary["ray"] = {"nodes": [w["node_id"] for w in where], "ips": [w["ip"] for w in where]}

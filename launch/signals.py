@@ -13,14 +13,15 @@ Exit codes: 128 + the signal's number after a signal stop (143 SIGTERM, 138 SIGU
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 __all__ = ["StopRequests", "STOP_SIGNALS", "EXIT_TIME_LIMIT", "exit_code", "watch_launcher", "forward_signals",
-           "request_stop", "JobStopped"]
+           "request_stop", "JobStopped", "stop_signals_blocked"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _SAME_STOP_S = 1.0
@@ -115,6 +116,18 @@ def _is_zombie(pid: int) -> bool:
             return f.read().rsplit(") ", 1)[-1][:1] in ("Z", "X")
     except OSError:  # no /proc (not Linux), or the process is already gone
         return False
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Block the stop signals in this thread meanwhile: helper processes started here (multiprocessing's
+    forkserver, a local Ray instance) inherit the mask through fork and exec, so a stop signal sent to the whole
+    process group reaches the launcher (which stops the ranks at a step boundary) instead of killing them."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class forward_signals:  # noqa: N801 - used as a context manager
